@@ -1,0 +1,65 @@
+"""The ``fedmoe`` Typer app: wiring only. Each command lives in its own module."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from fedmoe import __version__
+
+from . import partition as partition_cmd
+from .common import EXIT_CODES_HELP, print_error
+
+app = typer.Typer(
+    name="fedmoe",
+    help="Federated Mixture-of-Experts with domain-aware, fine-grained expert aggregation "
+    f"(FedMoE-DA, arXiv 2411.02115). {EXIT_CODES_HELP}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedmoe {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """fedmoe: federated MoE training with domain-aware expert aggregation."""
+
+
+app.command(
+    "partition", help=partition_cmd.HELP, short_help="Split a dataset into clients with domain/label skew."
+)(partition_cmd.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, print parser errors as one ``Error:`` line."""
+    try:
+        code = app(args=argv, prog_name="fedmoe", standalone_mode=False)
+    except Exception as exc:
+        # Parser errors (bad option, missing argument) carry exit_code and format_message; Typer
+        # raises them from its bundled Click, which we do not import.
+        fmt = getattr(exc, "format_message", None)
+        if fmt is None or not hasattr(exc, "exit_code"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        cmd = ctx.command_path if ctx is not None else "fedmoe"
+        print_error(fmt(), hint=f"run '{cmd} --help' for the options")
+        sys.exit(int(exc.exit_code))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

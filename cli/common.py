@@ -1,0 +1,106 @@
+"""The command-line contract, built once: stdout is data, stderr is for people, errors are one line
+with a documented exit code, tracebacks only with ``FEDMOE_DEBUG=1``.
+
+Exit codes: 0 success · 1 internal error (a bug) · 2 usage error · 3 invalid input data ·
+4 output refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from fedmoe.errors import FedMoeError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INTERNAL = 1
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 2 usage error, 3 invalid input data, 4 output refused, 1 internal error."
+)
+
+# Options whose name means the same thing in every command.
+Seed = Annotated[int, typer.Option("--seed", help="Seed of every random draw; same seed, same bytes.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace outputs that already exist.")]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout instead of the output path.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on stderr.")]
+
+
+def stderr_console(quiet: bool = False) -> Console:
+    """The people-facing console: stderr, silent with ``--quiet``; honours ``NO_COLOR``."""
+    return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=False)
+
+
+def debug() -> bool:
+    """True when ``FEDMOE_DEBUG=1`` asks for tracebacks."""
+    return os.environ.get("FEDMOE_DEBUG", "") not in ("", "0")
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """One ``Error:`` line and an optional ``Hint:`` line on stderr."""
+    sys.stderr.write(f"Error: {message}\n")
+    if hint:
+        sys.stderr.write(f"Hint: {hint}\n")
+    sys.stderr.flush()
+
+
+def handle_errors(fn: F) -> F:
+    """Turn a :class:`FedMoeError` into its exit code and one line; anything else into exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedMoeError as exc:
+            if debug():
+                traceback.print_exc()
+            print_error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            print_error("interrupted; outputs were left as they were")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            raise typer.Exit(EXIT_INTERNAL) from None
+        except Exception as exc:  # a bug: say so, keep the traceback behind FEDMOE_DEBUG
+            if debug():
+                traceback.print_exc()
+            print_error(
+                f"internal error: {type(exc).__name__}: {exc}",
+                hint="this is a bug in fedmoe; re-run with FEDMOE_DEBUG=1 and report the traceback",
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(path: Path | str | None, payload: dict[str, Any], as_json: bool) -> None:
+    """Write the command's data on stdout: the output path, or ``payload`` as one JSON object."""
+    if as_json:
+        sys.stdout.write(json.dumps(payload, separators=(",", ":")) + "\n")
+    elif path is not None and str(path) != "-":
+        sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """``key=value`` strings (from ``-c``) into a dict; a missing ``=`` is a usage error."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"-c {item!r}: expected key=value", hint="for example -c rounds=5")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,51 @@
+"""The error hierarchy. Every user-facing failure is a :class:`FedMoeError` whose message names the
+file, key or expert at fault and says what to do; the CLI maps the class to a documented exit code.
+
+| class            | exit code | meaning                                                      |
+| ---------------- | --------- | ------------------------------------------------------------ |
+| ``UsageError``   | 2         | bad option or argument, impossible request, bad recipe key   |
+| ``InputError``   | 3         | invalid input data: file, manifest, checkpoint, checksum     |
+| ``OutputError``  | 4         | output refused: exists without ``--force``, not writable     |
+"""
+
+from __future__ import annotations
+
+
+class FedMoeError(Exception):
+    """Base class of every error that is the user's to fix.
+
+    Parameters
+    ----------
+    message
+        One line naming the file, key or expert and what is wrong with it.
+    hint
+        Optional second line: what to do about it.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(FedMoeError):
+    """A bad option, argument or recipe key, or a request that cannot be met (exit code 2)."""
+
+    exit_code = 2
+
+
+class InputError(FedMoeError):
+    """Invalid input data: malformed file, bad manifest, checksum or shape mismatch (exit code 3)."""
+
+    exit_code = 3
+
+
+class OutputError(FedMoeError):
+    """An output that cannot be written: exists without ``--force`` or not writable (exit code 4)."""
+
+    exit_code = 4

@@ -1,0 +1,111 @@
+"""Atomic file output: a temp file in the destination folder, fsync, rename.
+
+An interrupted command leaves the old output or none, never a torn file. :class:`OutputSet` stages
+several files and renames them only when every one of them was written, so a command that fails
+halfway leaves no partial output at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from fedmoe.errors import OutputError
+
+
+def check_writable(path: Path, force: bool) -> None:
+    """Refuse ``path`` when it exists and ``force`` is off, or when its folder cannot be made."""
+    if path.exists() and not force:
+        raise OutputError(
+            f"{path} exists; pass --force to replace it or choose another --out",
+        )
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file path for the output")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder {path.parent}: {exc.strerror}") from exc
+
+
+class OutputSet:
+    """Stage several output files and publish them together.
+
+    Each :meth:`open` returns a binary handle on a temp file beside the destination. :meth:`commit`
+    fsyncs and renames every staged file; :meth:`abort` (also run when the ``with`` block raises)
+    removes them. Destinations are checked up front, so an existing output without ``force`` is
+    refused before anything is written.
+    """
+
+    def __init__(self, force: bool = False) -> None:
+        self.force = force
+        self._staged: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def reserve(self, path: Path) -> None:
+        """Check that ``path`` may be written (before any expensive work)."""
+        check_writable(path, self.force)
+
+    @contextmanager
+    def open(self, path: Path) -> Iterator[BinaryIO]:
+        """Open a staged temp file for ``path``; it becomes ``path`` at :meth:`commit`."""
+        check_writable(path, self.force)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise OutputError(f"cannot write in {path.parent}: {exc.strerror}") from exc
+        tmp_path = Path(tmp)
+        self._staged.append((tmp_path, path))
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        """Stage ``data`` as the future content of ``path``."""
+        with self.open(path) as handle:
+            handle.write(data)
+
+    def commit(self) -> None:
+        """Rename every staged file onto its destination."""
+        for tmp, dest in self._staged:
+            os.replace(tmp, dest)
+        if self._staged:
+            _fsync_dir(self._staged[-1][1].parent)
+        self._staged.clear()
+
+    def abort(self) -> None:
+        """Remove every staged temp file; destinations are left as they were."""
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+
+
+def write_atomic(path: Path, data: bytes, force: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (refused if it exists and ``force`` is off)."""
+    with OutputSet(force) as out:
+        out.write_bytes(path, data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

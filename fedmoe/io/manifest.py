@@ -1,0 +1,142 @@
+"""JSON manifests: every artefact that is not a tensor file.
+
+Each manifest carries ``schema_version``, ``kind`` and ``fedmoe_version``; paths inside it are
+relative to the manifest's own folder (or to the working folder when it travels through a pipe), so
+a run folder can be moved between machines. :func:`dumps` keeps lists of numbers on one line so that
+a partition of a million samples stays a readable file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedmoe import __version__
+from fedmoe.errors import InputError
+from fedmoe.io.atomic import write_atomic
+
+SCHEMA_VERSION = 1
+STDIO = "-"
+
+
+def header(kind: str) -> dict[str, Any]:
+    """The fields every manifest starts with."""
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "fedmoe_version": __version__}
+
+
+def dumps(obj: Any, indent: int = 1) -> str:
+    """Serialise ``obj`` as JSON: nested objects indented, flat lists of scalars on one line.
+
+    NaN and infinities are refused (they are not JSON). Output is a pure function of ``obj``, so the
+    same manifest always gives the same bytes.
+    """
+
+    def enc(value: Any, level: int) -> str:
+        if isinstance(value, dict):
+            if not value:
+                return "{}"
+            pad = " " * (indent * (level + 1))
+            items = [f"{pad}{json.dumps(str(k))}: {enc(v, level + 1)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + "\n" + " " * (indent * level) + "}"
+        if isinstance(value, (list, tuple)):
+            if not value:
+                return "[]"
+            if all(not isinstance(v, (dict, list, tuple)) for v in value):
+                return "[" + ",".join(enc(v, level) for v in value) + "]"
+            pad = " " * (indent * (level + 1))
+            items = [pad + enc(v, level + 1) for v in value]
+            return "[\n" + ",\n".join(items) + "\n" + " " * (indent * level) + "]"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"cannot write non-finite number {value} into a manifest")
+        return json.dumps(value)
+
+    return enc(obj, 0) + "\n"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of a byte string."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def relative(path: Path, base: Path) -> str:
+    """``path`` relative to folder ``base``, with forward slashes."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+
+
+def resolve(rel: str, base: Path) -> Path:
+    """The file a manifest's relative path ``rel`` names, seen from folder ``base``."""
+    return (Path(base) / rel) if not Path(rel).is_absolute() else Path(rel)
+
+
+def base_dir(target: str | Path) -> Path:
+    """The folder that relative paths in the manifest at ``target`` are relative to."""
+    return Path.cwd() if str(target) == STDIO else Path(target).resolve().parent
+
+
+def read_manifest(source: str | Path, kind: str | tuple[str, ...]) -> tuple[dict[str, Any], Path]:
+    """Read a manifest from a file or ``-`` (stdin) and check its ``kind`` and schema.
+
+    Returns
+    -------
+    manifest, base
+        The parsed object and the folder its relative paths are relative to.
+    """
+    kinds = (kind,) if isinstance(kind, str) else kind
+    name = "<stdin>" if str(source) == STDIO else str(source)
+    try:
+        text = sys.stdin.read() if str(source) == STDIO else Path(source).read_text("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file", hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{name}: cannot read it as a text manifest ({exc})") from None
+    if not text.strip():
+        raise InputError(f"{name}: empty input; expected a {kinds[0]} manifest")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(obj, dict) or "kind" not in obj or "schema_version" not in obj:
+        raise InputError(f"{name}: not a fedmoe manifest (no 'kind' / 'schema_version')")
+    if obj["kind"] not in kinds:
+        raise InputError(
+            f"{name}: is a '{obj['kind']}' manifest, expected {' or '.join(repr(k) for k in kinds)}"
+        )
+    if obj["schema_version"] != SCHEMA_VERSION:
+        raise InputError(
+            f"{name}: schema_version {obj['schema_version']} is not supported "
+            f"(this fedmoe reads {SCHEMA_VERSION})",
+            hint="re-create it with this fedmoe version",
+        )
+    return obj, base_dir(source)
+
+
+def write_manifest(obj: dict[str, Any], target: str | Path, force: bool = False) -> str:
+    """Write a manifest atomically to ``target`` or to stdout for ``-``; returns the text."""
+    text = dumps(obj)
+    if str(target) == STDIO:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_atomic(Path(target), text.encode("utf-8"), force=force)
+    return text
+
+
+def require(obj: dict[str, Any], key: str, where: str) -> Any:
+    """``obj[key]``, or an :class:`InputError` naming the missing key and the file."""
+    if key not in obj:
+        raise InputError(f"{where}: missing key '{key}'", hint="re-create the file with fedmoe")
+    return obj[key]
