@@ -40,7 +40,9 @@ def _root(
 
 
 app.command(
-    "partition", help=partition_cmd.HELP, short_help="Split a dataset into clients with domain/label skew."
+    "partition",
+    help=partition_cmd.HELP,
+    short_help="Split a dataset into clients with domain/label skew.",
 )(partition_cmd.command)
 
 
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         ctx = getattr(exc, "ctx", None)
         cmd = ctx.command_path if ctx is not None else "fedmoe"
-        print_error(fmt(), hint=f"run '{cmd} --help' for the options")
+        message = fmt()
+        if message:  # an empty message: the parser already printed the help (no arguments)
+            print_error(message, hint=f"run '{cmd} --help' for the options")
         sys.exit(int(exc.exit_code))
     sys.exit(code if isinstance(code, int) else 0)
 

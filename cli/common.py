@@ -29,7 +29,9 @@ EXIT_CODES_HELP = (
 )
 
 # Options whose name means the same thing in every command.
-Seed = Annotated[int, typer.Option("--seed", help="Seed of every random draw; same seed, same bytes.")]
+Seed = Annotated[
+    int, typer.Option("--seed", min=0, help="Seed of every random draw; same seed, same bytes.")
+]
 Force = Annotated[bool, typer.Option("--force", help="Replace outputs that already exist.")]
 Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout instead of the output path.")

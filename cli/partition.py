@@ -53,16 +53,24 @@ def partition(
     classes_per_client: Annotated[
         int | None, typer.Option(help="Exactly K classes per client ('shards').")
     ] = None,
-    shards_per_client: Annotated[int | None, typer.Option(help="Shards per client ('shards').")] = None,
+    shards_per_client: Annotated[
+        int | None, typer.Option(help="Shards per client ('shards').")
+    ] = None,
     size_dist: Annotated[
         str | None, typer.Option(help="'dirichlet' or 'lognormal' sizes ('quantity').")
     ] = None,
-    sigma: Annotated[float | None, typer.Option(help="Log-normal size spread ('quantity').")] = None,
+    sigma: Annotated[
+        float | None, typer.Option(help="Log-normal size spread ('quantity').")
+    ] = None,
     min_size: Annotated[
         int | None, typer.Option(help="Guaranteed samples per client (Dirichlet-type schemes).")
     ] = None,
-    global_test: Annotated[float, typer.Option(help="Share held out as the global test set.")] = 0.2,
-    local_test: Annotated[float, typer.Option(help="Share of each client kept as local test.")] = 0.2,
+    global_test: Annotated[
+        float, typer.Option(help="Share held out as the global test set.")
+    ] = 0.2,
+    local_test: Annotated[
+        float, typer.Option(help="Share of each client kept as local test.")
+    ] = 0.2,
     label_column: Annotated[str, typer.Option(help="CSV: the label column.")] = "label",
     domain_column: Annotated[str | None, typer.Option(help="CSV: the domain column.")] = None,
     plot: Annotated[
@@ -97,7 +105,13 @@ def partition(
             outputs.reserve(plot)
         data = load_dataset(spec)
         part = make_partition(
-            data.y, data.domain, clients, partitioner, seed, global_test, local_test,
+            data.y,
+            data.domain,
+            clients,
+            partitioner,
+            seed,
+            global_test,
+            local_test,
             has_domains=data.has_domains,
         )
         manifest = partition_to_manifest(part, data, spec, base_dir(out))
@@ -131,7 +145,9 @@ def _summary(console, part, class_names, domain_names, scheme) -> None:  # type:
         labels = " ".join(f"{class_names[k]}:{lab[k]}" for k in top if lab[k] > 0)
         dom = part.domain_counts[i]
         total = max(int(dom.sum()), 1)
-        mix = " ".join(f"{domain_names[k]} {100 * dom[k] / total:.0f}%" for k in np.flatnonzero(dom))
+        mix = " ".join(
+            f"{domain_names[k]} {100 * dom[k] / total:.0f}%" for k in np.flatnonzero(dom)
+        )
         table.add_row(str(i), str(c.train.size), str(c.test.size), labels, mix)
     if len(part.clients) > 25:
         table.add_row("…", "", "", f"{len(part.clients) - 25} more clients", "")

@@ -34,18 +34,18 @@ class FedMoeError(Exception):
 
 
 class UsageError(FedMoeError):
-    """A bad option, argument or recipe key, or a request that cannot be met (exit code 2)."""
+    """A bad option, argument or recipe key, or an impossible request (exit code 2)."""
 
     exit_code = 2
 
 
 class InputError(FedMoeError):
-    """Invalid input data: malformed file, bad manifest, checksum or shape mismatch (exit code 3)."""
+    """Invalid input data: malformed file, bad manifest, checksum or shape mismatch (exit 3)."""
 
     exit_code = 3
 
 
 class OutputError(FedMoeError):
-    """An output that cannot be written: exists without ``--force`` or not writable (exit code 4)."""
+    """An output that cannot be written: exists without ``--force``, not writable (exit 4)."""
 
     exit_code = 4

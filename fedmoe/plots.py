@@ -66,7 +66,9 @@ def affinity_heatmap(
     """A (client-expert × domain-or-label) share heatmap."""
     plt = _pyplot()
     rows = table.shape[0]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(col_labels) + 3), min(16.0, 0.12 * rows + 2)))
+    fig, ax = plt.subplots(
+        figsize=(max(4.0, 0.5 * len(col_labels) + 3), min(16.0, 0.12 * rows + 2))
+    )
     im = ax.imshow(table, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(title)
     ax.set_xticks(range(len(col_labels)))
@@ -133,7 +135,16 @@ def sync_graph(edges: np.ndarray, title: str) -> bytes:
         )
     ax.scatter(xy[:, 0], xy[:, 1], s=180, zorder=3, color="tab:blue")
     for i in range(n):
-        ax.text(xy[i, 0], xy[i, 1], str(i), ha="center", va="center", color="white", fontsize=7, zorder=4)
+        ax.text(
+            xy[i, 0],
+            xy[i, 1],
+            str(i),
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=7,
+            zorder=4,
+        )
     ax.set_title(title)
     ax.set_aspect("equal")
     ax.axis("off")

@@ -4,6 +4,7 @@
 :class:`Dataset`; :data:`BUILTIN` lists the names that need no file.
 """
 
-from fedmoe.data.base import BUILTIN, Dataset, DataSpec, load_dataset
+from fedmoe.data.base import Dataset, DataSpec
+from fedmoe.data.registry import BUILTIN, load_dataset
 
 __all__ = ["BUILTIN", "DataSpec", "Dataset", "load_dataset"]

@@ -1,16 +1,14 @@
-"""The in-memory dataset and the registry of data sources."""
+"""The in-memory dataset and the spec that names where it comes from."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedmoe.errors import InputError, UsageError
+from fedmoe.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -29,8 +27,12 @@ class Dataset:
     has_domains: bool = True  # False when the source gave no domain information
 
     def __post_init__(self) -> None:
-        for arr in (self.x, self.y, self.domain):
-            arr.setflags(write=False)
+        # read-only views: the dataset cannot be changed through them, the caller's arrays keep
+        # their own flags
+        for name in ("x", "y", "domain"):
+            view = getattr(self, name).view()
+            view.setflags(write=False)
+            object.__setattr__(self, name, view)
 
     @property
     def num_samples(self) -> int:
@@ -73,53 +75,29 @@ class DataSpec:
     @property
     def is_file(self) -> bool:
         """True when the source is a user file rather than a built-in name."""
+        from fedmoe.data.registry import BUILTIN
+
         return self.source not in BUILTIN
 
 
-Loader = Callable[[], Dataset]
-BUILTIN: dict[str, tuple[str, Loader]] = {}
-
-
-def register(name: str, summary: str) -> Callable[[Loader], Loader]:
-    """Add a built-in source to :data:`BUILTIN` (used by the modules of this package only)."""
-
-    def deco(fn: Loader) -> Loader:
-        BUILTIN[name] = (summary, fn)
-        return fn
-
-    return deco
-
-
-def load_dataset(spec: DataSpec) -> Dataset:
-    """Load the dataset that ``spec`` names.
-
-    Raises
-    ------
-    UsageError
-        When the name is neither a built-in source nor a path ending in ``.npz`` or ``.csv``.
-    InputError
-        When the file is missing, malformed, or lacks the required arrays or columns.
-    """
-    from fedmoe.data import digits, files  # noqa: F401  (fills BUILTIN)
-
-    if spec.source in BUILTIN:
-        return BUILTIN[spec.source][1]()
-    path = Path(spec.source)
-    if path.suffix == ".npz":
-        return files.load_npz(path)
-    if path.suffix == ".csv":
-        return files.load_csv(path, spec.label_column, spec.domain_column)
-    names = ", ".join(sorted(BUILTIN))
-    raise UsageError(
-        f"unknown dataset '{spec.source}'",
-        hint=f"use a built-in name ({names}) or a path to a .npz or .csv file",
-    )
-
-
 def encode_labels(values: np.ndarray, what: str, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Map arbitrary label or domain values to ids 0..K-1 (sorted order); return ids and names."""
+    """Map arbitrary label or domain values to ids 0..K-1 (sorted order); return ids and names.
+
+    Text values that all parse as numbers are sorted numerically, so a CSV column "2", "10" gives
+    the same ids as the integer array [2, 10] of an ``.npz`` file.
+    """
     if values.ndim != 1:
         raise InputError(f"{where}: '{what}' must be one-dimensional, got shape {values.shape}")
+    if values.dtype.kind in "US":
+        try:
+            numeric = values.astype(np.float64)
+        except ValueError:
+            numeric = None
+        if numeric is not None and np.isfinite(numeric).all():
+            if np.array_equal(numeric, np.round(numeric)):
+                values = numeric.astype(np.int64)
+            else:
+                values = numeric
     uniques, ids = np.unique(values, return_inverse=True)
     names = tuple(str(u.item() if hasattr(u, "item") else u) for u in uniques)
     return ids.astype(np.int64), names

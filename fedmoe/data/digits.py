@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmoe.data.base import Dataset, register
+from fedmoe.data.base import Dataset
 from fedmoe.errors import InputError
 
 _DOMAIN_SEED = 241102115
@@ -53,7 +53,6 @@ def _domains(n: int, num_domains: int) -> np.ndarray:
     return domain
 
 
-@register("digits-rot", "UCI digits, 4 domains: rotated 0/90/180/270 degrees")
 def digits_rot() -> Dataset:
     """UCI digits with each image rotated by 90°·d for its domain d ∈ {0, 1, 2, 3}."""
     pixels, labels = _raw_digits()
@@ -73,7 +72,6 @@ def digits_rot() -> Dataset:
     )
 
 
-@register("digits-style", "UCI digits, 4 domains: clean / inverted / noisy / blurred")
 def digits_style() -> Dataset:
     """UCI digits in four image styles: clean, inverted, Gaussian noise, 3×3 box blur."""
     pixels, labels = _raw_digits()

@@ -34,8 +34,12 @@ def load_npz(path: Path) -> Dataset:
                 hint="save with np.savez(path, x=features, y=labels, domain=domains)",
             )
     x, y = arrays["x"], arrays["y"]
-    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2:
-        raise InputError(f"{path}: 'x' must be a numeric array of shape (n, ...), got {x.shape}")
+    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2 or x.shape[0] == 0:
+        raise InputError(
+            f"{path}: 'x' must be a numeric array of shape (n, ...) with n ≥ 1, got {x.shape}"
+        )
+    if y.ndim != 1:
+        raise InputError(f"{path}: 'y' must be one-dimensional (n,), got shape {y.shape}")
     if y.shape[0] != x.shape[0]:
         raise InputError(f"{path}: 'x' has {x.shape[0]} samples but 'y' has {y.shape[0]}")
     labels, class_names = encode_labels(y, "y", str(path))
@@ -59,21 +63,21 @@ def load_csv(path: Path, label_column: str, domain_column: str | None) -> Datase
     """Read a CSV with a header; features are every column but the label and domain columns."""
     _check_file(path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
+            rows = [(i, row) for i, row in enumerate(csv.reader(handle), start=1) if row]
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read it as UTF-8 CSV ({exc})") from None
     if len(rows) < 2:
         raise InputError(f"{path}: needs a header row and at least one data row")
-    head = [h.strip() for h in rows[0]]
+    head = [h.strip() for h in rows[0][1]]
     for col, opt in ((label_column, "--label-column"), (domain_column, "--domain-column")):
         if col is not None and col not in head:
             raise InputError(
                 f"{path}: no column '{col}' (columns: {', '.join(head)})",
                 hint=f"name the right column with {opt}",
             )
-    body = rows[1:]
-    for lineno, row in enumerate(body, start=2):
+    body = [row for _, row in rows[1:]]
+    for lineno, row in rows[1:]:
         if len(row) != len(head):
             raise InputError(f"{path}:{lineno}: {len(row)} fields, the header has {len(head)}")
     cols = list(zip(*body, strict=True))

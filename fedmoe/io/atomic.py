@@ -18,17 +18,27 @@ from fedmoe.errors import OutputError
 
 
 def check_writable(path: Path, force: bool) -> None:
-    """Refuse ``path`` when it exists and ``force`` is off, or when its folder cannot be made."""
+    """Refuse ``path`` when it exists and ``force`` is off, or when it is a folder.
+
+    Nothing is created here, so a command that fails later leaves no empty folder behind.
+    """
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file path for the output")
     if path.exists() and not force:
         raise OutputError(
             f"{path} exists; pass --force to replace it or choose another --out",
         )
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder; give a file path for the output")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create folder {path.parent}: {exc.strerror}") from exc
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write in {parent}", hint="choose another --out")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class OutputSet:
@@ -62,15 +72,20 @@ class OutputSet:
         """Open a staged temp file for ``path``; it becomes ``path`` at :meth:`commit`."""
         check_writable(path, self.force)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         except OSError as exc:
             raise OutputError(f"cannot write in {path.parent}: {exc.strerror}") from exc
         tmp_path = Path(tmp)
         self._staged.append((tmp_path, path))
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
     def write_bytes(self, path: Path, data: bytes) -> None:
         """Stage ``data`` as the future content of ``path``."""

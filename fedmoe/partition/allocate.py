@@ -48,7 +48,8 @@ def allocate_by_key(
     keys
         (n,) int key of each sample in [0, K).
     shares
-        (K, N) rows summing to 1: the share of key k's samples that client i receives.
+        (K, N) rows summing to 1: the share of key k's samples that client i receives. A row of
+        zeros (no client holds key k) leaves that key's samples unassigned.
     owner
         (n,) current owners; -1 marks samples to allocate. Not modified.
     rng
@@ -57,16 +58,18 @@ def allocate_by_key(
     Returns
     -------
     np.ndarray
-        (n,) owners with every sample allocated.
+        (n,) owners; every sample of a held key is allocated.
     """
     num_keys, num_clients = shares.shape
     out = owner.copy()
-    free = np.flatnonzero(owner < 0)
+    held = shares.sum(axis=1) > 0  # (K,) keys that some client takes
+    free = np.flatnonzero((owner < 0) & held[keys])
     free = free[rng.permutation(free.shape[0])]  # random order within each key
     order = np.argsort(small_uint(keys[free], num_keys), kind="stable")
     free = free[order]  # grouped by key, shuffled inside each group
-    per_key = np.bincount(keys[free], minlength=num_keys)  # (K,)
-    counts = rng.multinomial(per_key, shares)  # (K, N), rows sum to per_key
+    per_key = np.bincount(keys[free], minlength=num_keys)  # (K,), zero for keys nobody holds
+    safe = np.where(held[:, None], shares, 1.0 / num_clients)  # multinomial needs valid rows
+    counts = rng.multinomial(per_key, safe)  # (K, N), rows sum to per_key
     clients = np.tile(np.arange(num_clients, dtype=np.int64), num_keys)  # (K·N,)
     out[free] = np.repeat(clients, counts.ravel())
     return out

@@ -83,6 +83,12 @@ class Partitioner(ABC):
     def from_options(cls, options: dict[str, Any]) -> Partitioner:
         """Build the scheme from user options, refusing any the scheme does not use."""
         known = cls.option_names()
+        for key in cls.ignored_options(options):
+            raise UsageError(
+                f"option --{key.replace('_', '-')} has no effect with scheme '{cls.name}' "
+                "and the other options given",
+                hint="drop it",
+            )
         for key in options:
             if key not in known:
                 flag = "--" + key.replace("_", "-")
@@ -91,6 +97,11 @@ class Partitioner(ABC):
                     f"option {flag} is not used by scheme '{cls.name}' (its options: {valid})"
                 )
         return cls(**options)
+
+    @classmethod
+    def ignored_options(cls, options: dict[str, Any]) -> list[str]:
+        """Options given that the scheme would ignore in combination with the others given."""
+        return []
 
     def params(self) -> dict[str, Any]:
         """The effective options, for the manifest."""

@@ -1,8 +1,8 @@
 """Domain skew: each client's data comes from few domains.
 
-Either each domain is spread over clients by Dir_N(α_domain) (the label-skew construction of Hsu et
-al. 2019 applied to domain ids, as in the domain-skew experiments of FedMoE-DA, arXiv 2411.02115), or
-each client holds exactly ``domains_per_client`` domains, split evenly among their holders.
+Either each domain is spread over clients by Dir_N(α_domain) (the label-skew construction of Hsu
+et al. 2019 applied to domain ids, as in the domain-skew setting of FedMoE-DA, arXiv 2411.02115),
+or each client holds exactly ``domains_per_client`` domains, split evenly among their holders.
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ class DomainPartitioner(Partitioner):
         require_positive(self.alpha, "--alpha", "0.5")
         if self.domains_per_client is not None:
             require_positive(self.domains_per_client, "--domains-per-client", "1")
+
+    @classmethod
+    def ignored_options(cls, options: dict[str, object]) -> list[str]:
+        if options.get("domains_per_client") is None:
+            return []
+        return [k for k in ("alpha", "min_size") if k in options]
 
     def check(self, pool: PoolInfo, num_clients: int) -> None:
         check_domains(pool, self.name, self.domains_per_client)

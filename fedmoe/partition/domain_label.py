@@ -42,6 +42,12 @@ class DomainLabelPartitioner(Partitioner):
         if self.domains_per_client is not None:
             require_positive(self.domains_per_client, "--domains-per-client", "1")
 
+    @classmethod
+    def ignored_options(cls, options: dict[str, object]) -> list[str]:
+        if options.get("domains_per_client") is None:
+            return []
+        return [k for k in ("alpha_domain",) if k in options]
+
     def check(self, pool: PoolInfo, num_clients: int) -> None:
         check_domains(pool, self.name, self.domains_per_client)
         super().check(pool, num_clients)

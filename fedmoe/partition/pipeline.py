@@ -51,7 +51,7 @@ def _check_fraction(value: float, flag: str) -> None:
 def hold_out(
     labels: np.ndarray, domains: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Indices of a stratified hold-out: ``round(fraction · n_cell)`` of each (label, domain) cell."""
+    """Stratified hold-out: ``round(fraction · n_cell)`` indices of each (label, domain) cell."""
     n = labels.shape[0]
     if fraction == 0.0:
         return np.empty(0, dtype=np.int64)
@@ -91,7 +91,8 @@ def make_partition(
         The one seed; the same seed and inputs give the same partition, bit for bit.
     global_test_fraction, local_test_fraction
         Shares held out for the global test set (stratified by label × domain) and for each
-        client's local test split (at least one sample when the client has two or more).
+        client's local test split (at least one sample when the client has two or more, and never
+        the client's last training sample).
     has_domains
         Whether ``domains`` carries real domain ids (domain schemes refuse data without them).
 
@@ -99,6 +100,8 @@ def make_partition(
     -------
     Partition
     """
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {seed}", hint="for example --seed 0")
     if num_clients < 1:
         raise UsageError(f"--clients must be >= 1, got {num_clients}")
     _check_fraction(global_test_fraction, "--global-test")
@@ -108,7 +111,9 @@ def make_partition(
     n = labels.shape[0]
     num_classes = int(labels.max()) + 1 if n else 1
     num_domains = int(domains.max()) + 1 if n else 1
-    g_hold, g_assign, g_split = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    g_hold, g_assign, g_split = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
+    )
 
     global_test = hold_out(labels, domains, global_test_fraction, g_hold)
     in_pool = np.ones(n, dtype=bool)
@@ -132,10 +137,12 @@ def make_partition(
     members = members[order]  # grouped by client, random order inside each
     sizes = np.bincount(owners, minlength=num_clients)  # (N,)
     n_test = np.where(sizes >= 2, np.maximum(np.rint(sizes * local_test_fraction), 1), 0)
-    n_test = np.where(local_test_fraction > 0, n_test, 0).astype(np.int64)
+    n_test = np.where(local_test_fraction > 0, np.minimum(n_test, sizes - 1), 0).astype(np.int64)
     clients = []
     for i, part in enumerate(np.split(members, np.cumsum(sizes)[:-1])):
-        clients.append(ClientSplit(train=np.sort(part[n_test[i] :]), test=np.sort(part[: n_test[i]])))
+        clients.append(
+            ClientSplit(train=np.sort(part[n_test[i] :]), test=np.sort(part[: n_test[i]]))
+        )
 
     client_of = np.repeat(np.arange(num_clients), sizes)  # (n_members,)
     label_counts = np.bincount(

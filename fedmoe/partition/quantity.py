@@ -1,7 +1,7 @@
 """Quantity skew: IID content, client sizes drawn from a Dirichlet or a log-normal.
 
-Li et al., "Federated Learning on Non-IID Data Silos: An Experimental Study", ICDE 2022 (quantity-based
-label imbalance, Dir(β) sizes). Sizes are ``min_size + multinomial(n − N·min_size, w)``, so every
+Li et al., "Federated Learning on Non-IID Data Silos: An Experimental Study", ICDE 2022
+(quantity skew, Dir(β) sizes). Sizes are ``min_size + multinomial(n − N·min_size, w)``, so every
 client gets at least ``min_size`` samples without redrawing.
 """
 
@@ -23,7 +23,9 @@ class QuantityPartitioner(Partitioner):
     """Shuffled IID content with skewed client sizes."""
 
     name: ClassVar[str] = "quantity"
-    summary: ClassVar[str] = "quantity skew: IID content, sizes from Dir(alpha) or log-normal(sigma)"
+    summary: ClassVar[str] = (
+        "quantity skew: IID content, sizes from Dir(alpha) or log-normal(sigma)"
+    )
 
     size_dist: str = "dirichlet"  # "dirichlet" (weights ~ Dir(α)) or "lognormal" (exp N(0, σ²))
     alpha: float = 1.0  # Dirichlet concentration of the size weights
@@ -38,6 +40,11 @@ class QuantityPartitioner(Partitioner):
             )
         require_positive(self.alpha, "--alpha", "1.0")
         require_positive(self.sigma, "--sigma", "1.0")
+
+    @classmethod
+    def ignored_options(cls, options: dict[str, object]) -> list[str]:
+        unused = "sigma" if options.get("size_dist", "dirichlet") == "dirichlet" else "alpha"
+        return [unused] if unused in options else []
 
     def assign(
         self, labels: np.ndarray, domains: np.ndarray, num_clients: int, rng: np.random.Generator

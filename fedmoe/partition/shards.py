@@ -30,6 +30,12 @@ class ShardsPartitioner(Partitioner):
         if self.classes_per_client is not None:
             require_positive(self.classes_per_client, "--classes-per-client", "2")
 
+    @classmethod
+    def ignored_options(cls, options: dict[str, object]) -> list[str]:
+        if options.get("classes_per_client") is None:
+            return []
+        return [k for k in ("shards_per_client",) if k in options]
+
     def check(self, pool: PoolInfo, num_clients: int) -> None:
         k = self.classes_per_client
         if k is not None and k > pool.num_classes:

@@ -1,0 +1,57 @@
+"""Shared fixtures: run the real ``fedmoe`` CLI in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from typer.testing import CliRunner, Result
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What one ``fedmoe`` invocation left behind."""
+
+    code: int  # exit status
+    out: str  # everything written to stdout
+    err: str  # everything written to stderr
+
+
+@pytest.fixture
+def run_cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., CliResult]:
+    """Call ``fedmoe_cli.app.main(argv)`` (the console-script entry point) and capture its result.
+
+    ``FEDMOE_DEBUG`` is unset, so errors look exactly as a user sees them.
+    """
+    from fedmoe_cli.app import main
+
+    monkeypatch.delenv("FEDMOE_DEBUG", raising=False)
+
+    def run(*argv: str) -> CliResult:
+        capsys.readouterr()  # drop anything printed before this call
+        code: int
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exc:
+            code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def invoke(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    """Invoke ``fedmoe_cli.app.app`` with Typer's ``CliRunner`` (Typer's own error rendering)."""
+    from fedmoe_cli.app import app
+
+    monkeypatch.delenv("FEDMOE_DEBUG", raising=False)
+
+    def run(*argv: str, env: dict[str, str] | None = None) -> Result:
+        return CliRunner().invoke(app, list(argv), env=env, catch_exceptions=False)
+
+    return run
