@@ -9,7 +9,10 @@ import typer
 
 from fedmoe import __version__
 
+from . import evaluate as evaluate_cmd
+from . import init as init_cmd
 from . import partition as partition_cmd
+from . import train_round as train_round_cmd
 from .common import EXIT_CODES_HELP, print_error
 
 app = typer.Typer(
@@ -39,11 +42,14 @@ def _root(
     """fedmoe: federated MoE training with domain-aware expert aggregation."""
 
 
-app.command(
-    "partition",
-    help=partition_cmd.HELP,
-    short_help="Split a dataset into clients with domain/label skew.",
-)(partition_cmd.command)
+COMMANDS = [
+    ("partition", partition_cmd, "Split a dataset into clients with domain and label skew."),
+    ("init", init_cmd, "Create the initial MoE checkpoint from a config."),
+    ("train-round", train_round_cmd, "Train one local round for one client or all clients."),
+    ("evaluate", evaluate_cmd, "Personalised and global accuracy of client checkpoints."),
+]
+for _name, _module, _short in COMMANDS:
+    app.command(_name, help=_module.HELP, short_help=_short)(_module.command)
 
 
 def main(argv: list[str] | None = None) -> None:

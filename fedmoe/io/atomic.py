@@ -92,6 +92,15 @@ class OutputSet:
         with self.open(path) as handle:
             handle.write(data)
 
+    def staged_sha256(self, path: Path) -> str:
+        """sha256 of the file staged for ``path`` (before it is published)."""
+        from fedmoe.io.manifest import sha256_file
+
+        for tmp, dest in self._staged:
+            if dest == path:
+                return sha256_file(tmp)
+        raise KeyError(f"{path} is not staged")
+
     def commit(self) -> None:
         """Rename every staged file onto its destination."""
         for tmp, dest in self._staged:

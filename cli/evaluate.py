@@ -1,0 +1,93 @@
+"""``fedmoe evaluate``: personalised and global accuracy of client checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fedmoe.errors import InputError
+from fedmoe.io.checkpoint_set import load_checkpoint_set
+from fedmoe.io.manifest import STDIO, header, write_manifest
+from fedmoe.io.partition_file import load_partition
+from fedmoe.train import evaluate_models
+
+from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
+
+HELP = """Accuracy of each client's model on its local test split (personalised), on the global
+test set, and per domain. Prints the evaluation JSON on stdout (or writes --out FILE).
+
+A single global checkpoint is evaluated as every client's model.
+
+Examples:
+
+  fedmoe evaluate --partition p.json r1/train-round.json
+
+  fedmoe evaluate --partition p.json agg/ --out eval.json
+"""
+
+
+def evaluate(
+    models: Annotated[list[str], typer.Argument(help="Checkpoints, folders or manifests (or -).")],
+    partition: Annotated[str, typer.Option(help="Partition manifest.")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Write the JSON here (default: stdout).")
+    ] = (STDIO),
+    force: Force = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    console = stderr_console(quiet)
+    part = load_partition(partition)
+    ckpts = load_checkpoint_set(models)
+    config = next(iter(ckpts.values())).config
+    config.check_data(part.dataset.input_shape, part.dataset.num_classes, str(partition))
+    if set(ckpts) == {None}:
+        states = {cid: ckpts[None].state() for cid in range(part.num_clients)}
+    else:
+        unknown = sorted(c for c in ckpts if c is not None and c >= part.num_clients)
+        if unknown:
+            raise InputError(
+                f"checkpoint for client {unknown[0]} but the partition has clients 0.."
+                f"{part.num_clients - 1}"
+            )
+        states = {cid: c.state() for cid, c in ckpts.items() if cid is not None}
+    result = evaluate_models(config, states, part.dataset, part.clients, part.global_test)
+    report = {**header("evaluation"), **result, "domain_names": list(part.dataset.domain_names)}
+    _summary(console, report)
+    if out == STDIO:
+        write_manifest(report, STDIO) if not json_ else emit(None, report, True)
+    else:
+        write_manifest(report, Path(out), force=force)
+        emit(out, report, json_)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _summary(console: Any, report: dict[str, Any]) -> None:
+    if console.quiet:
+        return
+    table = Table(title="evaluation (accuracy %)", title_justify="left")
+    for col in ("client", "local test", "n", "global test"):
+        table.add_column(col, justify="right")
+    for row in report["clients"][:25]:
+        table.add_row(
+            str(row["id"]), _pct(row["local_acc"]), str(row["local_n"]), _pct(row["global_acc"])
+        )
+    console.print(table)
+    doms = ", ".join(
+        f"{n} {_pct(v)}"
+        for n, v in zip(report["domain_names"], report["local_acc_by_domain"], strict=True)
+    )
+    console.print(
+        f"mean local {_pct(report['mean_local_acc'])} · worst local "
+        f"{_pct(report['worst_local_acc'])} · mean global {_pct(report['mean_global_acc'])} · "
+        f"by domain: {doms}"
+    )
+
+
+command = handle_errors(evaluate)

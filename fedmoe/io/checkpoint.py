@@ -1,0 +1,217 @@
+"""Model checkpoints: one safetensors file per model, with provenance in ``__metadata__``.
+
+Format ``fedmoe-moe/1``:
+
+- tensors ``embed.*`` (φ), ``gate.weight`` / ``gate.bias`` (G), ``experts.w1 (E, H, F)``,
+  ``experts.b1 (E, F)``, ``experts.w2 (E, F, C)``, ``experts.b2 (E, C)`` (θ), all float32;
+- metadata (all strings): ``fedmoe_version``, ``format``, ``model_config`` (JSON), ``client_id``
+  (an integer, or "global"), ``round``, ``num_samples``, ``parent_sha256``, ``seed``, ``method``,
+  and ``routing`` (JSON, see :mod:`fedmoe.train.routing`) once a client has trained.
+
+Reading is lazy (``safe_open`` is mmap-backed): :meth:`Checkpoint.tensor` and
+:meth:`Checkpoint.expert` read one tensor or one expert slice, never the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from fedmoe import __version__
+from fedmoe.errors import InputError
+from fedmoe.io.atomic import OutputSet
+from fedmoe.io.manifest import sha256_file
+from fedmoe.io.safetensors_format import write_tensors
+from fedmoe.model.config import MoEConfig
+
+FORMAT = "fedmoe-moe/1"
+EXPERT_PREFIX = "experts."
+REQUIRED_META = ("format", "model_config", "client_id", "round", "num_samples")
+
+
+def is_expert(name: str) -> bool:
+    """True for expert tensors (leading dimension E), which never go to the server."""
+    return name.startswith(EXPERT_PREFIX)
+
+
+def is_gate(name: str) -> bool:
+    """True for the gating network's tensors."""
+    return name.startswith("gate.")
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Provenance of one checkpoint (written as strings into ``__metadata__``)."""
+
+    config: MoEConfig  # the architecture
+    client_id: int | None  # None for a global (server or initial) model
+    round: int  # federated round that produced it (0 = initial model)
+    num_samples: int  # training samples behind it (FedAvg weight)
+    seed: int  # seed of the run that produced it
+    method: str  # "init", "train", or the aggregation method
+    parent_sha256: str = ""  # sha256 of the checkpoint it was derived from, if one
+    routing: dict[str, Any] | None = None  # routing statistics, see fedmoe.train.routing
+    extra: dict[str, str] = field(default_factory=dict)  # further provenance, kept by merges
+
+    def to_metadata(self) -> dict[str, str]:
+        """The str→str ``__metadata__`` map."""
+        meta = {
+            "fedmoe_version": __version__,
+            "format": FORMAT,
+            "model_config": self.config.to_json(),
+            "client_id": "global" if self.client_id is None else str(self.client_id),
+            "round": str(self.round),
+            "num_samples": str(self.num_samples),
+            "parent_sha256": self.parent_sha256,
+            "seed": str(self.seed),
+            "method": self.method,
+        }
+        if self.routing is not None:
+            meta["routing"] = json.dumps(self.routing, separators=(",", ":"))
+        meta.update(self.extra)
+        return meta
+
+
+def parse_meta(meta: Mapping[str, str], where: str) -> CheckpointMeta:
+    """Validate and parse a checkpoint's ``__metadata__``."""
+    for key in REQUIRED_META:
+        if key not in meta:
+            raise InputError(
+                f"{where}: metadata key '{key}' missing; not a fedmoe checkpoint",
+                hint="create checkpoints with fedmoe init / train-round / aggregate",
+            )
+    if meta["format"] != FORMAT:
+        raise InputError(f"{where}: format '{meta['format']}' is not {FORMAT}")
+    config = MoEConfig.from_json(meta["model_config"], where)
+    try:
+        client = None if meta["client_id"] == "global" else int(meta["client_id"])
+        rnd, num = int(meta["round"]), int(meta["num_samples"])
+        seed = int(meta.get("seed", "0"))
+        routing = json.loads(meta["routing"]) if meta.get("routing") else None
+    except (ValueError, json.JSONDecodeError):
+        raise InputError(
+            f"{where}: malformed client_id/round/num_samples/routing metadata"
+        ) from None
+    known = {*REQUIRED_META, "fedmoe_version", "parent_sha256", "seed", "method", "routing"}
+    extra = {k: v for k, v in meta.items() if k not in known}
+    return CheckpointMeta(
+        config,
+        client,
+        rnd,
+        num,
+        seed,
+        meta.get("method", ""),
+        meta.get("parent_sha256", ""),
+        routing,
+        extra,
+    )
+
+
+def expected_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor a model of ``config`` has."""
+    from fedmoe.model import MoEClassifier
+
+    with torch.device("meta"):
+        model = MoEClassifier(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+class Checkpoint:
+    """An open checkpoint: parsed metadata, and lazy access to tensors and expert slices."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        where = str(path)
+        if not self.path.is_file():
+            raise InputError(f"{where}: no such checkpoint file", hint="check the path")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            raw_meta = self._handle.metadata() or {}
+            self.names: list[str] = sorted(self._handle.keys())
+        except Exception as exc:  # safetensors raises its own SafetensorError on bad files
+            raise InputError(
+                f"{where}: not a readable safetensors file ({str(exc).splitlines()[0]})",
+                hint="the file may be truncated; re-create it",
+            ) from None
+        self.meta = parse_meta(raw_meta, where)
+        shapes = expected_shapes(self.meta.config)
+        if set(shapes) != set(self.names):
+            missing = sorted(set(shapes) - set(self.names))
+            unknown = sorted(set(self.names) - set(shapes))
+            raise InputError(
+                f"{where}: tensors do not match its model_config "
+                f"(missing: {missing or 'none'}, unexpected: {unknown or 'none'})"
+            )
+        for name in self.names:
+            shape = tuple(self._handle.get_slice(name).get_shape())
+            if shape != shapes[name]:
+                raise InputError(
+                    f"{where}: tensor {name} has shape {list(shape)}, its model_config "
+                    f"needs {list(shapes[name])}"
+                )
+        self._sha256: str | None = None
+
+    @property
+    def config(self) -> MoEConfig:
+        """The model config."""
+        return self.meta.config
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the file (computed once)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` (from the header; no data read)."""
+        return tuple(self._handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype of tensor ``name`` (from the header; no data read)."""
+        from fedmoe.io.safetensors_format import FROM_CODE
+
+        return FROM_CODE[self._handle.get_slice(name).get_dtype()]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor, refusing NaN/Inf with an error that names the file and tensor."""
+        t = self._handle.get_tensor(name)
+        check_finite(t, f"{self.path}: tensor {name}")
+        return t
+
+    def expert(self, name: str, index: int) -> torch.Tensor:
+        """Read slice ``[index]`` of expert tensor ``name`` (only that expert's bytes)."""
+        t = self._handle.get_slice(name)[index]
+        check_finite(t, f"{self.path}: tensor {name} expert {index}")
+        return t
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor, by name."""
+        return {name: self.tensor(name) for name in self.names}
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """An :class:`InputError` naming ``what`` when ``t`` holds NaN or Inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"{what} contains NaN or Inf", hint="drop this client's update this round")
+
+
+def open_checkpoint(path: Path | str) -> Checkpoint:
+    """Open and validate a checkpoint."""
+    return Checkpoint(Path(path))
+
+
+def save_checkpoint(
+    outputs: OutputSet, path: Path, state: Mapping[str, torch.Tensor], meta: CheckpointMeta
+) -> None:
+    """Stage ``state`` with ``meta`` as a checkpoint at ``path`` (published at commit)."""
+    for name, t in state.items():
+        check_finite(t, f"model for {path}: tensor {name}")
+    with outputs.open(path) as handle:
+        write_tensors(handle, state, meta.to_metadata())

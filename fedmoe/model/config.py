@@ -1,0 +1,108 @@
+"""The model configuration, stored inside every checkpoint (``model_config`` metadata)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fedmoe.errors import InputError, UsageError
+
+EMBEDDINGS = ("mlp", "cnn")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Architecture of the MoE classifier (FedMoE-DA, arXiv 2411.02115, Sec. III: an embedding
+    network φ, a gating network G, and E experts θ_1..θ_E of which the top-k run per sample)."""
+
+    input_shape: tuple[int, ...]  # shape of one sample, e.g. (1, 8, 8)
+    num_classes: int  # C: each expert outputs C class logits
+    embed: str = "mlp"  # embedding network φ: "mlp" or "cnn" (image inputs (C, H, W))
+    embed_hidden: int = 128  # φ's hidden width (MLP) or first conv channels (CNN)
+    embed_dim: int = 64  # H: width of the embedding the gate and experts read
+    num_experts: int = 8  # E
+    top_k: int = 2  # experts run per sample
+    expert_hidden: int = 64  # F: hidden width of each expert's two-layer MLP
+    gate_bias: bool = False  # a bias on the gate (the proxies of Eq. 8 are the weight rows)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (len(self.input_shape) >= 1 and all(s > 0 for s in self.input_shape), "input_shape"),
+            (self.num_classes >= 2, "num_classes"),
+            (self.embed_hidden >= 1, "embed_hidden"),
+            (self.embed_dim >= 1, "embed_dim"),
+            (self.num_experts >= 1, "num_experts"),
+            (1 <= self.top_k <= self.num_experts, "top_k"),
+            (self.expert_hidden >= 1, "expert_hidden"),
+        ]
+        for ok, key in checks:
+            if not ok:
+                raise UsageError(
+                    f"model config: invalid {key} = {getattr(self, key)!r}",
+                    hint="top_k must be in 1..num_experts; sizes must be positive",
+                )
+        if self.embed not in EMBEDDINGS:
+            raise UsageError(f"model config: embed must be one of {', '.join(EMBEDDINGS)}")
+        if self.embed == "cnn" and len(self.input_shape) != 3:
+            raise UsageError(
+                f"model config: embed 'cnn' needs image inputs (channels, height, width), "
+                f"got input_shape {list(self.input_shape)}",
+                hint="use embed: mlp for flat features",
+            )
+
+    @property
+    def input_size(self) -> int:
+        """Number of input features (product of ``input_shape``)."""
+        size = 1
+        for s in self.input_shape:
+            size *= s
+        return size
+
+    def check_data(self, input_shape: tuple[int, ...], num_classes: int, where: str) -> None:
+        """Refuse data whose sample shape or class count does not fit the model (exit 3)."""
+        if tuple(input_shape) != tuple(self.input_shape):
+            raise InputError(
+                f"{where}: the model takes inputs of shape {list(self.input_shape)}, the data has "
+                f"{list(input_shape)}",
+                hint="initialise the model from this partition (fedmoe init --partition ...)",
+            )
+        if num_classes != self.num_classes:
+            raise InputError(
+                f"{where}: the model has {self.num_classes} classes, the data {num_classes}",
+                hint="initialise the model from this partition (fedmoe init --partition ...)",
+            )
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): the same config always gives the same string."""
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model config") -> MoEConfig:
+        """Validate a mapping into a config; unknown keys are errors naming the key."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                raise UsageError(
+                    f"{where}: unknown key '{key}' (valid: {', '.join(sorted(names))})"
+                )
+        if "input_shape" not in data or "num_classes" not in data:
+            raise UsageError(f"{where}: needs input_shape and num_classes")
+        kwargs = dict(data)
+        kwargs["input_shape"] = tuple(int(s) for s in data["input_shape"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> MoEConfig:
+        """Parse the ``model_config`` metadata of a checkpoint."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise InputError(f"{where}: model_config metadata is not valid JSON") from None
+        try:
+            return cls.from_dict(data, where)
+        except (UsageError, TypeError, ValueError) as exc:
+            raise InputError(f"{where}: bad model_config ({exc})") from None

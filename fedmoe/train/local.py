@@ -1,0 +1,122 @@
+"""One local round of FedMoE-DA (arXiv 2411.02115, Sec. III-A, step 1): a client trains φ, G and
+its experts for a few epochs on its own data, minimising cross-entropy plus the Switch-Transformer
+load-balancing loss so that no expert starves.
+
+Threads: one process trains clients one after the other with every core (two processes × two
+threads make small matmuls ~50× slower on a 2-core machine). Adam uses the fused CPU kernel
+(~3× faster per step than the default loop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedmoe.errors import UsageError
+from fedmoe.model import MoEConfig, build_model, state_of
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training hyper-parameters."""
+
+    epochs: int = 2  # passes over the client's train split per round
+    batch_size: int = 32  # samples per step
+    lr: float = 3e-3  # learning rate
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (momentum 0.9)
+    weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw) weight decay
+    balance_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer used 0.01)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise UsageError("epochs must be >= 0 and batch size >= 1")
+        if not self.lr > 0 or self.weight_decay < 0 or self.balance_coef < 0:
+            raise UsageError("lr must be > 0; weight decay and balance coef must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(
+                f"unknown optimizer '{self.optimizer}'", hint=f"use one of {', '.join(OPTIMIZERS)}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of one local round."""
+
+    state: dict[str, torch.Tensor]  # the trained tensors
+    epoch_loss: tuple[float, ...]  # mean task loss per epoch
+    epoch_balance: tuple[float, ...]  # mean load-balancing loss per epoch
+    steps: int  # optimiser steps taken
+    samples: int  # samples processed (epochs × train size)
+    seconds: float  # wall time of the round
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser (fused Adam/AdamW on CPU)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def train_local(
+    config: MoEConfig,
+    state: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+) -> TrainResult:
+    """Train a copy of the model in ``state`` on ``(x, y)``; ``state`` itself is not modified.
+
+    Parameters
+    ----------
+    config, state
+        The model to start from.
+    x, y
+        (n, *input_shape) float32 samples and (n,) int64 labels of the client's train split.
+    cfg
+        Hyper-parameters.
+    seed
+        Seeds the mini-batch order (a ``torch.Generator``); same inputs and seed give the same
+        tensors, bit for bit, at a fixed thread count.
+    """
+    start = time.perf_counter()
+    model = build_model(config, state)
+    model.train()
+    params = list(model.parameters())
+    opt = make_optimizer(params, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    n = int(y.shape[0])
+    losses: list[float] = []
+    balances: list[float] = []
+    steps = 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)  # (n,)
+        total, total_bal = 0.0, 0.0
+        for first in range(0, n, cfg.batch_size):
+            idx = order[first : first + cfg.batch_size]  # (b,)
+            out = model(x[idx])
+            task = nn.functional.cross_entropy(out.logits, y[idx])
+            bal = out.balance_loss()
+            loss = task + cfg.balance_coef * bal
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            total += float(task.detach()) * idx.shape[0]
+            total_bal += float(bal.detach()) * idx.shape[0]
+        losses.append(total / max(n, 1))
+        balances.append(total_bal / max(n, 1))
+    return TrainResult(
+        state=state_of(model),
+        epoch_loss=tuple(losses),
+        epoch_balance=tuple(balances),
+        steps=steps,
+        samples=n * cfg.epochs,
+        seconds=time.perf_counter() - start,
+    )
