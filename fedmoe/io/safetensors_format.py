@@ -2,8 +2,8 @@
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N,
 N bytes of JSON (``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``,
-padded with spaces to a multiple of 8), then the raw little-endian tensor bytes. Tensors are laid out
-in name order, so the same tensors and metadata always give the same bytes.
+padded with spaces to a multiple of 8), then the raw little-endian tensor bytes. Tensors are laid
+out in name order, so the same tensors and metadata always give the same bytes.
 
 Knowing every output's shape and dtype up front is enough to write the header first and then each
 tensor as soon as it is computed: a merge never holds more than one output tensor in memory.

@@ -45,7 +45,7 @@ class MoEClassifier(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.embed_dim, cfg.expert_hidden, cfg.num_classes)
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> MoEOutput:
-        """Classify a batch ``x`` of shape (B, *input_shape); ``dense`` runs the masked reference."""
+        """Classify ``x`` (B, *input_shape); ``dense`` runs the all-experts masked reference."""
         h = self.embed(x)  # (B, H)
         probs, weights, experts = self.gate(h)  # (B, E), (B, k), (B, k)
         run = self.experts.forward_dense if dense else self.experts

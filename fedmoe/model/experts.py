@@ -4,8 +4,8 @@ Each expert is a two-layer MLP ``y = W2ᵀ relu(W1ᵀ x + b1) + b2``; parameters
 ``w1 (E, H, F)``, ``b1 (E, F)``, ``w2 (E, F, O)``, ``b2 (E, O)`` so that expert j is the slice
 ``[j]`` of every tensor (the unit that FedMoE-DA, arXiv 2411.02115, Eq. 11 aggregates).
 
-Dispatch is sparse and grouped: the B·k (sample, expert) assignments are sorted by expert, the inputs
-gathered into one contiguous block per expert, and each expert runs once on its block. The
+Dispatch is sparse and grouped: the B·k (sample, expert) assignments are sorted by expert, the
+inputs gathered into one contiguous block per expert, and each expert runs once on its block. The
 per-expert loop lives in one autograd function whose backward writes every weight gradient
 straight into a preallocated ``(E, ...)`` buffer; the naive ``unbind``-and-stack autograd path
 spends most of its time copying gradients (measured: 65 % of a step).
