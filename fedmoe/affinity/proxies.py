@@ -1,0 +1,45 @@
+"""Expert proxies (FedMoE-DA, arXiv 2411.02115, Eq. 8): row j of client i's gating weight, g_{i,j},
+stands for expert j at client i. Client-experts are numbered m = position(i)·E + j, clients in
+increasing id order, so the numbering (and every result built on it) does not depend on the order
+in which checkpoints were given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertIndex:
+    """The client-expert numbering m ↔ (client, expert)."""
+
+    clients: tuple[int, ...]  # client ids, increasing
+    num_experts: int  # E
+
+    @property
+    def size(self) -> int:
+        """M = N·E."""
+        return len(self.clients) * self.num_experts
+
+    def key(self, m: int) -> tuple[int, int]:
+        """(client, expert) of client-expert ``m``."""
+        return self.clients[m // self.num_experts], m % self.num_experts
+
+    def index(self, client: int, expert: int) -> int:
+        """m of (client, expert)."""
+        return self.clients.index(client) * self.num_experts + expert
+
+
+def stack_proxies(gates: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ExpertIndex]:
+    """Stack every client's (E, H) gate weight into the (N·E, H) proxy matrix.
+
+    Parameters
+    ----------
+    gates
+        Client id → that client's ``gate.weight``.
+    """
+    clients = tuple(sorted(gates))
+    num_experts = int(gates[clients[0]].shape[0])
+    matrix = torch.cat([gates[c].to(torch.float32) for c in clients], dim=0)  # (N·E, H)
+    return matrix, ExpertIndex(clients, num_experts)

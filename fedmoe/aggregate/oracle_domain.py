@@ -1,0 +1,41 @@
+"""The oracle reference: FedAvg of everything among clients of the same true domain group. It needs
+domain labels that a real federation never has; it is an upper reference, not a method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedmoe.aggregate.base import (
+    Aggregator,
+    ClientInfo,
+    MergeSpec,
+    expert_index,
+    same_index_matrix,
+    sample_weights,
+)
+from fedmoe.errors import UsageError
+
+
+@dataclass(frozen=True)
+class OracleDomain(Aggregator):
+    """FedAvg of everything within each true domain group."""
+
+    name: ClassVar[str] = "oracle-domain"
+    summary: ClassVar[str] = "reference: FedAvg within each true domain group (needs domain labels)"
+
+    def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
+        index = expert_index(infos, num_experts)
+        if any(i.group is None for i in infos):
+            raise UsageError(
+                "oracle-domain needs each client's true domain group",
+                hint="give --partition so the groups can be read from the domain counts",
+            )
+        shared: dict[int, tuple[tuple[int, float], ...]] = {}
+        per: dict[int, dict[int, list[tuple[int, float]]]] = {}
+        for info in infos:
+            members = [i for i in infos if i.group == info.group]
+            fed = sample_weights(members)
+            shared[info.client] = fed
+            per[info.client] = {j: list(fed) for j in range(num_experts)}
+        return MergeSpec(index, shared, True, same_index_matrix(index, per), self.name)

@@ -1,0 +1,81 @@
+"""The traffic ledger of one round: what the server moves, what peers move, and what FedAvg of the
+whole model would have moved for the same clients (FedMoE-DA, arXiv 2411.02115, Sec. III-C: the
+server handles only the small parts; experts travel peer to peer along the plan's edges)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmoe.plan.sizes import TensorSizes
+from fedmoe.plan.transfers import Transfer
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Bytes moved in one round."""
+
+    clients: int  # participating clients
+    server_up: int  # clients → server: φ and G of every client
+    server_down: int  # server → clients: averaged φ (and G when shared)
+    plan_down: int  # server → clients: each client's rows of the sync plan
+    p2p: int  # client → client: experts along the transfer list
+    fedavg_equivalent: int  # whole model up and down for every client
+    max_client_p2p_in: int  # the largest peer-to-peer download of one client
+
+    @property
+    def server_total(self) -> int:
+        """Everything through the server."""
+        return self.server_up + self.server_down + self.plan_down
+
+    def to_dict(self) -> dict[str, int | float]:
+        """JSON-ready, with the ratios people ask for."""
+        fedavg = max(self.fedavg_equivalent, 1)
+        return {
+            "clients": self.clients,
+            "server_up": self.server_up,
+            "server_down": self.server_down,
+            "plan_down": self.plan_down,
+            "server_total": self.server_total,
+            "p2p": self.p2p,
+            "max_client_p2p_in": self.max_client_p2p_in,
+            "fedavg_equivalent": self.fedavg_equivalent,
+            "server_vs_fedavg": round(self.server_total / fedavg, 6),
+            "total_vs_fedavg": round((self.server_total + self.p2p) / fedavg, 6),
+        }
+
+
+def traffic_ledger(
+    sizes: TensorSizes,
+    clients: list[int],
+    transfers: list[Transfer],
+    plan_bytes: dict[int, int],
+    gate_shared: bool,
+) -> Ledger:
+    """Count one FedMoE-DA round.
+
+    Parameters
+    ----------
+    sizes
+        Byte sizes of the model's parts.
+    clients
+        Participating client ids.
+    transfers
+        The peer-to-peer transfer list.
+    plan_bytes
+        Client id → bytes of the plan rows the server sends it.
+    gate_shared
+        Whether the server averages G and sends it back (else each client keeps its own gate).
+    """
+    n = len(clients)
+    per_in: dict[int, int] = {}
+    for t in transfers:
+        per_in[t.target] = per_in.get(t.target, 0) + t.bytes
+    return Ledger(
+        clients=n,
+        server_up=n * (sizes.embed + sizes.gate),
+        server_down=n * (sizes.embed + (sizes.gate if gate_shared else 0)),
+        plan_down=sum(plan_bytes.get(c, 0) for c in clients),
+        p2p=sum(t.bytes for t in transfers),
+        fedavg_equivalent=2 * n * sizes.model,
+        max_client_p2p_in=max(per_in.values(), default=0),
+    )
