@@ -1,5 +1,5 @@
 """Which client-experts serve similar domains (FedMoE-DA, arXiv 2411.02115, Eq. 8): gate-row
-proxies, their exact blocked top-k cosine similarity, and expert–domain/label shares from routing."""
+proxies, their exact blocked top-k cosine similarity, expert–domain/label shares from routing."""
 
 from fedmoe.affinity.domain import dominant, share_table
 from fedmoe.affinity.proxies import ExpertIndex, stack_proxies
