@@ -9,9 +9,12 @@ import typer
 
 from fedmoe import __version__
 
+from . import affinity as affinity_cmd
+from . import aggregate as aggregate_cmd
 from . import evaluate as evaluate_cmd
 from . import init as init_cmd
 from . import partition as partition_cmd
+from . import plan_sync as plan_sync_cmd
 from . import train_round as train_round_cmd
 from .common import EXIT_CODES_HELP, print_error
 
@@ -46,6 +49,9 @@ COMMANDS = [
     ("partition", partition_cmd, "Split a dataset into clients with domain and label skew."),
     ("init", init_cmd, "Create the initial MoE checkpoint from a config."),
     ("train-round", train_round_cmd, "Train one local round for one client or all clients."),
+    ("affinity", affinity_cmd, "Expert-expert similarity of gate rows and expert-domain affinity."),
+    ("plan-sync", plan_sync_cmd, "Sparse aggregation matrix and the peer-to-peer sync plan."),
+    ("aggregate", aggregate_cmd, "Merge experts by a sync plan or a baseline; or merge any files."),
     ("evaluate", evaluate_cmd, "Personalised and global accuracy of client checkpoints."),
 ]
 for _name, _module, _short in COMMANDS:

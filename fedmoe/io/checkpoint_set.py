@@ -90,3 +90,16 @@ def load_checkpoint_set(inputs: list[str]) -> dict[int | None, Checkpoint]:
             hint="every checkpoint of a federation must share one architecture",
         )
     return by_client
+
+
+class CheckpointSource:
+    """A merge-engine source over opened checkpoints (reads one tensor or expert slice at a time)."""
+
+    def __init__(self, checkpoints: dict[int, Checkpoint]) -> None:
+        self.checkpoints = checkpoints
+
+    def tensor(self, client: int, name: str) -> Any:
+        return self.checkpoints[client].tensor(name)
+
+    def expert(self, client: int, name: str, index: int) -> Any:
+        return self.checkpoints[client].expert(name, index)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -104,6 +104,19 @@ class StreamWriter:
         self._handle.write(memoryview(data))
         self._next += 1
 
+    def write_raw(self, name: str, chunks: Iterable[memoryview | bytes]) -> None:
+        """Write the next tensor from raw little-endian byte chunks (for chunked merges)."""
+        spec = self._specs[self._next]
+        if name != spec.name:
+            raise ValueError(f"tensor {name} written where {spec.name} was declared")
+        written = 0
+        for chunk in chunks:
+            self._handle.write(chunk)
+            written += memoryview(chunk).nbytes
+        if written != spec.nbytes:
+            raise ValueError(f"tensor {name}: wrote {written} bytes, declared {spec.nbytes}")
+        self._next += 1
+
     def close(self) -> None:
         """Check that every declared tensor was written."""
         if self._next != len(self._specs):
@@ -120,3 +133,19 @@ def write_tensors(
     for spec in writer.order:
         writer.write(spec.name, tensors[spec.name])
     writer.close()
+
+
+def read_header(buffer: memoryview | bytes, where: str) -> tuple[dict[str, object], int]:
+    """Parse a safetensors header from the start of ``buffer``; returns it and the data offset."""
+    if len(buffer) < 8:
+        raise ValueError(f"{where}: shorter than a safetensors header")
+    (size,) = struct.unpack("<Q", bytes(buffer[:8]))
+    if size > len(buffer) - 8 or size > 100_000_000:
+        raise ValueError(f"{where}: header length {size} exceeds the file")
+    try:
+        header = json.loads(bytes(buffer[8 : 8 + size]))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{where}: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: header is not a JSON object")
+    return header, 8 + size

@@ -1,0 +1,187 @@
+"""A plain linear merge of any compatible safetensors files: out = Σ w_f · file_f, tensor by tensor.
+
+This is what mergekit's ``linear`` method does, without its stack-then-sum: every input is mapped
+into memory (zero-copy, warm page cache) and each output tensor is produced in chunks of about
+1 MiB that stay in cache, so every input byte is read once and the only buffer is one chunk. Peak
+extra memory is a few MiB whatever the file sizes. Floating tensors are accumulated in float32
+(float64 for float64) and rounded once to their dtype.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from fedmoe.errors import InputError, UsageError
+from fedmoe.io.safetensors_format import FROM_CODE, StreamWriter, TensorSpec, read_header
+
+CHUNK_BYTES = 1 << 20
+ON_MISSING = ("error", "intersection")
+
+
+@dataclass(frozen=True)
+class MappedTensor:
+    """A tensor inside a mapped file: dtype, shape, byte range."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class MappedFile:
+    """A safetensors file mapped read-only (copy-on-write pages, never written back)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{path}: no such file", hint="check the path")
+        try:
+            with open(self.path, "rb") as handle:
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            header, data_start = read_header(memoryview(self._map), str(path))
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"{path}: not a readable safetensors file ({exc})",
+                hint="the file may be truncated; re-create it",
+            ) from None
+        meta = header.pop("__metadata__", {}) or {}
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in dict(meta).items()}
+        self.tensors: dict[str, MappedTensor] = {}
+        size = len(self._map)
+        for name, info in header.items():
+            try:
+                dtype = FROM_CODE[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                lo, hi = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise InputError(
+                    f"{path}: tensor {name} has a malformed or unsupported entry"
+                ) from None
+            if not 0 <= lo <= hi or data_start + hi > size:
+                raise InputError(
+                    f"{path}: tensor {name} lies beyond the end of the file (truncated)"
+                )
+            if TensorSpec(name, dtype, shape).nbytes != hi - lo:
+                raise InputError(f"{path}: tensor {name} byte range does not match its shape")
+            self.tensors[name] = MappedTensor(dtype, shape, data_start + lo, data_start + hi)
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a flat zero-copy view of the mapping."""
+        t = self.tensors[name]
+        count = (t.end - t.start) // torch.empty((), dtype=t.dtype).element_size()
+        return torch.frombuffer(self._map, dtype=t.dtype, count=count, offset=t.start)
+
+    def close(self) -> None:
+        """Unmap the file."""
+        self._map.close()
+
+
+def plan_linear(files: list[MappedFile], on_missing: str) -> list[TensorSpec]:
+    """The output tensors: names shared by every file (``intersection``) or all of them
+    (``error`` refuses any name missing from a file), with matching dtype and shape."""
+    if on_missing not in ON_MISSING:
+        raise UsageError(f"--on-missing must be one of {', '.join(ON_MISSING)}")
+    names = set(files[0].tensors)
+    for f in files[1:]:
+        if on_missing == "error" and set(f.tensors) != names:
+            diff = sorted(set(f.tensors) ^ names)
+            where = f.path if diff[0] not in f.tensors else files[0].path
+            raise InputError(
+                f"tensor {diff[0]} is missing from {where}",
+                hint="merge only files with the same tensors, or pass --on-missing intersection",
+            )
+        names &= set(f.tensors)
+    if not names:
+        raise InputError("the files have no tensor name in common")
+    specs = []
+    for name in sorted(names):
+        ref = files[0].tensors[name]
+        for f in files[1:]:
+            t = f.tensors[name]
+            if t.dtype != ref.dtype or t.shape != ref.shape:
+                raise InputError(
+                    f"tensor {name}: {files[0].path} has {ref.dtype} {list(ref.shape)}, "
+                    f"{f.path} has {t.dtype} {list(t.shape)}",
+                    hint="only tensors of the same dtype and shape can be merged",
+                )
+        if not ref.dtype.is_floating_point:
+            raise InputError(f"tensor {name} has dtype {ref.dtype}; only floating tensors merge")
+        specs.append(TensorSpec(name, ref.dtype, ref.shape))
+    return specs
+
+
+def _chunks(
+    files: list[MappedFile], weights: list[float], spec: TensorSpec, chunk_bytes: int
+) -> Iterator[memoryview]:
+    acc_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
+    elem = torch.empty((), dtype=acc_dtype).element_size()
+    step = max(1, chunk_bytes // elem)
+    flats = [f.flat(spec.name) for f in files]
+    total = flats[0].numel()
+    acc_buf = torch.empty(min(step, total), dtype=acc_dtype)
+    tmp_buf = torch.empty_like(acc_buf) if spec.dtype != acc_dtype else None
+    for lo in range(0, total, step):
+        hi = min(lo + step, total)
+        acc = acc_buf[: hi - lo]
+        torch.mul(flats[0][lo:hi], weights[0], out=acc)
+        for x, w in zip(flats[1:], weights[1:], strict=True):
+            part = x[lo:hi]
+            if tmp_buf is not None:
+                tmp = tmp_buf[: hi - lo]
+                tmp.copy_(part)
+                part = tmp
+            acc.add_(part, alpha=w)
+        if not bool(torch.isfinite(acc).all()):  # find the culprit only when something is wrong
+            for f, x in zip(files, flats, strict=True):
+                if not bool(torch.isfinite(x[lo:hi]).all()):
+                    raise InputError(
+                        f"{f.path}: tensor {spec.name} contains NaN or Inf",
+                        hint="leave this file out of the merge",
+                    )
+            raise InputError(f"tensor {spec.name}: the weighted sum overflows its dtype")
+        out = acc if spec.dtype == acc_dtype else acc.to(spec.dtype)
+        yield memoryview(out.view(torch.uint8).numpy())
+
+
+def write_linear(
+    handle: BinaryIO,
+    files: list[MappedFile],
+    weights: list[float],
+    specs: list[TensorSpec],
+    metadata: dict[str, str],
+    chunk_bytes: int = CHUNK_BYTES,
+) -> None:
+    """Stream Σ w_f · file_f for every spec into ``handle`` as one safetensors file."""
+    writer = StreamWriter(handle, specs, metadata)
+    for spec in writer.order:
+        writer.write_raw(spec.name, _chunks(files, weights, spec, chunk_bytes))
+    writer.close()
+
+
+def merged_metadata(
+    files: list[MappedFile], weights: list[float], method: str, digests: list[str]
+) -> dict[str, str]:
+    """Provenance of a linear merge: keys equal in every input are kept as they are; every input's
+    full metadata, path, sha256 and weight go into ``fedmoe_merge`` (JSON), so nothing is dropped."""
+    import json
+
+    from fedmoe import __version__
+
+    common = dict(files[0].metadata)
+    for f in files[1:]:
+        common = {k: v for k, v in common.items() if f.metadata.get(k) == v}
+    sources: list[dict[str, Any]] = [
+        {"path": f.path.name, "sha256": d, "weight": w, "metadata": f.metadata}
+        for f, w, d in zip(files, weights, digests, strict=True)
+    ]
+    return {
+        **common,
+        "fedmoe_version": __version__,
+        "fedmoe_merge": json.dumps({"method": method, "sources": sources}, separators=(",", ":")),
+    }
