@@ -15,6 +15,8 @@ from . import evaluate as evaluate_cmd
 from . import init as init_cmd
 from . import partition as partition_cmd
 from . import plan_sync as plan_sync_cmd
+from . import report as report_cmd
+from . import run as run_cmd
 from . import train_round as train_round_cmd
 from .common import EXIT_CODES_HELP, print_error
 
@@ -46,6 +48,7 @@ def _root(
 
 
 COMMANDS = [
+    ("run", run_cmd, "Run a whole federation from a YAML recipe; all methods side by side."),
     ("partition", partition_cmd, "Split a dataset into clients with domain and label skew."),
     ("init", init_cmd, "Create the initial MoE checkpoint from a config."),
     ("train-round", train_round_cmd, "Train one local round for one client or all clients."),
@@ -53,6 +56,7 @@ COMMANDS = [
     ("plan-sync", plan_sync_cmd, "Sparse aggregation matrix and the peer-to-peer sync plan."),
     ("aggregate", aggregate_cmd, "Merge experts by a sync plan or a baseline; or merge any files."),
     ("evaluate", evaluate_cmd, "Personalised and global accuracy of client checkpoints."),
+    ("report", report_cmd, "Comparison table and plots of a run folder."),
 ]
 for _name, _module, _short in COMMANDS:
     app.command(_name, help=_module.HELP, short_help=_short)(_module.command)

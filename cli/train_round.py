@@ -87,6 +87,11 @@ def train_round(
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     part = load_partition(partition)
     if client == "all":
+        if out.suffix == ".safetensors":
+            raise UsageError(
+                f"--out {out}: --client all writes one checkpoint per client into a folder",
+                hint="give a folder, e.g. --out round1/",
+            )
         ids = list(range(part.num_clients))
         paths = {cid: out / f"client-{cid:03d}.safetensors" for cid in ids}
         manifest_path = out / "train-round.json"

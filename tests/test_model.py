@@ -437,22 +437,12 @@ def test_from_json_errors_are_input_errors(text: str, match: str) -> None:
     assert info.value.message.startswith("ck.safetensors: ")
 
 
-@pytest.mark.xfail(
-    reason="MoEConfig.from_dict does not check value types: a recipe's 'four' or 1.5 gives a "
-    "TypeError (exit 1) or a config that crashes later, instead of a UsageError",
-    strict=True,
-)
 @pytest.mark.parametrize("fields", [{"num_experts": "four"}, {"top_k": 1.5}])
 def test_from_dict_rejects_values_of_the_wrong_type(fields: dict[str, object]) -> None:
     with pytest.raises(UsageError, match=next(iter(fields))):
         MoEConfig.from_dict({"input_shape": [4], "num_classes": 2, **fields})
 
 
-@pytest.mark.xfail(
-    reason="a cnn config with height or width < 2 passes validation; its 2x2 max-pool leaves no "
-    "feature and init_model dies with ZeroDivisionError",
-    strict=True,
-)
 def test_cnn_on_images_too_small_to_pool_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="input_shape"):
         MoEConfig((1, 1, 4), 3, embed="cnn")

@@ -61,7 +61,8 @@ class CheckpointMeta:
 
     def to_metadata(self) -> dict[str, str]:
         """The str→str ``__metadata__`` map."""
-        meta = {
+        meta = dict(self.extra)  # provenance first: the core keys below always win
+        meta |= {
             "fedmoe_version": __version__,
             "format": FORMAT,
             "model_config": self.config.to_json(),
@@ -74,7 +75,6 @@ class CheckpointMeta:
         }
         if self.routing is not None:
             meta["routing"] = json.dumps(self.routing, separators=(",", ":"))
-        meta.update(self.extra)
         return meta
 
 
@@ -149,6 +149,11 @@ class Checkpoint:
                 f"(missing: {missing or 'none'}, unexpected: {unknown or 'none'})"
             )
         for name in self.names:
+            if self._handle.get_slice(name).get_dtype() != "F32":
+                raise InputError(
+                    f"{where}: tensor {name} is {self._handle.get_slice(name).get_dtype()}; "
+                    f"{FORMAT} checkpoints hold float32 tensors"
+                )
             shape = tuple(self._handle.get_slice(name).get_shape())
             if shape != shapes[name]:
                 raise InputError(

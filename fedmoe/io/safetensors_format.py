@@ -55,7 +55,7 @@ def header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str]) -> bytes:
     """The length prefix and padded JSON header for ``specs`` laid out in the given order."""
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header["__metadata__"] = dict(sorted(metadata.items()))  # canonical key order
     offset = 0
     for spec in specs:
         header[spec.name] = {
@@ -95,24 +95,33 @@ class StreamWriter:
         """The tensors in the order :meth:`write` expects them."""
         return list(self._specs)
 
+    def _expect(self, name: str) -> TensorSpec:
+        if self._next >= len(self._specs):
+            raise ValueError(f"tensor {name}: every declared tensor was already written")
+        spec = self._specs[self._next]
+        if name != spec.name:
+            raise ValueError(f"tensor {name} written where {spec.name} was declared")
+        return spec
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; its name, dtype and shape must match the declared spec."""
-        spec = self._specs[self._next]
-        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        spec = self._expect(name)
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"tensor {name} does not match the declared {spec}")
-        data = tensor.detach().contiguous().view(torch.uint8).numpy()
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._handle.write(memoryview(data))
         self._next += 1
 
     def write_raw(self, name: str, chunks: Iterable[memoryview | bytes]) -> None:
         """Write the next tensor from raw little-endian byte chunks (for chunked merges)."""
-        spec = self._specs[self._next]
-        if name != spec.name:
-            raise ValueError(f"tensor {name} written where {spec.name} was declared")
+        spec = self._expect(name)
         written = 0
         for chunk in chunks:
+            size = memoryview(chunk).nbytes
+            if written + size > spec.nbytes:
+                raise ValueError(f"tensor {name}: more bytes than its declared {spec.nbytes}")
             self._handle.write(chunk)
-            written += memoryview(chunk).nbytes
+            written += size
         if written != spec.nbytes:
             raise ValueError(f"tensor {name}: wrote {written} bytes, declared {spec.nbytes}")
         self._next += 1

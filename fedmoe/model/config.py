@@ -28,6 +28,20 @@ class MoEConfig:
     gate_bias: bool = False  # a bias on the gate (the proxies of Eq. 8 are the weight rows)
 
     def __post_init__(self) -> None:
+        ints = ("num_classes", "embed_hidden", "embed_dim", "num_experts", "top_k", "expert_hidden")
+        for key in ints:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"model config: {key} must be an integer, got {value!r}")
+        if not isinstance(self.gate_bias, bool):
+            raise UsageError(
+                f"model config: gate_bias must be true or false, got {self.gate_bias!r}"
+            )
+        shape = self.input_shape
+        if not isinstance(shape, tuple) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in shape
+        ):
+            raise UsageError(f"model config: input_shape must be a list of integers, got {shape!r}")
         checks = [
             (len(self.input_shape) >= 1 and all(s > 0 for s in self.input_shape), "input_shape"),
             (self.num_classes >= 2, "num_classes"),
@@ -45,9 +59,9 @@ class MoEConfig:
                 )
         if self.embed not in EMBEDDINGS:
             raise UsageError(f"model config: embed must be one of {', '.join(EMBEDDINGS)}")
-        if self.embed == "cnn" and len(self.input_shape) != 3:
+        if self.embed == "cnn" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 2):
             raise UsageError(
-                f"model config: embed 'cnn' needs image inputs (channels, height, width), "
+                f"model config: embed 'cnn' needs image inputs (channels, height ≥ 2, width ≥ 2), "
                 f"got input_shape {list(self.input_shape)}",
                 hint="use embed: mlp for flat features",
             )
@@ -92,7 +106,10 @@ class MoEConfig:
         if "input_shape" not in data or "num_classes" not in data:
             raise UsageError(f"{where}: needs input_shape and num_classes")
         kwargs = dict(data)
-        kwargs["input_shape"] = tuple(int(s) for s in data["input_shape"])
+        shape = data["input_shape"]
+        if not isinstance(shape, (list, tuple)):
+            raise UsageError(f"{where}: input_shape must be a list of integers, got {shape!r}")
+        kwargs["input_shape"] = tuple(shape)
         return cls(**kwargs)
 
     @classmethod

@@ -88,9 +88,10 @@ def evaluate_models(
         rows.append({"id": cid, "local_acc": local, "local_n": n_local, "global_acc": gacc})
     locals_ = [r["local_acc"] for r in rows if r["local_acc"] is not None]
     globals_ = [r["global_acc"] for r in rows if r["global_acc"] is not None]
-    gmean = (
-        np.nanmean(np.array(global_by_domain), axis=0) if global_by_domain else np.full(D, np.nan)
-    )
+    table = np.array(global_by_domain, dtype=np.float64).reshape(len(global_by_domain), D)
+    have = ~np.isnan(table)
+    total = np.where(have, table, 0.0).sum(axis=0)
+    gmean = np.where(have.any(axis=0), total / np.maximum(have.sum(axis=0), 1), np.nan)
     return {
         "mean_local_acc": round(float(np.mean(locals_)), 6) if locals_ else None,
         "worst_local_acc": round(float(np.min(locals_)), 6) if locals_ else None,

@@ -1,0 +1,100 @@
+"""``fedmoe report``: the comparison table and plots of a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.table import Table
+
+from fedmoe.errors import UsageError
+from fedmoe.io.atomic import write_atomic
+from fedmoe.io.manifest import dumps
+from fedmoe.run.report import build_report, read_metrics, write_plots
+
+from .common import Json, Quiet, emit, handle_errors, stderr_console
+
+HELP = """Rebuild report.json of a run folder, print the comparison table on stderr and write the
+plots (accuracy.png, traffic.png, affinity.png, sync_graph.png; needs fedmoe[plot]).
+
+Example:
+
+  fedmoe report runs/quickstart
+"""
+
+
+def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Write ``report.json`` (and the plots) for ``run_dir``; print the table."""
+    rows = read_metrics(run_dir)
+    recipe = (
+        yaml.safe_load((run_dir / "recipe.yaml").read_text("utf-8"))
+        if (run_dir / "recipe.yaml").is_file()
+        else {}
+    )
+    domain_names: list[str] = []
+    part = run_dir / "partition.json"
+    if part.is_file():
+        import json
+
+        domain_names = json.loads(part.read_text("utf-8"))["dataset"]["domain_names"]
+    report = build_report(rows, recipe, domain_names)
+    path = run_dir / "report.json"
+    write_atomic(path, dumps(report).encode(), force=True)
+    print_table(console, report)
+    if plots:
+        try:
+            written = write_plots(run_dir, report)
+            console.print("plots: " + ", ".join(p.name for p in written))
+        except UsageError as exc:
+            console.print(f"[yellow]no plots: {exc.message} ({exc.hint})[/yellow]")
+    return path, report
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def print_table(console: Any, report: dict[str, Any]) -> None:
+    """The comparison table: accuracy and traffic per method."""
+    if console.quiet:
+        return
+    table = Table(title="fedmoe run: personalised accuracy and traffic", title_justify="left")
+    for col in (
+        "method",
+        "mean local %",
+        "worst local %",
+        "global %",
+        "server MiB/round",
+        "p2p MiB/round",
+        "server/FedAvg",
+        "time s",
+    ):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m, d in report["methods"].items():
+        fedavg = d["fedavg_bytes_per_round"] or 1
+        table.add_row(
+            m,
+            _pct(d["mean_local_acc"]),
+            _pct(d["worst_local_acc"]),
+            _pct(d["mean_global_acc"]),
+            f"{d['server_bytes_per_round'] / 2**20:.3f}",
+            f"{d['p2p_bytes_per_round'] / 2**20:.3f}",
+            f"{d['server_bytes_per_round'] / fedavg:.2f}",
+            f"{d['wall_seconds']:.1f}",
+        )
+    console.print(table)
+
+
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by fedmoe run.")],
+    json_: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    console = stderr_console(quiet)
+    path, data = make_report(run_dir, console)
+    emit(path, data, json_)
+
+
+command = handle_errors(report)

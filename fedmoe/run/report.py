@@ -1,0 +1,117 @@
+"""The run report: ``report.json`` from ``metrics.jsonl``, the comparison table, and the plots.
+
+``report.json`` (kind ``run-report``) holds per method: final mean and worst-client personalised
+accuracy, global accuracy, per-domain accuracy, server / peer-to-peer / FedAvg-equivalent bytes per
+round (mean over rounds), wall time, and the per-round series of the same quantities.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmoe.errors import InputError
+from fedmoe.io.manifest import header
+
+SERIES = ("mean_local_acc", "worst_local_acc", "mean_global_acc", "server_bytes", "p2p_bytes")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (torn lines skipped)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise InputError(f"{run_dir}: no metrics.jsonl; is this a fedmoe run folder?")
+    rows = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def build_report(
+    rows: list[dict[str, Any]], recipe: dict[str, Any], domain_names: list[str]
+) -> dict[str, Any]:
+    """Summarise the metrics of every method."""
+    methods: dict[str, Any] = {}
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    for m in order:
+        mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["round"])
+        mine = list({r["round"]: r for r in mine}.values())  # a redone round replaces the old line
+        evald = [r for r in mine if r.get("mean_local_acc") is not None]
+        last = evald[-1] if evald else {}
+        methods[m] = {
+            "rounds": len(mine),
+            "mean_local_acc": last.get("mean_local_acc"),
+            "worst_local_acc": last.get("worst_local_acc"),
+            "mean_global_acc": last.get("mean_global_acc"),
+            "local_acc_by_domain": last.get("local_acc_by_domain"),
+            "global_acc_by_domain": last.get("global_acc_by_domain"),
+            "server_bytes_per_round": float(np.mean([r["server_bytes"] for r in mine])),
+            "p2p_bytes_per_round": float(np.mean([r["p2p_bytes"] for r in mine])),
+            "fedavg_bytes_per_round": float(np.mean([r["fedavg_bytes"] for r in mine])),
+            "wall_seconds": round(float(sum(r["seconds"] for r in mine)), 3),
+            "per_round": {
+                "round": [r["round"] for r in mine],
+                **{k: [r.get(k) for r in mine] for k in SERIES},
+            },
+        }
+    return {
+        **header("run-report"),
+        "recipe": recipe,
+        "domain_names": domain_names,
+        "methods": methods,
+    }
+
+
+def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
+    """accuracy.png, traffic.png, affinity.png and sync_graph.png (those the run has data for)."""
+    from fedmoe import plots
+    from fedmoe.io.atomic import write_atomic
+
+    written = []
+    methods = report["methods"]
+    acc = {
+        m: [v if v is not None else np.nan for v in d["per_round"]["mean_local_acc"]]
+        for m, d in methods.items()
+    }
+    png = plots.curves(acc, "round", "mean personalised accuracy", "accuracy per round")
+    write_atomic(run_dir / "accuracy.png", png, force=True)
+    written.append(run_dir / "accuracy.png")
+    names = list(methods)
+    png = plots.traffic_bars(
+        names,
+        [methods[m]["server_bytes_per_round"] for m in names],
+        [methods[m]["p2p_bytes_per_round"] for m in names],
+    )
+    write_atomic(run_dir / "traffic.png", png, force=True)
+    written.append(run_dir / "traffic.png")
+    aff_path = run_dir / "affinity.json"
+    if aff_path.is_file():
+        aff = json.loads(aff_path.read_text("utf-8"))
+        e = aff["num_experts"]
+        labels = [f"c{c}e{j}" for c in aff["clients"] for j in range(e)]
+        png = plots.affinity_heatmap(
+            np.asarray(aff["by_domain"]),
+            labels,
+            aff["domain_names"],
+            f"expert-domain affinity (round {aff['round']})",
+        )
+        write_atomic(run_dir / "affinity.png", png, force=True)
+        written.append(run_dir / "affinity.png")
+    plans = sorted((run_dir / "plans").glob("round-*.json")) if (run_dir / "plans").is_dir() else []
+    if plans:
+        plan = json.loads(plans[-1].read_text("utf-8"))
+        clients = plan["clients"]
+        pos = {c: i for i, c in enumerate(clients)}
+        edges = np.zeros((len(clients), len(clients)))
+        for t in plan["transfers"]:
+            edges[pos[t["from"]], pos[t["to"]]] += len(t["experts"])
+        png = plots.sync_graph(edges, f"who pulls experts from whom (round {plan['round']})")
+        write_atomic(run_dir / "sync_graph.png", png, force=True)
+        written.append(run_dir / "sync_graph.png")
+    return written

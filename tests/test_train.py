@@ -1,0 +1,304 @@
+"""Local training, routing statistics, and evaluation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fedmoe.data import Dataset
+from fedmoe.errors import UsageError
+from fedmoe.model import MoEConfig, build_model, init_model, state_of
+from fedmoe.partition import ClientSplit
+from fedmoe.train import (
+    TrainConfig,
+    accuracy,
+    client_seed,
+    evaluate_models,
+    predict,
+    routing_stats,
+    tensors,
+    train_client,
+    train_local,
+)
+
+CFG = MoEConfig((4,), 2, embed_hidden=8, embed_dim=8, num_experts=4, top_k=2, expert_hidden=8)
+
+
+def blobs(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two separable Gaussian blobs in R^4, centred at -2 and +2 (labels alternate)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2  # (n,)
+    x = torch.randn(n, 4, generator=g) * 0.5 + (4.0 * y - 2.0).unsqueeze(1)  # (n, 4)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def start() -> dict[str, torch.Tensor]:
+    return state_of(init_model(CFG, 0))
+
+
+def equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# train_local
+
+
+def test_training_reduces_the_loss_and_learns(start: dict[str, torch.Tensor]) -> None:
+    x, y = blobs()
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=1e-2)
+    result = train_local(CFG, start, x, y, cfg, seed=1)
+    assert len(result.epoch_loss) == len(result.epoch_balance) == 4
+    assert result.epoch_loss[0] > result.epoch_loss[-1]
+    assert result.epoch_loss[-1] < 0.5 * result.epoch_loss[0]
+    assert result.epoch_loss[0] < 1.0  # ~ln 2 at the start: two classes
+    assert all(b > 0 for b in result.epoch_balance)
+    assert (result.steps, result.samples) == (4 * 4, 4 * 64)
+    assert result.seconds > 0
+    before = (predict(build_model(CFG, start), x) == y.numpy()).mean()
+    after = (predict(build_model(CFG, result.state), x) == y.numpy()).mean()
+    assert after == 1.0 and before < 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_other_optimizers_train(start: dict[str, torch.Tensor], optimizer: str) -> None:
+    x, y = blobs()
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-2, optimizer=optimizer, weight_decay=1e-3)
+    losses = train_local(CFG, start, x, y, cfg, seed=1).epoch_loss
+    assert losses[0] > losses[-1]
+
+
+def test_steps_count_the_last_short_batch(start: dict[str, torch.Tensor]) -> None:
+    x, y = blobs(50)
+    r = train_local(CFG, start, x, y, TrainConfig(epochs=3, batch_size=16), seed=0)
+    assert (r.steps, r.samples) == (3 * math.ceil(50 / 16), 150)
+
+
+def test_same_seed_same_bits_different_seed_different(start: dict[str, torch.Tensor]) -> None:
+    x, y = blobs()
+    cfg = TrainConfig(epochs=2, batch_size=16)
+    a = train_local(CFG, start, x, y, cfg, seed=7)
+    b = train_local(CFG, start, x, y, cfg, seed=7)
+    c = train_local(CFG, start, x, y, cfg, seed=8)
+    assert equal_states(a.state, b.state)
+    assert a.epoch_loss == b.epoch_loss and a.epoch_balance == b.epoch_balance
+    assert not any(torch.equal(a.state[k], c.state[k]) for k in a.state)
+
+
+def test_inputs_are_not_modified(start: dict[str, torch.Tensor]) -> None:
+    x, y = blobs()
+    kept = {k: v.clone() for k, v in start.items()}
+    x0, y0 = x.clone(), y.clone()
+    r = train_local(CFG, start, x, y, TrainConfig(epochs=1, batch_size=16), seed=0)
+    assert equal_states(start, kept)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert not any(torch.equal(r.state[k], start[k]) for k in start)  # it did train
+    assert all(r.state[k].data_ptr() != start[k].data_ptr() for k in start)
+
+
+def test_zero_epochs_returns_the_start(start: dict[str, torch.Tensor]) -> None:
+    x, y = blobs(8)
+    r = train_local(CFG, start, x, y, TrainConfig(epochs=0), seed=0)
+    assert equal_states(r.state, start)
+    assert (r.epoch_loss, r.steps, r.samples) == ((), 0, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"epochs": -1},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"weight_decay": -0.1},
+        {"balance_coef": -1.0},
+        {"optimizer": "adagrad"},
+    ],
+)
+def test_train_config_validation(kwargs: dict[str, object]) -> None:
+    with pytest.raises(UsageError):
+        TrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_client_seed() -> None:
+    s = client_seed(0, 1, 2)
+    assert s == client_seed(0, 1, 2) and isinstance(s, int) and 0 <= s < 2**32
+    others = {client_seed(0, 1, 3), client_seed(0, 2, 2), client_seed(1, 1, 2)}
+    assert s not in others and len(others) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# routing statistics
+
+
+def _dataset(n: int = 40, num_domains: int = 3, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = (rng.normal(size=(n, 4)) * 0.5 + (4.0 * y - 2.0)[:, None]).astype(np.float32)
+    return Dataset(
+        "toy",
+        x,
+        y.astype(np.int64),
+        rng.integers(0, num_domains - 1, n).astype(np.int64),  # the last domain stays empty
+        ("a", "b"),
+        tuple(f"d{i}" for i in range(num_domains)),
+    )
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_routing_stats_invariants(top_k: int) -> None:
+    cfg = MoEConfig((4,), 2, embed_dim=8, num_experts=4, top_k=top_k, expert_hidden=8)
+    model = init_model(cfg, 3)
+    ds = _dataset()
+    x, _ = tensors(ds, np.arange(ds.num_samples))
+    stats = routing_stats(model, x, ds.y, ds.domain, ds.num_domains, batch_size=7)
+    n, k = ds.num_samples, top_k
+    counts = np.array(stats["topk_count"])
+    by_label, by_domain = np.array(stats["by_label"]), np.array(stats["by_domain"])
+    assert stats["num_samples"] == n
+    assert counts.sum() == n * k
+    assert by_label.shape == (4, 2) and by_domain.shape == (4, 3)
+    assert by_label.sum(1).tolist() == counts.tolist()
+    assert by_domain.sum(1).tolist() == counts.tolist()
+    assert by_label.sum(0).tolist() == (k * np.bincount(ds.y, minlength=2)).tolist()
+    assert by_domain.sum(0).tolist() == (k * np.bincount(ds.domain, minlength=3)).tolist()
+    assert by_domain[:, 2].tolist() == [0, 0, 0, 0]
+    assert sum(stats["mean_prob"]) == pytest.approx(1.0, abs=1e-5)
+    if k == 4:
+        assert counts.tolist() == [n] * 4
+    # one batch or many: the same counts; and they match the model's own routing
+    assert routing_stats(model, x, ds.y, ds.domain, 3, batch_size=512) == stats
+    with torch.no_grad():
+        out = model(x)
+    assert counts.tolist() == np.bincount(out.experts.reshape(-1).numpy(), minlength=4).tolist()
+    expected = np.zeros((4, 2), dtype=np.int64)
+    for row, label in zip(out.experts.numpy(), ds.y, strict=True):
+        for e in row:
+            expected[e, label] += 1
+    assert by_label.tolist() == expected.tolist()
+    assert stats["mean_prob"] == pytest.approx(out.probs.double().mean(0).tolist(), abs=1e-6)
+
+
+def test_routing_stats_of_no_sample() -> None:
+    model = init_model(CFG, 0)
+    stats = routing_stats(model, torch.zeros(0, 4), np.zeros(0, np.int64), np.zeros(0, np.int64), 2)
+    assert stats == {
+        "num_samples": 0,
+        "topk_count": [0, 0, 0, 0],
+        "mean_prob": [0.0, 0.0, 0.0, 0.0],
+        "by_label": [[0, 0]] * 4,
+        "by_domain": [[0, 0]] * 4,
+    }
+
+
+def test_train_client_uses_the_train_split() -> None:
+    ds = _dataset(30)
+    split = ClientSplit(np.arange(0, 20), np.arange(20, 30))
+    start = state_of(init_model(CFG, 0))
+    update = train_client(CFG, start, ds, split, TrainConfig(epochs=1, batch_size=8), 5, 2, 1)
+    assert (update.client, update.num_samples) == (1, 20)
+    assert update.routing["num_samples"] == 20
+    assert sum(update.routing["topk_count"]) == 20 * CFG.top_k
+    x, y = tensors(ds, split.train)
+    again = train_local(CFG, start, x, y, TrainConfig(epochs=1, batch_size=8), client_seed(5, 2, 1))
+    assert equal_states(update.result.state, again.state)
+
+
+def test_tensors_are_fresh_copies() -> None:
+    ds = _dataset(10)
+    x, y = tensors(ds, np.array([3, 1]))
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.tolist() == ds.x[[3, 1]].tolist() and y.tolist() == [int(ds.y[3]), int(ds.y[1])]
+    x.zero_()  # writable, and the dataset is unchanged
+    assert ds.x[3].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy and evaluation
+
+
+def test_accuracy_hand_computed() -> None:
+    pred = np.array([0, 1, 1, 2, 0])
+    y = np.array([0, 1, 2, 2, 1])
+    domains = np.array([0, 0, 1, 1, 1])
+    overall, per_domain, n = accuracy(pred, y, domains, 3)
+    assert (overall, n) == (0.6, 5)
+    assert per_domain == [1.0, 0.333333, None]  # 1/3 rounded to 6 places; domain 2 is empty
+
+
+def test_accuracy_of_nothing() -> None:
+    assert accuracy(np.zeros(0), np.zeros(0), np.zeros(0), 2) == (None, [None, None], 0)
+
+
+def test_predict_batches_and_empty_input() -> None:
+    model = init_model(CFG, 0)
+    x, _ = blobs(10)
+    assert predict(model, x, batch_size=3).tolist() == predict(model, x).tolist()
+    assert predict(model, x).dtype == np.int64
+    empty = predict(model, torch.zeros(0, 4))
+    assert empty.shape == (0,) and empty.dtype == np.int64
+
+
+def constant_model(cls: int) -> dict[str, torch.Tensor]:
+    """A state whose every expert outputs logits favouring class ``cls`` whatever the input."""
+    state = state_of(init_model(CFG, 0))
+    state["experts.w2"].zero_()
+    state["experts.b2"].zero_()
+    state["experts.b2"][:, cls] = 5.0
+    return state
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_evaluate_models_hand_computed() -> None:
+    """Client 0 always predicts 1, client 1 always 0.
+
+    idx:    1 2 3 4 | 5 6 | 7 8 9 (global test); domain 2 has no sample
+    label:  1 1 0 1 | 0 1 | 1 0 1
+    domain: 0 1 0 1 | 1 0 | 1 0 1
+    """
+    y = np.array([0, 1, 1, 0, 1, 0, 1, 1, 0, 1])
+    dom = np.array([0, 0, 1, 0, 1, 1, 0, 1, 0, 1])
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    ds = Dataset("toy", x, y, dom, ("a", "b"), ("d0", "d1", "d2"))
+    clients = (
+        ClientSplit(np.array([0]), np.array([1, 2, 3, 4])),
+        ClientSplit(np.array([0]), np.array([5, 6])),
+    )
+    states = {0: constant_model(1), 1: constant_model(0)}
+    report = evaluate_models(CFG, states, ds, clients, np.array([7, 8, 9]))
+    assert report["clients"] == [
+        {"id": 0, "local_acc": 0.75, "local_n": 4, "global_acc": 0.666667},
+        {"id": 1, "local_acc": 0.5, "local_n": 2, "global_acc": 0.333333},
+    ]
+    assert report["mean_local_acc"] == 0.625
+    assert report["worst_local_acc"] == 0.5
+    assert report["mean_global_acc"] == 0.5
+    # pooled local tests: domain 0 = idx 1 (hit), 3 (miss), 6 (miss); domain 1 = 2, 4, 5 (all hit)
+    assert report["local_acc_by_domain"] == [0.333333, 1.0, None]
+    # global by domain, per client [0, 1, -] and [1, 0, -]: mean [0.5, 0.5, -]
+    assert report["global_acc_by_domain"] == [0.5, 0.5, None]
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_evaluate_models_without_global_test_or_local_samples() -> None:
+    ds = _dataset(10)
+    clients = (ClientSplit(np.arange(10), np.zeros(0, dtype=np.int64)),)
+    report = evaluate_models(CFG, {0: constant_model(1)}, ds, clients, np.zeros(0, np.int64))
+    assert report["clients"] == [{"id": 0, "local_acc": None, "local_n": 0, "global_acc": None}]
+    assert report["mean_local_acc"] is None and report["worst_local_acc"] is None
+    assert report["mean_global_acc"] is None
+    assert report["local_acc_by_domain"] == [None, None, None]
+    assert report["global_acc_by_domain"] == [None, None, None]
+
+
+def test_evaluate_models_warns_nothing_for_an_empty_domain() -> None:
+    ds = _dataset(10)  # domain 2 has no sample
+    clients = (ClientSplit(np.arange(5), np.arange(5, 10)),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = evaluate_models(CFG, {0: constant_model(1)}, ds, clients, np.arange(10))
+    assert report["global_acc_by_domain"][2] is None
