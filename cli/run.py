@@ -71,7 +71,7 @@ def run(
 ) -> None:
     console = stderr_console(quiet)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
-    rec, data = load_recipe(recipe, parse_overrides(config))
+    rec, _ = load_recipe(recipe, parse_overrides(config))
     resolved = rec.to_dict()
     started = out.is_dir() and any((out / f).exists() for f in (*RUN_FILES, *RUN_DIRS))
     if resume:

@@ -66,7 +66,7 @@ def participants(recipe: Recipe, round_: int, num_clients: int) -> list[int]:
     """Clients sampled in ``round_`` (all when participation is 1), from (seed, round) only."""
     if recipe.participation >= 1.0:
         return list(range(num_clients))
-    k = max(1, int(round(recipe.participation * num_clients)))
+    k = max(1, round(recipe.participation * num_clients))
     rng = np.random.default_rng(np.random.SeedSequence([recipe.seed, round_, 7]))
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 

@@ -78,7 +78,7 @@ class Recipe:
     data: DataSection = DataSection()
     partition: PartitionSection = PartitionSection()
     model: ModelSection = ModelSection()
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig()  # noqa: RUF009  (frozen, so sharing the default is safe)
     fedmoe: FedMoESection = FedMoESection()
 
     def to_dict(self) -> dict[str, Any]:
