@@ -249,6 +249,7 @@ def run_method(
                 ctx.out / "plans" / f"round-{rnd:03d}.json", dumps(plan).encode(), force=True
             )
             extra["sources_other_client"] = _remote_share(matrix)
+            extra["remote_same_domain"] = _same_domain_share(matrix, groups)
         else:
             spec = AGGREGATORS[method]().spec(infos, config.num_experts, gate_shared)
             ledger = baseline_ledger(method, ctx.sizes, len(active))
@@ -296,6 +297,23 @@ def _remote_share(matrix: AggregationMatrix) -> float:
     e = matrix.index.num_experts
     remote = (matrix.targets // e) != (matrix.sources // e)
     return round(float(remote.mean()), 6) if remote.size else 0.0
+
+
+def _same_domain_share(matrix: AggregationMatrix, groups: dict[int, int]) -> float | None:
+    """Weight share of remote sources whose client has the target client's dominant true domain
+    (a diagnostic of domain awareness; the method itself never sees domains)."""
+    e = matrix.index.num_experts
+    clients = np.asarray(matrix.index.clients)
+    tgt = clients[matrix.targets // e]
+    src = clients[matrix.sources // e]
+    remote = tgt != src
+    if not remote.any():
+        return None
+    same = np.array(
+        [groups[int(a)] == groups[int(b)] for a, b in zip(tgt[remote], src[remote], strict=True)]
+    )
+    w = matrix.weights[remote]
+    return round(float((w * same).sum() / w.sum()), 6)
 
 
 def _save_affinity_summary(ctx: RunContext, aff: Affinity, rnd: int) -> None:
