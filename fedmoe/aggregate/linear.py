@@ -1,15 +1,14 @@
 """A plain linear merge of any compatible safetensors files: out = Σ w_f · file_f, tensor by tensor.
 
-This is what mergekit's ``linear`` method does, without its stack-then-sum: every input is mapped
-into memory (zero-copy, warm page cache) and each output tensor is produced in chunks of about
-1 MiB that stay in cache, so every input byte is read once and the only buffer is one chunk. Peak
-extra memory is a few MiB whatever the file sizes. Floating tensors are accumulated in float32
+This is what mergekit's ``linear`` method does, without its stack-then-sum: each output tensor is
+produced in chunks of 2 MiB; for a chunk, every input's slice is read into one reused buffer
+and added into one accumulator, both of which stay in cache, so every input byte is read once and
+peak extra memory is two chunks whatever the file sizes. Floating tensors are accumulated in float32
 (float64 for float64) and rounded once to their dtype.
 """
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from fedmoe.errors import InputError, UsageError
 from fedmoe.io.safetensors_format import FROM_CODE, StreamWriter, TensorSpec, read_header
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 2 << 20
 ON_MISSING = ("error", "intersection")
 
 
@@ -35,16 +34,24 @@ class MappedTensor:
 
 
 class MappedFile:
-    """A safetensors file mapped read-only (copy-on-write pages, never written back)."""
+    """A safetensors file opened for streaming: its header parsed, its data read chunk by chunk.
+
+    Data is read with ``readinto`` into caller-owned buffers rather than mapped, so the page cache
+    never counts as this process's memory and the only memory a merge holds is its chunk buffers.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{path}: no such file", hint="check the path")
         try:
-            with open(self.path, "rb") as handle:
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            header, data_start = read_header(memoryview(self._map), str(path))
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+            size = self.path.stat().st_size
+            head = self._file.read(min(size, 8))
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 <= header_len <= min(size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            header, data_start = read_header(head + self._file.read(header_len), str(path))
         except (OSError, ValueError) as exc:
             raise InputError(
                 f"{path}: not a readable safetensors file ({exc})",
@@ -53,7 +60,6 @@ class MappedFile:
         meta = header.pop("__metadata__", {}) or {}
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in dict(meta).items()}
         self.tensors: dict[str, MappedTensor] = {}
-        size = len(self._map)
         for name, info in header.items():
             try:
                 dtype = FROM_CODE[info["dtype"]]
@@ -71,15 +77,23 @@ class MappedFile:
                 raise InputError(f"{path}: tensor {name} byte range does not match its shape")
             self.tensors[name] = MappedTensor(dtype, shape, data_start + lo, data_start + hi)
 
-    def flat(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a flat zero-copy view of the mapping."""
+    def read_into(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (a flat tensor of the tensor's dtype) from element ``offset`` of ``name``."""
         t = self.tensors[name]
-        count = (t.end - t.start) // torch.empty((), dtype=t.dtype).element_size()
-        return torch.frombuffer(self._map, dtype=t.dtype, count=count, offset=t.start)
+        nbytes = out.numel() * out.element_size()
+        view = memoryview(out.view(torch.uint8).numpy())
+        self._file.seek(t.start + offset * out.element_size())
+        got = 0
+        while got < nbytes:
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise InputError(f"{self.path}: tensor {name} ends early (file truncated)")
+            got += n
+        return out
 
     def close(self) -> None:
-        """Unmap the file."""
-        self._map.close()
+        """Close the file."""
+        self._file.close()
 
 
 def plan_linear(files: list[MappedFile], on_missing: str) -> list[TensorSpec]:
@@ -117,29 +131,33 @@ def plan_linear(files: list[MappedFile], on_missing: str) -> list[TensorSpec]:
 
 
 def _chunks(
-    files: list[MappedFile], weights: list[float], spec: TensorSpec, chunk_bytes: int
+    files: list[MappedFile],
+    weights: list[float],
+    spec: TensorSpec,
+    chunk_bytes: int,
+    buffers: dict[str, torch.Tensor],
 ) -> Iterator[memoryview]:
     acc_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
-    elem = torch.empty((), dtype=acc_dtype).element_size()
-    step = max(1, chunk_bytes // elem)
-    flats = [f.flat(spec.name) for f in files]
-    total = flats[0].numel()
-    acc_buf = torch.empty(min(step, total), dtype=acc_dtype)
-    tmp_buf = torch.empty_like(acc_buf) if spec.dtype != acc_dtype else None
+    size = torch.empty((), dtype=spec.dtype).element_size()
+    step = max(1, chunk_bytes // size)
+    total = TensorSpec(spec.name, spec.dtype, spec.shape).nbytes // size
+    key = str(spec.dtype)
+    if key not in buffers or buffers[key].numel() < step:
+        buffers[key] = torch.empty(step, dtype=spec.dtype)
+        buffers["acc" + key] = torch.empty(step, dtype=acc_dtype)
+    buf, acc_buf = buffers[key], buffers["acc" + key]
     for lo in range(0, total, step):
-        hi = min(lo + step, total)
-        acc = acc_buf[: hi - lo]
-        torch.mul(flats[0][lo:hi], weights[0], out=acc)
-        for x, w in zip(flats[1:], weights[1:], strict=True):
-            part = x[lo:hi]
-            if tmp_buf is not None:
-                tmp = tmp_buf[: hi - lo]
-                tmp.copy_(part)
-                part = tmp
-            acc.add_(part, alpha=w)
-        if not bool(torch.isfinite(acc).all()):  # find the culprit only when something is wrong
-            for f, x in zip(files, flats, strict=True):
-                if not bool(torch.isfinite(x[lo:hi]).all()):
+        n = min(step, total - lo)
+        acc = acc_buf[:n]
+        part = files[0].read_into(spec.name, lo, buf[:n])
+        torch.mul(part, weights[0], out=acc)
+        for f, w in zip(files[1:], weights[1:], strict=True):
+            acc.add_(f.read_into(spec.name, lo, buf[:n]), alpha=w)
+        # one cheap reduction (NaN and Inf propagate through a sum); the culprit is searched for
+        # only when it is not finite
+        if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
+            for f in files:
+                if not bool(torch.isfinite(f.read_into(spec.name, lo, buf[:n])).all()):
                     raise InputError(
                         f"{f.path}: tensor {spec.name} contains NaN or Inf",
                         hint="leave this file out of the merge",
@@ -159,8 +177,9 @@ def write_linear(
 ) -> None:
     """Stream Σ w_f · file_f for every spec into ``handle`` as one safetensors file."""
     writer = StreamWriter(handle, specs, metadata)
+    buffers: dict[str, torch.Tensor] = {}  # one read buffer and one accumulator per dtype
     for spec in writer.order:
-        writer.write_raw(spec.name, _chunks(files, weights, spec, chunk_bytes))
+        writer.write_raw(spec.name, _chunks(files, weights, spec, chunk_bytes, buffers))
     writer.close()
 
 

@@ -1,0 +1,157 @@
+"""Timing, peak memory, the physical references (copy bandwidth, matmul FLOP/s, sequential read),
+and the result table shared by every benchmark."""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    metric: str  # what is measured
+    ours: float | None  # our figure
+    reference: float | None  # the limit or peer it is compared with
+    unit: str  # unit of ours / reference
+    ratio: float | None  # ours relative to the reference (higher is better unless stated)
+    target: str = ""  # the target, as text
+    met: bool | None = None  # whether the target is met (None: no target or not measurable)
+    note: str = ""  # how the reference was measured, or why something was skipped
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_bytes() -> int:
+    """Current resident memory."""
+    return _status("VmRSS")
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_bytes() -> int:
+    """Peak resident memory since the last :func:`reset_peak`."""
+    return _status("VmHWM")
+
+
+def peak_in_subprocess(module: str, func: str, *args: object) -> float | None:
+    """Peak extra resident memory of ``module.func(*args)`` in a fresh interpreter.
+
+    The function does its own setup, then calls :func:`reset_peak` and records :func:`rss_bytes`
+    as the baseline, runs the work, and returns ``peak_bytes() - baseline``. A fresh process sees no
+    memory freed by earlier work, so every page the work touches is counted.
+    """
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from " + module + " import " + func + " as f; "
+        "print(json.dumps(f(*json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(args))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return None
+    value = json.loads(done.stdout.strip().splitlines()[-1])
+    return None if value is None else float(value)
+
+
+def copy_bandwidth(size_mib: int = 256) -> float:
+    """Memory copy bandwidth in bytes/s (bytes read + written by one tensor copy)."""
+    src = torch.ones(size_mib << 18)  # float32
+    dst = torch.empty_like(src)
+    dt = median_time(lambda: dst.copy_(src), repeats=5)
+    return 2 * src.numel() * 4 / dt
+
+
+def matmul_flops(d: int, n: int = 4096) -> float:
+    """fp32 FLOP/s of an (n × d) @ (d × n) product into a preallocated output."""
+    a, b = torch.randn(n, d), torch.randn(d, n)
+    out = torch.empty(n, n)
+    dt = median_time(lambda: torch.mm(a, b, out=out), repeats=5)
+    return 2.0 * n * n * d / dt
+
+
+def sequential_read(paths: list[Path], chunk: int = 1 << 22) -> float:
+    """Bytes/s of reading ``paths`` start to end into one reused buffer (warm page cache)."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+
+    def read() -> int:
+        total = 0
+        for p in paths:
+            with open(p, "rb", buffering=0) as handle:
+                while n := handle.readinto(view):
+                    total += n
+        return total
+
+    read()
+    size = sum(p.stat().st_size for p in paths)
+    return size / median_time(read, repeats=3)
+
+
+def threads(n: int) -> None:
+    """Set torch's intra-op threads (never more than the machine has)."""
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+
+
+def fmt(v: float | None, unit: str) -> str:
+    """A number with its unit, scaled for reading."""
+    if v is None:
+        return "-"
+    if unit == "B":
+        for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if abs(v) >= scale:
+                return f"{v / scale:.2f} {name}"
+        return f"{v:.0f} B"
+    if unit == "B/s":
+        return f"{v / 1e9:.2f} GB/s"
+    if unit == "s":
+        return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+    if unit == "FLOP/s":
+        return f"{v / 1e9:.0f} GFLOP/s"
+    if unit == "1/s":
+        return f"{v:,.0f}/s"
+    return f"{v:.3g} {unit}".strip()
