@@ -7,13 +7,14 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from fedmoe.data import BUILTIN, DataSpec, load_dataset
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.manifest import STDIO, base_dir, dumps
 from fedmoe.io.partition_file import partition_to_manifest
-from fedmoe.partition import PARTITIONERS, get_partitioner, make_partition
+from fedmoe.partition import PARTITIONERS, Partition, get_partitioner, make_partition
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -132,7 +133,13 @@ def partition(
     _summary(console, part, data.class_names, data.domain_names, scheme)
 
 
-def _summary(console, part, class_names, domain_names, scheme) -> None:  # type: ignore[no-untyped-def]
+def _summary(
+    console: Console,
+    part: Partition,
+    class_names: tuple[str, ...],
+    domain_names: tuple[str, ...],
+    scheme: str,
+) -> None:
     """The Rich table on stderr: one row per client (the first 25), then the skew metrics."""
     if console.quiet:
         return

@@ -6,7 +6,7 @@ PNG bytes, and the caller writes them atomically.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,7 +81,7 @@ def affinity_heatmap(
 
 
 def curves(
-    series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str, logy: bool = False
+    series: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str, logy: bool = False
 ) -> bytes:
     """One line per named series against the round number."""
     plt = _pyplot()

@@ -23,6 +23,8 @@ import torch
 
 from fedmoe.errors import InputError
 
+BLOCK_BYTES = 128 << 20  # the similarity block's budget
+
 
 @dataclass(frozen=True)
 class Neighbours:
@@ -65,7 +67,7 @@ def _order(cols: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def topk_cosine(
-    proxies: torch.Tensor, k: int, block_rows: int = 256, chunk: int = 128
+    proxies: torch.Tensor, k: int, block_rows: int | None = None, chunk: int = 64
 ) -> Neighbours:
     """Each row's ``k`` most similar rows (itself included) by cosine similarity, ties kept.
 
@@ -76,7 +78,8 @@ def topk_cosine(
     k
         Entries per row (clipped to M).
     block_rows, chunk
-        Rows per GEMM block and columns per chunk; they change speed and memory, not the result.
+        Rows per GEMM block (default: up to 512, keeping the block under 128 MiB) and columns per
+        chunk; they change speed and memory, not the result.
 
     Returns
     -------
@@ -84,6 +87,8 @@ def topk_cosine(
     """
     u = normalise(proxies)  # (M, d)
     num = u.shape[0]
+    if block_rows is None:
+        block_rows = max(16, min(512, BLOCK_BYTES // (4 * max(num, 1))))
     k = max(1, min(k, num))
     full = (num // chunk) * chunk  # columns covered by whole chunks
     nch = full // chunk

@@ -17,7 +17,13 @@ from typing import Any, BinaryIO
 import torch
 
 from fedmoe.errors import InputError, UsageError
-from fedmoe.io.safetensors_format import FROM_CODE, StreamWriter, TensorSpec, read_header
+from fedmoe.io.safetensors_format import (
+    FROM_CODE,
+    StreamWriter,
+    TensorSpec,
+    raw_bytes,
+    read_header,
+)
 
 CHUNK_BYTES = 2 << 20
 ON_MISSING = ("error", "intersection")
@@ -57,10 +63,11 @@ class MappedFile:
                 f"{path}: not a readable safetensors file ({exc})",
                 hint="the file may be truncated; re-create it",
             ) from None
-        meta = header.pop("__metadata__", {}) or {}
+        meta: Any = header.pop("__metadata__", {}) or {}
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in dict(meta).items()}
         self.tensors: dict[str, MappedTensor] = {}
-        for name, info in header.items():
+        entries: dict[str, Any] = header
+        for name, info in entries.items():
             try:
                 dtype = FROM_CODE[info["dtype"]]
                 shape = tuple(int(s) for s in info["shape"])
@@ -81,7 +88,7 @@ class MappedFile:
         """Fill ``out`` (a flat tensor of the tensor's dtype) from element ``offset`` of ``name``."""
         t = self.tensors[name]
         nbytes = out.numel() * out.element_size()
-        view = memoryview(out.view(torch.uint8).numpy())
+        view = raw_bytes(out)
         self._file.seek(t.start + offset * out.element_size())
         got = 0
         while got < nbytes:
@@ -164,7 +171,7 @@ def _chunks(
                     )
             raise InputError(f"tensor {spec.name}: the weighted sum overflows its dtype")
         out = acc if spec.dtype == acc_dtype else acc.to(spec.dtype)
-        yield memoryview(out.view(torch.uint8).numpy())
+        yield raw_bytes(out)
 
 
 def write_linear(

@@ -79,9 +79,12 @@ def digits_style() -> Dataset:
     domain = _domains(len(labels), 4)
     noise = np.random.default_rng(_DOMAIN_SEED + 1).normal(0.0, 0.25, size=images.shape)
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    blurred = sum(padded[:, i : i + 8, j : j + 8] for i in range(3) for j in range(3)) / 9.0
-    styles = [images, 1.0 - images, np.clip(images + noise, 0.0, 1.0), blurred]
-    out = np.choose(domain[:, None, None], styles)
+    blurred = np.zeros_like(images)
+    for i in range(3):
+        for j in range(3):
+            blurred += padded[:, i : i + 8, j : j + 8] / 9.0
+    styles = np.stack([images, 1.0 - images, np.clip(images + noise, 0.0, 1.0), blurred])
+    out: np.ndarray = np.take_along_axis(styles, domain[None, :, None, None], axis=0)[0]
     return Dataset(
         name="digits-style",
         x=out[:, None].astype(np.float32),  # (n, 1, 8, 8)

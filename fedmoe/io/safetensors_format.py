@@ -51,6 +51,12 @@ class TensorSpec:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy little-endian byte view of a tensor's data (a copy if not contiguous)."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())  # type: ignore[arg-type]
+
+
 def header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str]) -> bytes:
     """The length prefix and padded JSON header for ``specs`` laid out in the given order."""
     header: dict[str, object] = {}
@@ -108,8 +114,7 @@ class StreamWriter:
         spec = self._expect(name)
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"tensor {name} does not match the declared {spec}")
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(memoryview(data))
+        self._handle.write(raw_bytes(tensor))
         self._next += 1
 
     def write_raw(self, name: str, chunks: Iterable[memoryview | bytes]) -> None:

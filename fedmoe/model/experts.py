@@ -24,7 +24,7 @@ class _GroupedMLP(torch.autograd.Function):
     """Run expert e on rows ``[offset_e, offset_e + counts[e])`` of the expert-sorted input."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         xs: torch.Tensor,  # (T, H) inputs sorted by expert
         counts: list[int],  # (E,) rows per expert
@@ -50,7 +50,7 @@ class _GroupedMLP(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xs, h, w1, w2 = ctx.saved_tensors
         gy = gy.contiguous()  # (T, O)
         dx = torch.empty_like(xs)  # (T, H)

@@ -75,8 +75,8 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
 
     written = []
     methods = report["methods"]
-    acc = {
-        m: [v if v is not None else np.nan for v in d["per_round"]["mean_local_acc"]]
+    acc: dict[str, list[float]] = {
+        m: [float(v) if v is not None else float("nan") for v in d["per_round"]["mean_local_acc"]]
         for m, d in methods.items()
     }
     png = plots.curves(acc, "round", "mean personalised accuracy", "accuracy per round")
