@@ -30,6 +30,18 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def skipped(metric: str, package: str) -> Row:
+    """The row of a peer that is not installed: reported as skipped, never faked."""
+    return Row(
+        metric,
+        None,
+        None,
+        "s",
+        None,
+        note=f"skipped: {package} not installed (pip install 'fedmoe[bench]')",
+    )
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.common import Row, median_time
+from bench.common import Row, median_time, skipped
 from fedmoe.partition import get_partitioner, make_partition
 
 
@@ -64,14 +64,7 @@ def _flwr(labels: np.ndarray, clients: int, quick: bool) -> Row:
         from datasets import Dataset
         from flwr_datasets.partitioner import DirichletPartitioner
     except ImportError:
-        return Row(
-            metric,
-            None,
-            None,
-            "s",
-            None,
-            note="skipped: flwr-datasets not installed (pip install 'fedmoe[bench]')",
-        )
+        return skipped(metric, "flwr-datasets")
     ds = Dataset.from_dict({"label": labels.astype(np.int64)})
 
     def split() -> None:

@@ -9,7 +9,15 @@ import time
 import numpy as np
 import torch
 
-from bench.common import Row, matmul_flops, peak_bytes, peak_in_subprocess, reset_peak, rss_bytes
+from bench.common import (
+    Row,
+    matmul_flops,
+    peak_bytes,
+    peak_in_subprocess,
+    reset_peak,
+    rss_bytes,
+    skipped,
+)
 from fedmoe.affinity import ExpertIndex
 from fedmoe.affinity.topk import normalise, topk_cosine
 from fedmoe.plan import aggregation_matrix
@@ -81,14 +89,7 @@ def _faiss(proxies: torch.Tensor, k: int, ours: float, m: int, d: int) -> Row:
     try:
         import faiss
     except ImportError:
-        return Row(
-            metric,
-            None,
-            None,
-            "s",
-            None,
-            note="skipped: faiss-cpu not installed (pip install 'fedmoe[bench]')",
-        )
+        return skipped(metric, "faiss-cpu")
     u = normalise(proxies).numpy()
     index = faiss.IndexFlatIP(d)
     index.add(u)

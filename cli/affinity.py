@@ -18,7 +18,7 @@ from fedmoe.io.manifest import STDIO, base_dir, dumps, relative
 from fedmoe.io.partition_file import load_partition
 from fedmoe.plan import tensor_sizes
 
-from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
+from .common import Force, Json, Quiet, emit, handle_errors, pct, stderr_console
 
 HELP = """Compare the gate rows of every client-expert (FedMoE-DA Eq. 8) and tabulate which domains
 and labels each expert serves, from the checkpoints' routing statistics.
@@ -174,14 +174,10 @@ def _table(console: Any, aff: Affinity, manifest: dict[str, Any]) -> None:
     console.print(table)
     s = manifest["summary"]
     console.print(
-        f"nearest neighbour: other client {_pct(s['nearest_is_other_client'])}, same dominant "
-        f"domain {_pct(s['nearest_same_dominant_domain'])}, mean similarity "
+        f"nearest neighbour: other client {pct(s['nearest_is_other_client'])}%, same dominant "
+        f"domain {pct(s['nearest_same_dominant_domain'])}%, mean similarity "
         f"{s['mean_nearest_similarity']}"
     )
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 command = handle_errors(affinity)

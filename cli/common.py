@@ -97,6 +97,11 @@ def emit(path: Path | str | None, payload: dict[str, Any], as_json: bool) -> Non
     sys.stdout.flush()
 
 
+def pct(v: float | None) -> str:
+    """A share as a percentage with one decimal, or '-'."""
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
     """``key=value`` strings (from ``-c``) into a dict; a missing ``=`` is a usage error."""
     out: dict[str, str] = {}

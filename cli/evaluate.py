@@ -14,7 +14,7 @@ from fedmoe.io.manifest import STDIO, header, write_manifest
 from fedmoe.io.partition_file import load_partition
 from fedmoe.train import evaluate_models
 
-from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
+from .common import Force, Json, Quiet, emit, handle_errors, pct, stderr_console
 
 HELP = """Accuracy of each client's model on its local test split (personalised), on the global
 test set, and per domain. Prints the evaluation JSON on stdout (or writes --out FILE).
@@ -64,10 +64,6 @@ def evaluate(
         emit(out, report, json_)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def _summary(console: Any, report: dict[str, Any]) -> None:
     if console.quiet:
         return
@@ -76,16 +72,16 @@ def _summary(console: Any, report: dict[str, Any]) -> None:
         table.add_column(col, justify="right")
     for row in report["clients"][:25]:
         table.add_row(
-            str(row["id"]), _pct(row["local_acc"]), str(row["local_n"]), _pct(row["global_acc"])
+            str(row["id"]), pct(row["local_acc"]), str(row["local_n"]), pct(row["global_acc"])
         )
     console.print(table)
     doms = ", ".join(
-        f"{n} {_pct(v)}"
+        f"{n} {pct(v)}"
         for n, v in zip(report["domain_names"], report["local_acc_by_domain"], strict=True)
     )
     console.print(
-        f"mean local {_pct(report['mean_local_acc'])} · worst local "
-        f"{_pct(report['worst_local_acc'])} · mean global {_pct(report['mean_global_acc'])} · "
+        f"mean local {pct(report['mean_local_acc'])} · worst local "
+        f"{pct(report['worst_local_acc'])} · mean global {pct(report['mean_global_acc'])} · "
         f"by domain: {doms}"
     )
 

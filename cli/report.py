@@ -14,7 +14,7 @@ from fedmoe.io.atomic import write_atomic
 from fedmoe.io.manifest import dumps
 from fedmoe.run.report import build_report, read_metrics, write_plots
 
-from .common import Json, Quiet, emit, handle_errors, stderr_console
+from .common import Json, Quiet, emit, handle_errors, pct, stderr_console
 
 HELP = """Rebuild report.json of a run folder, print the comparison table on stderr and write the
 plots (accuracy.png, traffic.png, affinity.png, sync_graph.png; needs fedmoe[plot]).
@@ -52,10 +52,6 @@ def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, 
     return path, report
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def print_table(console: Any, report: dict[str, Any]) -> None:
     """The comparison table: accuracy and traffic per method."""
     if console.quiet:
@@ -76,9 +72,9 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
         fedavg = d["fedavg_bytes_per_round"] or 1
         table.add_row(
             m,
-            _pct(d["mean_local_acc"]),
-            _pct(d["worst_local_acc"]),
-            _pct(d["mean_global_acc"]),
+            pct(d["mean_local_acc"]),
+            pct(d["worst_local_acc"]),
+            pct(d["mean_global_acc"]),
             f"{d['server_bytes_per_round'] / 2**20:.3f}",
             f"{d['p2p_bytes_per_round'] / 2**20:.3f}",
             f"{d['server_bytes_per_round'] / fedavg:.2f}",
