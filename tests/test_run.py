@@ -1,0 +1,461 @@
+"""``fedmoe run`` and ``fedmoe report`` on a tiny recipe: the run folder, report.json (golden key
+structure), metrics.jsonl, determinism, resuming an interrupted run, recipe validation, exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fedmoe.io.checkpoint import open_checkpoint
+from fedmoe.plan import tensor_sizes
+from fedmoe.run import load_recipe
+
+Run = Callable[..., Any]
+
+GOLDEN = Path(__file__).parent / "golden" / "run_report_keys.json"
+METHODS = ["fedmoe-da", "fedavg", "local"]
+RECIPE = """\
+seed: 3
+rounds: 2
+methods: [fedmoe-da, fedavg, local]
+partition:
+  scheme: domain
+  clients: 4
+  domains_per_client: 1
+model:
+  embed_hidden: 8
+  embed_dim: 8
+  num_experts: 4
+  top_k: 2
+  expert_hidden: 8
+train:
+  epochs: 1
+  batch_size: 64
+fedmoe:
+  top_p: 2
+  tau: 0.1
+  candidates: 4
+"""
+TIMINGS = ("seconds", "train_seconds")  # wall-clock fields: the only ones allowed to differ
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def failure(r: Any, code: int) -> str:
+    """Exit ``code``, nothing on stdout, one ``Error:`` line, no traceback; returns the line."""
+    assert r.code == code, r.err
+    assert r.out == ""
+    lines = [line for line in r.err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, r.err
+    assert "Traceback" not in r.err and "internal error" not in r.err
+    return lines[0]
+
+
+def metrics(folder: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without its wall-clock fields."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
+def report_numbers(folder: Path) -> dict[str, Any]:
+    """report.json without its wall-clock field."""
+    report = json.loads((folder / "report.json").read_text())
+    for d in report["methods"].values():
+        d.pop("wall_seconds")
+    return report
+
+
+def structure(obj: Any) -> Any:
+    """The key structure of a JSON value: dicts by their keys, everything else by its type."""
+    if isinstance(obj, dict):
+        return {k: structure(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return "list"
+    if isinstance(obj, bool):
+        return "bool"
+    if isinstance(obj, (int, float)):
+        return "number"
+    return "null" if obj is None else type(obj).__name__
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """``run`` sets torch's thread count for the process; give it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _main(*argv: str) -> tuple[int, str]:
+    """Run the CLI in-process, returning (exit code, stdout)."""
+    from fedmoe_cli.app import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+        main(list(argv))
+    code = info.value.code
+    return (0 if code is None else int(code)), out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """recipe.yaml and one complete run of it (run/), made once; returns (folder, run's stdout)."""
+    folder = tmp_path_factory.mktemp("run-base")
+    threads = torch.get_num_threads()
+    (folder / "recipe.yaml").write_text(RECIPE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.delenv("FEDMOE_DEBUG", raising=False)
+        code, out = _main("run", "recipe.yaml", "--out", "run", "--threads", "1", "-q")
+    torch.set_num_threads(threads)
+    assert code == 0
+    return folder, out
+
+
+@pytest.fixture
+def work(base: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the base folder (recipe.yaml and run/), as the working folder."""
+    target = tmp_path / "w"
+    shutil.copytree(base[0], target)
+    monkeypatch.chdir(target)
+    return target
+
+
+RUN = ("run", "recipe.yaml", "--threads", "1", "-q")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder
+
+
+def test_run_folder_and_stdout(base: tuple[Path, str]) -> None:
+    folder, out = base
+    run = folder / "run"
+    assert out == "run/report.json\n"  # stdout is the report's path, nothing else
+    names = files_in(run)
+    assert [n for n in names if "/" not in n] == [
+        "accuracy.png", "affinity.json", "affinity.png", "init.safetensors", "metrics.jsonl",
+        "partition.json", "recipe.yaml", "report.json", "sync_graph.png", "traffic.png",
+    ]  # fmt: skip
+    assert [n for n in names if n.startswith("plans/")] == [
+        "plans/round-001.json", "plans/round-002.json",
+    ]  # fmt: skip
+    # only the latest round's client checkpoints are kept, per method
+    assert [n for n in names if n.startswith("state/")] == [
+        f"state/{m}/round-002/client-{c:03d}.safetensors"
+        for m in sorted(METHODS) for c in range(4)
+    ]  # fmt: skip
+    for m in METHODS:
+        ck = open_checkpoint(run / "state" / m / "round-002" / "client-001.safetensors")
+        assert (ck.meta.client_id, ck.meta.round, ck.meta.method, ck.meta.seed) == (1, 2, m, 3)
+    # the resolved recipe: the validated recipe, defaults filled in
+    rec, _ = load_recipe(folder / "recipe.yaml")
+    assert yaml.safe_load((run / "recipe.yaml").read_text()) == rec.to_dict()
+    assert json.loads((run / "partition.json").read_text())["num_clients"] == 4
+
+
+def test_report_key_structure_is_golden(base: tuple[Path, str]) -> None:
+    """The keys of report.json, not its numbers. Regenerate with ``FEDMOE_UPDATE_GOLDEN=1``."""
+    report = json.loads((base[0] / "run" / "report.json").read_text())
+    text = json.dumps(structure(report), indent=1) + "\n"
+    if os.environ.get("FEDMOE_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text, encoding="utf-8")
+    assert text == GOLDEN.read_text(encoding="utf-8")  # key order included
+
+
+def test_metrics_one_line_per_method_and_round(base: tuple[Path, str]) -> None:
+    run = base[0] / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["round"]) for r in rows] == [(m, k) for m in METHODS for k in (1, 2)]
+    sizes = tensor_sizes(open_checkpoint(run / "init.safetensors").config)
+    for r in rows:
+        assert r["participants"] == 4 and r["fedavg_bytes"] == 2 * 4 * sizes.model
+        assert 0.0 <= r["worst_local_acc"] <= r["mean_local_acc"] <= 1.0
+        assert len(r["local_acc_by_domain"]) == len(r["global_acc_by_domain"]) == 4
+        if r["method"] == "fedmoe-da":  # the round's plan's own ledger
+            plan = json.loads((run / "plans" / f"round-{r['round']:03d}.json").read_text())
+            assert (plan["round"], plan["top_p"], plan["refreshed"]) == (r["round"], 2, True)
+            assert r["server_bytes"] == plan["ledger"]["server_total"]
+            assert r["p2p_bytes"] == plan["ledger"]["p2p"]
+            assert plan["ledger"]["server_up"] == 4 * (sizes.embed + sizes.gate)
+        elif r["method"] == "fedavg":  # the whole model up and down
+            assert (r["server_bytes"], r["p2p_bytes"]) == (2 * 4 * sizes.model, 0)
+        else:
+            assert (r["server_bytes"], r["p2p_bytes"]) == (0, 0)
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["methods"]) == METHODS
+    for m in METHODS:
+        mine = [r for r in rows if r["method"] == m]
+        d = report["methods"][m]
+        assert d["rounds"] == 2 and d["per_round"]["round"] == [1, 2]
+        for key in ("mean_local_acc", "worst_local_acc", "mean_global_acc"):
+            assert d[key] == mine[-1][key]
+            assert d["per_round"][key] == [r[key] for r in mine]
+        assert d["server_bytes_per_round"] == sum(r["server_bytes"] for r in mine) / 2
+        assert d["p2p_bytes_per_round"] == sum(r["p2p_bytes"] for r in mine) / 2
+    assert report["domain_names"] == ["rot0", "rot90", "rot180", "rot270"]
+    assert report["recipe"] == yaml.safe_load((run / "recipe.yaml").read_text())
+
+
+def test_local_only_clients_never_mix(base: tuple[Path, str]) -> None:
+    """Sanity of the methods as run: FedAvg ends with one model; local with four different ones."""
+    state = base[0] / "run" / "state"
+    names = [f"round-002/client-{c:03d}.safetensors" for c in range(4)]
+    avg = [open_checkpoint(state / "fedavg" / n).state() for n in names]
+    loc = [open_checkpoint(state / "local" / n).state() for n in names]
+    for k in avg[0]:
+        assert all(torch.equal(avg[0][k], a[k]) for a in avg[1:])
+    assert not torch.equal(loc[0]["embed.fc1.weight"], loc[1]["embed.fc1.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism and resume
+
+
+def test_same_seed_same_numbers(work: Path, run_cli: Run) -> None:
+    r = run_cli(*RUN, "--out", "again")
+    assert (r.code, r.out) == (0, "again/report.json\n"), r.err
+    assert metrics(work / "again") == metrics(work / "run")
+    assert report_numbers(work / "again") == report_numbers(work / "run")
+    for sub in ("state", "plans"):
+        a, b = files_in(work / "again" / sub), files_in(work / "run" / sub)
+        assert a == b
+        for p in a:
+            assert (work / "again" / sub / p).read_bytes() == (work / "run" / sub / p).read_bytes()
+    r = run_cli(*RUN, "--out", "other", "-c", "seed=4", "-c", "methods=[local]")
+    assert r.code == 0
+    assert metrics(work / "other") != [m for m in metrics(work / "run") if m["method"] == "local"]
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, method: str, round_: int) -> None:
+    """Make the run stop (as Ctrl-C would) right after it saved ``method``'s state of ``round_``,
+    before that round's line reaches metrics.jsonl."""
+    from fedmoe.run import orchestrator
+
+    real = orchestrator._save_state
+
+    def save_then_stop(ctx: Any, m: str, rnd: int, *args: Any) -> None:
+        real(ctx, m, rnd, *args)
+        if (m, rnd) == (method, round_):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(orchestrator, "_save_state", save_then_stop)
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(
+    work: Path, run_cli: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as mp:
+        interrupt_at(mp, "fedavg", 2)
+        r = run_cli(*RUN, "--out", "cut")
+    assert r.code == 130
+    assert "Error: interrupted; outputs were left as they were" in r.err
+    done = [(m["method"], m["round"]) for m in metrics(work / "cut")]
+    assert done == [("fedmoe-da", 1), ("fedmoe-da", 2), ("fedavg", 1)]
+    assert not (work / "cut" / "report.json").exists()
+    r = run_cli(*RUN, "--out", "cut", "--resume")
+    assert (r.code, r.out) == (0, "cut/report.json\n"), r.err
+    assert metrics(work / "cut") == metrics(work / "run")
+    assert report_numbers(work / "cut") == report_numbers(work / "run")
+    assert files_in(work / "cut" / "state") == files_in(work / "run" / "state")
+    for p in files_in(work / "run" / "state"):
+        assert (work / "cut" / "state" / p).read_bytes() == (
+            work / "run" / "state" / p
+        ).read_bytes()
+
+
+def test_resume_reuses_the_matrix_within_the_refresh_interval(
+    work: Path, run_cli: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fedmoe-da with I = 3 over 3 rounds: round 3 reuses the round-1 matrix, also after resume."""
+    args = (*RUN, "-c", "methods=[fedmoe-da]", "-c", "rounds=3", "-c", "fedmoe.refresh_interval=3")
+    r = run_cli(*args, "--out", "full")
+    assert r.code == 0, r.err
+    plans = [json.loads(p.read_text()) for p in sorted((work / "full" / "plans").iterdir())]
+    assert [(p["round"], p["matrix_round"], p["refreshed"]) for p in plans] == [
+        (1, 1, True),
+        (2, 1, False),
+        (3, 1, False),
+    ]
+    assert plans[0]["targets"] == plans[1]["targets"] == plans[2]["targets"]
+    with monkeypatch.context() as mp:
+        interrupt_at(mp, "fedmoe-da", 3)
+        assert run_cli(*args, "--out", "cut").code == 130
+    r = run_cli(*args, "--out", "cut", "--resume")
+    assert r.code == 0, r.err
+    assert metrics(work / "cut") == metrics(work / "full")
+    for p in files_in(work / "full" / "plans"):
+        assert (work / "cut" / "plans" / p).read_bytes() == (
+            work / "full" / "plans" / p
+        ).read_bytes()
+    for p in files_in(work / "full" / "state"):
+        assert (work / "cut" / "state" / p).read_bytes() == (
+            work / "full" / "state" / p
+        ).read_bytes()
+
+
+@pytest.mark.xfail(
+    reason="orchestrator.py run_method appends to metrics.jsonl after a torn last line (no newline) "
+    "left by an interruption, so the redone round's line is glued to the fragment and lost",
+    strict=True,
+)
+def test_resume_after_a_torn_metrics_line(
+    work: Path, run_cli: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as mp:
+        interrupt_at(mp, "local", 2)
+        assert run_cli(*RUN, "--out", "cut").code == 130
+    # the interruption hit while the round's line was being written: half a line, no newline
+    line = json.dumps({"method": "local", "round": 2, "participants": 4})
+    with open(work / "cut" / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(line[: len(line) // 2])
+    r = run_cli(*RUN, "--out", "cut", "--resume")
+    assert r.code == 0, r.err
+    # the torn fragment may stay (readers skip lines that are not JSON) or go; the redone
+    # round's own line must be intact
+    from fedmoe.run.report import read_metrics
+
+    rows = [{k: v for k, v in m.items() if k not in TIMINGS} for m in read_metrics(work / "cut")]
+    assert rows == metrics(work / "run")
+    assert json.loads((work / "cut" / "report.json").read_text())["methods"]["local"]["rounds"] == 2
+
+
+def test_resume_needs_the_same_recipe(work: Path, run_cli: Run) -> None:
+    before = {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")}
+    r = run_cli(*RUN, "--out", "run", "--resume", "-c", "rounds=3")
+    line = failure(r, 3)
+    assert line == "Error: run: was started from a different recipe; resuming would mix two runs"
+    assert {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")} == before
+    r = run_cli(*RUN, "--out", "nothing-here", "--resume")
+    assert "nothing-here: no recipe.yaml; nothing to resume" in failure(r, 3)
+    # resuming a finished run changes nothing but the report's timing
+    r = run_cli(*RUN, "--out", "run", "--resume")
+    assert (r.code, r.out) == (0, "run/report.json\n")
+    assert metrics(work / "run") == [
+        {k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+        for line in before["metrics.jsonl"].decode().splitlines()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes and overrides
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        ("round: 2\n", (), "recipe: unknown key 'round' (did you mean 'rounds'?)"),
+        ("fedmoe:\n  topp: 2\n", (), "recipe: unknown key 'fedmoe.topp' (did you mean 'top_p'?)"),
+        ("model:\n  num_expert: 2\n", (),
+         "recipe: unknown key 'model.num_expert' (did you mean 'num_experts'?)"),
+        ("methods: [fedmoe-da, fedavgg]\n", (),
+         "recipe: unknown method 'fedavgg' (did you mean 'fedavg'?)"),
+        ("methods: [fedprox]\n", (), "recipe: unknown method 'fedprox'"),
+        ("rounds: 2\n", ("-c", "fedmoe.top_p=16"), "recipe: fedmoe.candidates must be >= top_p + 1"),
+        ("rounds: 2\n", ("-c", "fedmoe.tau=0"), "recipe: fedmoe.tau must be > 0"),
+        ("rounds: 2\n", ("-c", "rounds=0"), "recipe: rounds must be an integer >= 1"),
+        ("rounds: 2\n", ("-c", "fedmoe.gate=both"), "fedmoe.gate must be per-client or shared"),
+        ("rounds: 2\n", ("-c", "rounds.x=1"), "-c rounds.x: 'rounds' is not a section"),
+        ("rounds: 2\n", ("-c", "rounds"), "-c 'rounds': expected key=value"),
+        ("- a\n- b\n", (), "recipe: the top level must be a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_recipes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    run_cli: Run,
+    recipe: str,
+    overrides: tuple[str, ...],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(recipe)
+    r = run_cli("run", "r.yaml", "--out", "out", *overrides)
+    assert message in failure(r, 2)
+    assert files_in(tmp_path) == ["r.yaml"]
+
+
+def test_missing_or_unreadable_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("run", "nope.yaml", "--out", "out")
+    assert "nope.yaml: no such recipe file" in failure(r, 3)
+    (tmp_path / "bad.yaml").write_text("rounds: [2\n")
+    r = run_cli("run", "bad.yaml", "--out", "out")
+    assert "bad.yaml: not a readable YAML recipe" in failure(r, 3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_reach_the_resolved_recipe(work: Path, run_cli: Run) -> None:
+    r = run_cli(*RUN, "--out", "o", "-c", "fedmoe.top_p=1", "-c", "rounds=1",
+                "-c", "methods=[local]", "-c", "partition.domains_per_client=2")  # fmt: skip
+    assert r.code == 0, r.err
+    resolved = yaml.safe_load((work / "o" / "recipe.yaml").read_text())
+    assert resolved["fedmoe"]["top_p"] == 1 and resolved["fedmoe"]["candidates"] == 4
+    assert (resolved["rounds"], resolved["methods"]) == (1, ["local"])
+    assert resolved["partition"]["options"] == {"domains_per_client": 2}
+    assert resolved["model"]["embed_dim"] == 8  # untouched keys stay as the file says
+    assert [(m["method"], m["round"]) for m in metrics(work / "o")] == [("local", 1)]
+    assert json.loads((work / "o" / "report.json").read_text())["recipe"] == resolved
+
+
+def test_existing_run_folder_needs_force(work: Path, run_cli: Run) -> None:
+    before = {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")}
+    r = run_cli(*RUN, "--out", "run")
+    assert failure(r, 4) == (
+        "Error: run already holds a run; pass --resume to continue it or --force to start over"
+    )
+    assert {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")} == before
+    r = run_cli(*RUN, "--out", "run", "--force", "-c", "rounds=1", "-c", "methods=[local]")
+    assert r.code == 0, r.err
+    names = files_in(work / "run")
+    assert not any(n.startswith(("plans/", "state/fedmoe-da", "state/fedavg")) for n in names)
+    assert [(m["method"], m["round"]) for m in metrics(work / "run")] == [("local", 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# fedmoe report
+
+
+def test_report_rebuilds_report_json(work: Path, run_cli: Run) -> None:
+    original = (work / "run" / "report.json").read_text()
+    (work / "run" / "report.json").unlink()
+    (work / "run" / "accuracy.png").unlink()
+    r = run_cli("report", "run", "-q")
+    assert (r.code, r.out) == (0, "run/report.json\n"), r.err
+    assert (work / "run" / "report.json").read_text() == original
+    assert (work / "run" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = run_cli("report", "run", "--json", "-q")
+    assert r.code == 0 and json.loads(r.out) == json.loads(original)
+    r = run_cli("report", "run")
+    assert r.code == 0 and "fedmoe run: personalised accuracy and traffic" in r.err
+
+
+def test_report_counts_a_redone_round_once(work: Path, run_cli: Run) -> None:
+    path = work / "run" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    redone = json.loads(lines[1])
+    redone["mean_local_acc"] = 0.5  # a round redone after an interruption: the last line wins
+    path.write_text("\n".join([*lines, json.dumps(redone)]) + "\n")
+    assert run_cli("report", "run", "-q").code == 0
+    d = json.loads((work / "run" / "report.json").read_text())["methods"]["fedmoe-da"]
+    assert d["rounds"] == 2 and d["mean_local_acc"] == 0.5
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path: Path, run_cli: Run) -> None:
+    r = run_cli("report", str(tmp_path))
+    assert f"{tmp_path}: no metrics.jsonl; is this a fedmoe run folder?" in failure(r, 3)
