@@ -118,15 +118,18 @@ def _federated(
         raise UsageError("only one of the plan and the checkpoints can come from stdin")
     ckpts = load_checkpoint_set(inputs)
     if None in ckpts:
-        raise InputError(
-            f"{ckpts[None].path} is a global model; aggregate merges client checkpoints"
+        raise UsageError(
+            f"{ckpts[None].path} is a global model; aggregate merges client checkpoints",
+            hint="pass the checkpoints written by train-round",
         )
     clients = {int(c): k for c, k in ckpts.items() if c is not None}
     ids = sorted(clients)
     config = clients[ids[0]].config
     plan_meta: dict[str, Any] = {}
+    plan_sha = ""
     if plan is not None:
-        matrix, plan_meta = load_plan(plan)
+        loaded = load_plan(plan)
+        matrix, plan_meta, plan_sha = loaded.matrix, loaded.manifest, loaded.sha256
         if plan_meta.get("model_config") != json.loads(config.to_json()):
             raise InputError(
                 "the sync plan was made for a different model_config than the checkpoints"
@@ -142,7 +145,8 @@ def _federated(
     if partition is not None:
         part = load_partition(partition)
         for cid in ids:
-            counts = part.manifest["clients"][part.client(cid) and cid]["domain_counts"]
+            part.client(cid)  # an unknown client id is an input error
+            counts = part.manifest["clients"][cid]["domain_counts"]
             groups[cid] = int(np.argmax(counts))
     infos = [
         ClientInfo(c, clients[c].meta.num_samples, clients[c].meta.routing, groups.get(c))
@@ -161,7 +165,6 @@ def _federated(
         n for n in names if n.startswith("embed.") or (n.startswith("gate.") and spec.gate_shared)
     ]
     cache: dict[tuple[object, ...], Any] = {}
-    plan_sha = sha256_file(Path(plan)) if plan not in (None, "-") else plan_meta.get("_sha", "")
     entries = []
     with OutputSet(force) as outputs:
         for p in [*paths.values(), manifest_path]:

@@ -74,17 +74,14 @@ def plan_sync(
     prev = load_plan(previous_plan) if previous_plan is not None else None
     reuse = False
     if prev is not None:
-        prev_round = int(prev[1]["matrix_round"])
-        rnd = round_ if round_ is not None else int(prev[1]["round"]) + 1
+        prev_round = _int(prev.field("matrix_round"), "matrix_round", prev.where)
+        rnd = round_ if round_ is not None else _int(prev.field("round"), "round", prev.where) + 1
         reuse = rnd - prev_round < refresh_interval
     if reuse and prev is not None:
-        matrix, pm = prev
-        top_p, tau = int(pm["top_p"]), float(pm["tau"])
-        config = MoEConfig.from_dict(pm["model_config"])
-        sizes = TensorSizes(
-            **{k: pm["sizes"][k] for k in ("embed", "gate", "expert", "num_experts")}
-        )
-        matrix_round = int(pm["matrix_round"])
+        matrix = prev.matrix
+        top_p, tau = _int(prev.field("top_p"), "top_p", prev.where), float(prev.field("tau"))
+        config, sizes = _plan_model(prev.field("model_config"), prev.field("sizes"), prev.where)
+        matrix_round = prev_round
         source: dict[str, Any] | None = None
     else:
         if affinity is None:
@@ -92,12 +89,12 @@ def plan_sync(
                 "an affinity artefact is needed to compute the matrix this round",
                 hint="fedmoe affinity CKPTS | fedmoe plan-sync -",
             )
-        aff, config, sizes, am = load_affinity(affinity)
+        aff, config, sizes, am, digest = load_affinity(affinity)
         matrix = aggregation_matrix(aff.neighbours, aff.index, top_p, tau)
-        rnd = round_ if round_ is not None else int(am["round"])
+        rnd = round_ if round_ is not None else _int(am.get("round", 0), "round", str(affinity))
         matrix_round = rnd
         text_src = "<stdin>" if affinity == STDIO else relative(Path(affinity), base)
-        source = {"path": text_src, "round": am["round"]}
+        source = {"path": text_src, "sha256": digest}
     rows = target_rows(matrix)
     transfers = transfer_list(matrix, sizes.expert)
     per_client = plan_bytes_per_client(rows)
@@ -114,6 +111,15 @@ def plan_sync(
         "refresh_interval": refresh_interval,
         "gate": gate,
         "affinity": source,
+        "previous_plan": None
+        if prev is None
+        else {
+            "path": "<stdin>"
+            if previous_plan == STDIO
+            else relative(Path(str(previous_plan)), base),
+            "sha256": prev.sha256,
+            "reused": reuse,
+        },
         "model_config": json_config(config),
         "sizes": {**sizes.__dict__, "model": sizes.model},
         "clients": list(matrix.index.clients),
@@ -142,6 +148,23 @@ def plan_sync(
             },
             json_,
         )
+
+
+def _int(value: Any, key: str, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: '{key}' must be an integer, got {value!r}") from None
+
+
+def _plan_model(config: Any, sizes: Any, where: str) -> tuple[MoEConfig, TensorSizes]:
+    """The model config and part sizes a plan records."""
+    try:
+        cfg = MoEConfig.from_dict(config, where)
+        sz = TensorSizes(**{k: int(sizes[k]) for k in ("embed", "gate", "expert", "num_experts")})
+    except (UsageError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{where}: malformed model_config or sizes ({exc})") from None
+    return cfg, sz
 
 
 def _mib(n: int) -> str:

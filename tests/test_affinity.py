@@ -167,12 +167,6 @@ def test_ties_at_the_kth_value_are_all_kept_by_hand() -> None:
     assert rows_of(one)[5] == ([5], [1.0])
 
 
-@pytest.mark.xfail(
-    reason="topk.py: the cosine of two identical proxies comes out of the GEMM as 1.0 or "
-    "0.99999994 depending on the vector and on block_rows; only values above 1 are clamped, so "
-    "an exact duplicate is sometimes not a tie with the row itself (k = 1 drops it)",
-    strict=True,
-)
 def test_identical_proxies_always_tie_at_one() -> None:
     x = torch.randn(40, 8, generator=gen(0))
     x = torch.cat([x, x])  # proxy m + 40 is an exact copy of proxy m

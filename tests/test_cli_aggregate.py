@@ -22,7 +22,7 @@ import torch
 from fedmoe import __version__
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import CheckpointMeta, open_checkpoint, save_checkpoint
-from fedmoe.io.manifest import sha256_file
+from fedmoe.io.manifest import sha256_bytes, sha256_file
 from fedmoe.model import MoEConfig, init_model, state_of
 from fedmoe.plan import tensor_sizes
 
@@ -175,7 +175,7 @@ def test_pipeline_through_stdin(work: Path, run_cli: Run, pipe: Callable[[str], 
     assert [i["sha256"] for i in aff["inputs"]] == [
         sha256_file(work / "r1" / f"client-{c:03d}.safetensors") for c in CLIENTS
     ]
-    assert (plan["affinity"]["path"], plan["affinity"]["round"]) == ("<stdin>", 1)
+    assert plan["affinity"] == {"path": "<stdin>", "sha256": sha256_bytes(affinity.encode())}
     assert plan["round"] == plan["matrix_round"] == 1 and plan["refreshed"] is True
     assert plan["top_p"] == 2
     assert files_in(work / "agg") == [
@@ -454,7 +454,7 @@ def test_golden_plan_content() -> None:
     assert (plan["kind"], plan["schema_version"]) == ("sync-plan", 1)
     assert plan["round"] == plan["matrix_round"] == 3 and plan["refreshed"] is True
     assert (plan["top_p"], plan["tau"], plan["gate"]) == (2, 0.25, "per-client")
-    assert (plan["affinity"]["path"], plan["affinity"]["round"]) == ("aff.json", 3)
+    assert plan["affinity"]["path"] == "aff.json" and len(plan["affinity"]["sha256"]) == 64
     assert plan["model_config"] == HAND_CONFIG and plan["sizes"] == HAND_SIZES
     kept = [[0, 3, 5], [1, 0, 3], [2, 4, 1], [3, 0, 1], [4, 2, 3], [5, 0, 3]]
     for m, t in enumerate(plan["targets"]):
@@ -508,11 +508,6 @@ def test_plan_sync_json_summary(
     assert not (tmp_path / "q.json").exists()
 
 
-@pytest.mark.xfail(
-    reason="plan-sync writes affinity: {path, round}; plan_file.py documents {path, sha256}, so "
-    "the plan does not record which affinity artefact it came from",
-    strict=True,
-)
 def test_plan_records_the_affinity_sha256(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
 ) -> None:
@@ -525,11 +520,6 @@ def test_plan_records_the_affinity_sha256(
     assert plan["affinity"]["sha256"] == sha256_file(tmp_path / "aff.json")
 
 
-@pytest.mark.xfail(
-    reason="aggregate.py: a plan read from stdin is recorded with sha256 '' (plan_meta.get('_sha') "
-    "is never set by load_plan), so the merge's provenance loses the plan",
-    strict=True,
-)
 def test_plan_from_stdin_keeps_its_sha256(
     work: Path, run_cli: Run, pipe: Callable[[str], None]
 ) -> None:
@@ -541,12 +531,6 @@ def test_plan_from_stdin_keeps_its_sha256(
     assert manifest["plan"]["sha256"] == sha256_bytes(plan_text.encode())
 
 
-@pytest.mark.xfail(
-    reason="affinity_file.load_affinity / plan_sync: a malformed but parseable affinity artefact "
-    "or previous plan raises KeyError/ValueError (exit 1, 'internal error') or UsageError (exit 2) "
-    "instead of an InputError (exit 3, 'bad manifest')",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("what", "edit"),
     [
@@ -831,11 +815,6 @@ def test_nan_in_a_checkpoint(work: Path, nan_round: Path, run_cli: Run) -> None:
     assert "r1/client-002.safetensors: tensor experts.w1 expert 1 contains NaN or Inf" in line
 
 
-@pytest.mark.xfail(
-    reason="atomic.py OutputSet.open creates the output folder before anything is staged and "
-    "abort() leaves it behind: a failed aggregate leaves an empty --out folder",
-    strict=True,
-)
 def test_failed_aggregate_leaves_no_empty_folder(work: Path, nan_round: Path, run_cli: Run) -> None:
     r = run_cli("aggregate", "--method", "fedavg", "r1", "--out", "agg")
     assert r.code == 3

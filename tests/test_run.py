@@ -307,11 +307,6 @@ def test_resume_reuses_the_matrix_within_the_refresh_interval(
         ).read_bytes()
 
 
-@pytest.mark.xfail(
-    reason="orchestrator.py run_method appends to metrics.jsonl after a torn last line (no newline) "
-    "left by an interruption, so the redone round's line is glued to the fragment and lost",
-    strict=True,
-)
 def test_resume_after_a_torn_metrics_line(
     work: Path, run_cli: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,8 +10,8 @@ reaches the threshold, or more than k candidates do) and resolved by scanning th
 Memory is B·M floats plus the candidates, independent of M².
 
 Conventions that make the result well defined: rows are L2-normalised in float32; a proxy's
-similarity with itself is exactly 1; values above 1 (rounding of near-identical proxies) are clamped
-to 1; the result keeps, for each row, every entry ≥ its k-th largest value (ties kept), ordered by
+similarity with itself is exactly 1; values within 4 float32 ulps of 1, or above it (a GEMM gives
+identical directions as 0.99999994 or 1.0000001 depending on blocking), count as exactly 1; the result keeps, for each row, every entry ≥ its k-th largest value (ties kept), ordered by
 decreasing similarity then increasing column.
 """
 
@@ -24,6 +24,17 @@ import torch
 from fedmoe.errors import InputError
 
 BLOCK_BYTES = 128 << 20  # the similarity block's budget
+NEAR_ONE = 1.0 - 4 * 2.0**-24  # within 4 float32 ulps of 1: identical directions, counted as 1
+
+
+def snap(values: torch.Tensor) -> torch.Tensor:
+    """Similarities within 4 ulps of 1 (or above, from rounding) become exactly 1."""
+    return torch.where(values >= NEAR_ONE, torch.ones_like(values), values)
+
+
+def _threshold(kth: torch.Tensor) -> torch.Tensor:
+    """The raw similarity an entry must reach to be kept, given each row's k-th largest."""
+    return torch.where(kth >= NEAR_ONE, torch.full_like(kth, NEAR_ONE), kth)
 
 
 @dataclass(frozen=True)
@@ -117,18 +128,18 @@ def topk_cosine(
             cand = torch.arange(num).expand(b, num)
             cvals = sim
         vals, pos = cvals.topk(k, dim=1)  # (b, k)
-        thr = vals[:, -1].clamp(max=1.0)  # (b,) k-th largest after clamping
+        thr = _threshold(vals[:, -1])  # (b,) raw similarity an entry must reach
         over = (cvals >= thr[:, None]).sum(dim=1) > k  # ties inside the candidates
         if chunked:
             over |= top_c[:, k] >= thr  # a qualifying chunk was not searched
-        cols, vals = _order(cand.gather(1, pos), vals.clamp(max=1.0))  # (b, k)
+        cols, vals = _order(cand.gather(1, pos), snap(vals))  # (b, k)
         if bool(over.any()):  # rare: ties reach the k-th value; rescan those rows in full
             tie_rows = set(torch.nonzero(over).flatten().tolist())
             pieces_c, pieces_v, lens = [], [], []
             for i in range(b):
                 if i in tie_rows:
                     c = torch.nonzero(sim[i] >= thr[i]).flatten()
-                    rc, rv = _order(c, sim[i, c].clamp(max=1.0))
+                    rc, rv = _order(c, snap(sim[i, c]))
                 else:
                     rc, rv = cols[i], vals[i]
                 pieces_c.append(rc)
@@ -153,7 +164,7 @@ def topk_cosine_reference(proxies: torch.Tensor, k: int) -> Neighbours:
     k = max(1, min(k, num))
     sim = u @ u.T  # (M, M)
     sim.fill_diagonal_(1.0)
-    sim.clamp_(max=1.0)
+    sim = snap(sim)
     cols, vals, counts = [], [], []
     for i in range(num):
         thr = torch.sort(sim[i], descending=True).values[k - 1]

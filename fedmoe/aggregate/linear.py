@@ -157,20 +157,27 @@ def _chunks(
         n = min(step, total - lo)
         acc = acc_buf[:n]
         part = files[0].read_into(spec.name, lo, buf[:n])
-        torch.mul(part, weights[0], out=acc)
+        if spec.dtype == acc_dtype:
+            torch.mul(part, weights[0], out=acc)
+        else:  # widen first, so the first term is rounded only once, at the end
+            acc.copy_(part)
+            acc.mul_(weights[0])
         for f, w in zip(files[1:], weights[1:], strict=True):
             acc.add_(f.read_into(spec.name, lo, buf[:n]), alpha=w)
+        out = acc if spec.dtype == acc_dtype else acc.to(spec.dtype)
         # one cheap reduction (NaN and Inf propagate through a sum); the culprit is searched for
         # only when it is not finite
-        if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
+        if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             for f in files:
                 if not bool(torch.isfinite(f.read_into(spec.name, lo, buf[:n])).all()):
                     raise InputError(
                         f"{f.path}: tensor {spec.name} contains NaN or Inf",
                         hint="leave this file out of the merge",
                     )
-            raise InputError(f"tensor {spec.name}: the weighted sum overflows its dtype")
-        out = acc if spec.dtype == acc_dtype else acc.to(spec.dtype)
+            raise InputError(
+                f"tensor {spec.name}: the weighted sum overflows {spec.dtype}",
+                hint="check the --weights",
+            )
         yield raw_bytes(out)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedmoe.affinity import Affinity, ExpertIndex, Neighbours
-from fedmoe.errors import InputError
+from fedmoe.errors import InputError, UsageError
 from fedmoe.io.manifest import header, read_manifest, require
 from fedmoe.model.config import MoEConfig
 from fedmoe.plan.sizes import TensorSizes
@@ -77,10 +77,24 @@ def json_config(config: MoEConfig) -> dict[str, Any]:
     return json.loads(config.to_json())
 
 
-def load_affinity(source: str | Path) -> tuple[Affinity, MoEConfig, TensorSizes, dict[str, Any]]:
-    """Read and validate an affinity artefact (or ``-``)."""
-    manifest, _ = read_manifest(source, KIND)
-    where = str(source)
+def load_affinity(
+    source: str | Path,
+) -> tuple[Affinity, MoEConfig, TensorSizes, dict[str, Any], str]:
+    """Read and validate an affinity artefact (or ``-``); the last item is its sha256."""
+    manifest, _, digest = read_manifest(source, KIND)
+    where = "<stdin>" if str(source) == "-" else str(source)
+    try:
+        return (*_parse_affinity(manifest, where), digest)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise InputError(
+            f"{where}: malformed affinity artefact ({type(exc).__name__}: {exc})",
+            hint="re-create it with fedmoe affinity",
+        ) from None
+
+
+def _parse_affinity(
+    manifest: dict[str, Any], where: str
+) -> tuple[Affinity, MoEConfig, TensorSizes, dict[str, Any]]:
     clients = tuple(int(c) for c in require(manifest, "clients", where))
     if list(clients) != sorted(set(clients)):
         raise InputError(f"{where}: 'clients' must be increasing and distinct")
@@ -108,7 +122,10 @@ def load_affinity(source: str | Path) -> tuple[Affinity, MoEConfig, TensorSizes,
         torch.tensor(vals, dtype=torch.float32),
         int(require(manifest, "candidates", where)),
     )
-    config = MoEConfig.from_dict(require(manifest, "model_config", where), where)
+    try:
+        config = MoEConfig.from_dict(require(manifest, "model_config", where), where)
+    except UsageError as exc:
+        raise InputError(f"{where}: bad model_config ({exc.message})") from None
     sz = require(manifest, "sizes", where)
     sizes = TensorSizes(
         int(sz["embed"]), int(sz["gate"]), int(sz["expert"]), int(sz["num_experts"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -53,6 +53,7 @@ class OutputSet:
     def __init__(self, force: bool = False) -> None:
         self.force = force
         self._staged: list[tuple[Path, Path]] = []
+        self._made: list[Path] = []  # folders this set created, removed again on abort
 
     def __enter__(self) -> OutputSet:
         return self
@@ -72,7 +73,9 @@ class OutputSet:
         """Open a staged temp file for ``path``; it becomes ``path`` at :meth:`commit`."""
         check_writable(path, self.force)
         try:
+            missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.extend(reversed(missing))
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         except OSError as exc:
@@ -114,6 +117,10 @@ class OutputSet:
         for tmp, _ in self._staged:
             tmp.unlink(missing_ok=True)
         self._staged.clear()
+        for folder in reversed(self._made):  # deepest first; only if still empty
+            with suppress(OSError):
+                folder.rmdir()
+        self._made.clear()
 
 
 def write_atomic(path: Path, data: bytes, force: bool = False) -> None:

@@ -31,7 +31,7 @@ def checkpoint_entries(checkpoints: list[Checkpoint], base: Path) -> list[dict[s
 
 
 def _from_manifest(source: str) -> list[Checkpoint]:
-    manifest, base = read_manifest(source, SET_KINDS)
+    manifest, base, _ = read_manifest(source, SET_KINDS)
     where = "<stdin>" if source == STDIO else source
     out = []
     for entry in require(manifest, "checkpoints", where):

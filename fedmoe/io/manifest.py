@@ -87,13 +87,16 @@ def base_dir(target: str | Path) -> Path:
     return Path.cwd() if str(target) == STDIO else Path(target).resolve().parent
 
 
-def read_manifest(source: str | Path, kind: str | tuple[str, ...]) -> tuple[dict[str, Any], Path]:
+def read_manifest(
+    source: str | Path, kind: str | tuple[str, ...]
+) -> tuple[dict[str, Any], Path, str]:
     """Read a manifest from a file or ``-`` (stdin) and check its ``kind`` and schema.
 
     Returns
     -------
-    manifest, base
-        The parsed object and the folder its relative paths are relative to.
+    manifest, base, sha256
+        The parsed object, the folder its relative paths are relative to, and the sha256 of the
+        bytes read (so a manifest that came through a pipe can still be recorded as an input).
     """
     kinds = (kind,) if isinstance(kind, str) else kind
     name = "<stdin>" if str(source) == STDIO else str(source)
@@ -121,7 +124,7 @@ def read_manifest(source: str | Path, kind: str | tuple[str, ...]) -> tuple[dict
             f"(this fedmoe reads {SCHEMA_VERSION})",
             hint="re-create it with this fedmoe version",
         )
-    return obj, base_dir(source)
+    return obj, base_dir(source), sha256_bytes(text.encode("utf-8"))
 
 
 def write_manifest(obj: dict[str, Any], target: str | Path, force: bool = False) -> str:

@@ -122,7 +122,7 @@ def _indices(value: Any, n: int, where: str) -> np.ndarray:
 
 def load_partition(source: str | Path) -> LoadedPartition:
     """Read a partition manifest (or ``-``), reload its dataset and verify the fingerprint."""
-    manifest, base = read_manifest(source, KIND)
+    manifest, base, digest = read_manifest(source, KIND)
     name = str(source)
     rec = require(manifest, "dataset", name)
     if rec.get("source") == "file":
@@ -155,7 +155,6 @@ def load_partition(source: str | Path) -> LoadedPartition:
         )
         for i, c in enumerate(require(manifest, "clients", name))
     )
-    digest = sha256_file(Path(source)) if name != "-" else ""
     return LoadedPartition(
         path=name,
         sha256=digest,

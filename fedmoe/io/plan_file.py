@@ -5,7 +5,8 @@ Layout (schema 1)::
 
     schema_version, kind, fedmoe_version
     round, matrix_round, refreshed, top_p, tau, refresh_interval, gate ("per-client" | "shared")
-    affinity: {path, sha256} | null           model_config, sizes
+    affinity: {path, sha256} | null (null when the matrix was reused)
+    previous_plan: {path, sha256, reused} | null                model_config, sizes
     clients: [ids], num_experts
     targets:   [{client, expert, sources: [{client, expert, weight, similarity}]}]  weights sum to 1
     transfers: [{from, to, experts: [j'], bytes}]
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +133,37 @@ def matrix_from_rows(
     )
 
 
-def load_plan(source: str | Path) -> tuple[AggregationMatrix, dict[str, Any]]:
+@dataclass(frozen=True)
+class LoadedPlan:
+    """A validated sync plan."""
+
+    matrix: AggregationMatrix  # A
+    manifest: dict[str, Any]  # the raw plan
+    sha256: str  # of the bytes read
+
+    def field(self, key: str) -> Any:
+        """``manifest[key]``, or an :class:`InputError` naming the missing key."""
+        return require(self.manifest, key, self.where)
+
+    @property
+    def where(self) -> str:
+        """How errors name this plan."""
+        return str(self.manifest.get("_where", "sync plan"))
+
+
+def load_plan(source: str | Path) -> LoadedPlan:
     """Read and validate a sync plan (or ``-``)."""
-    manifest, _ = read_manifest(source, KIND)
+    manifest, _, digest = read_manifest(source, KIND)
     where = "<stdin>" if str(source) == "-" else str(source)
-    clients = tuple(int(c) for c in require(manifest, "clients", where))
-    index = ExpertIndex(clients, int(require(manifest, "num_experts", where)))
+    try:
+        clients = tuple(int(c) for c in require(manifest, "clients", where))
+        num_experts = int(require(manifest, "num_experts", where))
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: 'clients' and 'num_experts' must be integers") from None
+    if list(clients) != sorted(set(clients)):
+        raise InputError(f"{where}: 'clients' must be increasing and distinct")
+    index = ExpertIndex(clients, num_experts)
     matrix = matrix_from_rows(require(manifest, "targets", where), index, where)
-    return matrix, manifest
+    for key in ("round", "matrix_round", "top_p", "tau", "model_config", "sizes", "gate"):
+        require(manifest, key, where)
+    return LoadedPlan(matrix, {**manifest, "_where": where}, digest)

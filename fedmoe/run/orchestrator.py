@@ -12,6 +12,7 @@ an uninterrupted run (every random draw derives from (seed, round, client), neve
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -151,6 +152,19 @@ def _load_state(folder: Path, clients: int) -> dict[int, dict[str, torch.Tensor]
     return out
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line; a fragment left by an interrupted write is cut off first."""
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def completed_rounds(metrics_path: Path) -> dict[str, int]:
     """Method → last round recorded in ``metrics.jsonl``."""
     done: dict[str, int] = {}
@@ -284,8 +298,7 @@ def run_method(
         row["train_seconds"] = round(train_s, 4)
         folder = state_dir / f"round-{rnd:03d}"
         _save_state(ctx, method, rnd, states, samples, folder)
-        with open(ctx.out / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, separators=(",", ":")) + "\n")
+        append_line(ctx.out / "metrics.jsonl", json.dumps(row, separators=(",", ":")))
         old = state_dir / f"round-{rnd - 1:03d}"
         if old.is_dir():
             shutil.rmtree(old)
@@ -335,8 +348,8 @@ def _reload_matrix(ctx: RunContext, last_round: int) -> tuple[AggregationMatrix 
     path = ctx.out / "plans" / f"round-{last_round:03d}.json"
     if not path.is_file():
         return None, 0
-    matrix, manifest = load_plan(path)
-    return matrix, int(manifest["matrix_round"])
+    loaded = load_plan(path)
+    return loaded.matrix, int(loaded.field("matrix_round"))
 
 
 def check_resume(out: Path, recipe_data: dict[str, Any]) -> None:
