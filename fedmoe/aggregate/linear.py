@@ -1,15 +1,19 @@
 """A plain linear merge of any compatible safetensors files: out = Σ w_f · file_f, tensor by tensor.
 
 This is what mergekit's ``linear`` method does, without its stack-then-sum: each output tensor is
-produced in chunks of 2 MiB; for a chunk, every input's slice is read into one reused buffer
-and added into one accumulator, both of which stay in cache, so every input byte is read once and
-peak extra memory is two chunks whatever the file sizes. Floating tensors are accumulated in float32
+produced in chunks of 2 MiB; for a chunk, every input's slice is read into one reused buffer and
+added into one accumulator, both of which stay in cache, so every input byte is read once. One
+worker thread per core computes chunks ahead while the previous ones are written; peak extra
+memory is a few chunks per worker whatever the file sizes. Floating tensors are accumulated in float32
 (float64 for float64) and rounded once to their dtype.
 """
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,14 +89,18 @@ class MappedFile:
             self.tensors[name] = MappedTensor(dtype, shape, data_start + lo, data_start + hi)
 
     def read_into(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (a flat tensor of the tensor's dtype) from element ``offset`` of ``name``."""
+        """Fill ``out`` (a flat tensor of the tensor's dtype) from element ``offset`` of ``name``.
+
+        Positional reads (``preadv``), so several threads may read the same file at once.
+        """
         t = self.tensors[name]
         nbytes = out.numel() * out.element_size()
         view = raw_bytes(out)
-        self._file.seek(t.start + offset * out.element_size())
+        start = t.start + offset * out.element_size()
+        fd = self._file.fileno()
         got = 0
         while got < nbytes:
-            n = self._file.readinto(view[got:])
+            n = os.preadv(fd, [view[got:]], start + got)
             if not n:
                 raise InputError(f"{self.path}: tensor {name} ends early (file truncated)")
             got += n
@@ -137,48 +145,71 @@ def plan_linear(files: list[MappedFile], on_missing: str) -> list[TensorSpec]:
     return specs
 
 
+@dataclass
+class _Buffers:
+    """One worker's chunk buffers: what it reads into, accumulates in, and returns."""
+
+    read: torch.Tensor  # (step,) input dtype
+    acc: torch.Tensor  # (step,) float32 (float64 for float64 tensors)
+    out: torch.Tensor  # (step,) output dtype (unused when it equals the accumulator's)
+
+
+def _merge_chunk(
+    files: list[MappedFile], weights: list[float], spec: TensorSpec, lo: int, n: int, b: _Buffers
+) -> torch.Tensor:
+    """Σ w_f · file_f over elements [lo, lo + n) of tensor ``spec``, in ``b``'s buffers."""
+    acc, buf = b.acc[:n], b.read[:n]
+    part = files[0].read_into(spec.name, lo, buf)
+    if spec.dtype == acc.dtype:
+        torch.mul(part, weights[0], out=acc)
+    else:  # widen first, so the first term is rounded only once, at the end
+        acc.copy_(part)
+        acc.mul_(weights[0])
+    for f, w in zip(files[1:], weights[1:], strict=True):
+        acc.add_(f.read_into(spec.name, lo, buf), alpha=w)
+    out = acc if spec.dtype == acc.dtype else b.out[:n].copy_(acc)
+    # one cheap reduction (NaN and Inf propagate through a sum); the culprit is searched for only
+    # when it is not finite
+    if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+        for f in files:
+            if not bool(torch.isfinite(f.read_into(spec.name, lo, buf)).all()):
+                raise InputError(
+                    f"{f.path}: tensor {spec.name} contains NaN or Inf",
+                    hint="leave this file out of the merge",
+                )
+        raise InputError(
+            f"tensor {spec.name}: the weighted sum overflows {spec.dtype}",
+            hint="check the --weights",
+        )
+    return out
+
+
 def _chunks(
+    pool: ThreadPoolExecutor,
+    sets: list[_Buffers],
     files: list[MappedFile],
     weights: list[float],
     spec: TensorSpec,
-    chunk_bytes: int,
-    buffers: dict[str, torch.Tensor],
 ) -> Iterator[memoryview]:
-    acc_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
-    size = torch.empty((), dtype=spec.dtype).element_size()
-    step = max(1, chunk_bytes // size)
-    total = TensorSpec(spec.name, spec.dtype, spec.shape).nbytes // size
-    key = str(spec.dtype)
-    if key not in buffers or buffers[key].numel() < step:
-        buffers[key] = torch.empty(step, dtype=spec.dtype)
-        buffers["acc" + key] = torch.empty(step, dtype=acc_dtype)
-    buf, acc_buf = buffers[key], buffers["acc" + key]
-    for lo in range(0, total, step):
-        n = min(step, total - lo)
-        acc = acc_buf[:n]
-        part = files[0].read_into(spec.name, lo, buf[:n])
-        if spec.dtype == acc_dtype:
-            torch.mul(part, weights[0], out=acc)
-        else:  # widen first, so the first term is rounded only once, at the end
-            acc.copy_(part)
-            acc.mul_(weights[0])
-        for f, w in zip(files[1:], weights[1:], strict=True):
-            acc.add_(f.read_into(spec.name, lo, buf[:n]), alpha=w)
-        out = acc if spec.dtype == acc_dtype else acc.to(spec.dtype)
-        # one cheap reduction (NaN and Inf propagate through a sum); the culprit is searched for
-        # only when it is not finite
-        if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
-            for f in files:
-                if not bool(torch.isfinite(f.read_into(spec.name, lo, buf[:n])).all()):
-                    raise InputError(
-                        f"{f.path}: tensor {spec.name} contains NaN or Inf",
-                        hint="leave this file out of the merge",
-                    )
-            raise InputError(
-                f"tensor {spec.name}: the weighted sum overflows {spec.dtype}",
-                hint="check the --weights",
-            )
-        yield raw_bytes(out)
+    """The output chunks of one tensor, in order, computed ahead by the pool's workers."""
+    step = sets[0].read.numel()
+    total = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
+    starts = iter(range(0, total, step))
+    free = list(sets)
+    pending: deque[tuple[Future[torch.Tensor], _Buffers]] = deque()
+
+    def submit() -> None:
+        while free and (lo := next(starts, None)) is not None:
+            b = free.pop()
+            n = min(step, total - lo)
+            pending.append((pool.submit(_merge_chunk, files, weights, spec, lo, n, b), b))
+
+    submit()
+    while pending:
+        future, b = pending.popleft()
+        yield raw_bytes(future.result())  # written by the caller before the next request
+        free.append(b)
+        submit()
 
 
 def write_linear(
@@ -188,12 +219,38 @@ def write_linear(
     specs: list[TensorSpec],
     metadata: dict[str, str],
     chunk_bytes: int = CHUNK_BYTES,
+    workers: int | None = None,
 ) -> None:
-    """Stream Σ w_f · file_f for every spec into ``handle`` as one safetensors file."""
+    """Stream Σ w_f · file_f for every spec into ``handle`` as one safetensors file.
+
+    Chunks are computed by ``workers`` threads (default: torch's thread count), each single-threaded
+    inside torch (torch's own thread count is set to 1 for the duration and restored), so the cores
+    are used once each, never oversubscribed; chunks are written in order as they complete.
+    """
+    workers = workers or max(1, torch.get_num_threads())
     writer = StreamWriter(handle, specs, metadata)
-    buffers: dict[str, torch.Tensor] = {}  # one read buffer and one accumulator per dtype
-    for spec in writer.order:
-        writer.write_raw(spec.name, _chunks(files, weights, spec, chunk_bytes, buffers))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            sets_by_dtype: dict[torch.dtype, list[_Buffers]] = {}
+            for spec in writer.order:
+                if spec.dtype not in sets_by_dtype:
+                    size = torch.empty((), dtype=spec.dtype).element_size()
+                    step = max(1, chunk_bytes // size)
+                    acc_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
+                    sets_by_dtype[spec.dtype] = [
+                        _Buffers(
+                            torch.empty(step, dtype=spec.dtype),
+                            torch.empty(step, dtype=acc_dtype),
+                            torch.empty(step if acc_dtype != spec.dtype else 0, dtype=spec.dtype),
+                        )
+                        for _ in range(workers + 1)
+                    ]
+                sets = sets_by_dtype[spec.dtype]
+                writer.write_raw(spec.name, _chunks(pool, sets, files, weights, spec))
+    finally:
+        torch.set_num_threads(previous)
     writer.close()
 
 
