@@ -56,18 +56,12 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
     """The comparison table: accuracy and traffic per method."""
     if console.quiet:
         return
-    table = Table(title="fedmoe run: personalised accuracy and traffic", title_justify="left")
-    for col in (
-        "method",
-        "mean local %",
-        "worst local %",
-        "global %",
-        "server MiB/round",
-        "p2p MiB/round",
-        "server/FedAvg",
-        "time s",
-    ):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table = Table(
+        title="accuracy % (local: each client's model on its own test split) · MiB per round",
+        title_justify="left",
+    )
+    for col in ("method", "local", "worst", "global", "server", "p2p", "÷FedAvg", "s"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for m, d in report["methods"].items():
         fedavg = d["fedavg_bytes_per_round"] or 1
         table.add_row(
