@@ -57,7 +57,7 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
     if console.quiet:
         return
     table = Table(
-        title="accuracy % (local: each client's model on its own test split) · MiB per round",
+        title="fedmoe run: accuracy % (local = each client on its own test split), MiB per round",
         title_justify="left",
     )
     for col in ("method", "local", "worst", "global", "server", "p2p", "÷FedAvg", "s"):
