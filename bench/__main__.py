@@ -63,6 +63,9 @@ def main() -> None:
     for name in names:
         print(f"running {name} …", file=sys.stderr, flush=True)
         rows.extend(SUITES[name](args.quick))
+    if args.quick:  # the targets are stated for the full sizes; a smoke run judges none of them
+        for r in rows:
+            r.target, r.met = "", None
     text = table(rows)
     print(text)
     print(
