@@ -19,7 +19,7 @@ def run(quick: bool) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         ctx = prepare(recipe, Path(tmp))
-        write_setup(ctx, recipe.to_dict(), force=True)
+        write_setup(ctx, recipe.to_dict())
         for method in recipe.methods:
             run_method(ctx, method, 0)
         seconds = time.perf_counter() - start

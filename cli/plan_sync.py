@@ -9,17 +9,12 @@ import typer
 from rich.table import Table
 
 from fedmoe.errors import InputError, UsageError
-from fedmoe.io.affinity_file import json_config, load_affinity
+from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import OutputSet
-from fedmoe.io.manifest import STDIO, base_dir, dumps, header, relative, sha256_bytes
-from fedmoe.io.plan_file import (
-    load_plan,
-    plan_bytes_per_client,
-    target_rows,
-    transfer_rows,
-)
+from fedmoe.io.manifest import STDIO, base_dir, dumps, relative, sha256_bytes
+from fedmoe.io.plan_file import PlanSettings, build_plan, load_plan
 from fedmoe.model.config import MoEConfig
-from fedmoe.plan import TensorSizes, aggregation_matrix, traffic_ledger, transfer_list
+from fedmoe.plan import TensorSizes, aggregation_matrix
 
 from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
 
@@ -95,39 +90,12 @@ def plan_sync(
         matrix_round = rnd
         text_src = "<stdin>" if affinity == STDIO else relative(Path(affinity), base)
         source = {"path": text_src, "sha256": digest}
-    rows = target_rows(matrix)
-    transfers = transfer_list(matrix, sizes.expert)
-    per_client = plan_bytes_per_client(rows)
-    ledger = traffic_ledger(
-        sizes, list(matrix.index.clients), transfers, per_client, gate == "shared"
-    )
-    plan = {
-        **header("sync-plan"),
-        "round": rnd,
-        "matrix_round": matrix_round,
-        "refreshed": not reuse,
-        "top_p": top_p,
-        "tau": tau,
-        "refresh_interval": refresh_interval,
-        "gate": gate,
-        "affinity": source,
-        "previous_plan": None
-        if prev is None
-        else {
-            "path": "<stdin>"
-            if previous_plan == STDIO
-            else relative(Path(str(previous_plan)), base),
-            "sha256": prev.sha256,
-            "reused": reuse,
-        },
-        "model_config": json_config(config),
-        "sizes": {**sizes.__dict__, "model": sizes.model},
-        "clients": list(matrix.index.clients),
-        "num_experts": matrix.index.num_experts,
-        "targets": rows,
-        "transfers": transfer_rows(transfers),
-        "ledger": ledger.to_dict(),
-    }
+    previous = None
+    if prev is not None:
+        where = "<stdin>" if previous_plan == STDIO else relative(Path(str(previous_plan)), base)
+        previous = {"path": where, "sha256": prev.sha256, "reused": reuse}
+    settings = PlanSettings(rnd, matrix_round, top_p, tau, refresh_interval, gate)
+    plan, _ = build_plan(matrix, settings, config, sizes, source, previous)
     if len(matrix.index.clients) == 0:
         raise InputError("the plan covers no client")
     text = dumps(plan)

@@ -87,7 +87,7 @@ def run(
             (out / name).unlink(missing_ok=True)
     ctx = prepare(rec, out)
     if not resume:
-        write_setup(ctx, resolved, force=True)
+        write_setup(ctx, resolved)
     done = completed_rounds(out / "metrics.jsonl") if resume else {}
     progress = Progress(
         TextColumn("{task.description:>14}"),
@@ -115,9 +115,7 @@ def run(
             start = done.get(method, 0)
             if start < rec.rounds:
                 run_method(ctx, method, start, update)
-            if not progress.disable:
-                continue
-            if not quiet:
+            if progress.disable and not quiet:  # no live bar (not a terminal): one line each
                 console.print(f"{method}: {rec.rounds} rounds done")
     path, report = make_report(out, console)
     emit(path, report, json_)

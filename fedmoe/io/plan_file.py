@@ -25,8 +25,16 @@ import numpy as np
 
 from fedmoe.affinity import ExpertIndex
 from fedmoe.errors import InputError
-from fedmoe.io.manifest import read_manifest, require
-from fedmoe.plan import AggregationMatrix, Transfer
+from fedmoe.io.manifest import header, read_manifest, require
+from fedmoe.model.config import MoEConfig
+from fedmoe.plan import (
+    AggregationMatrix,
+    Ledger,
+    TensorSizes,
+    Transfer,
+    traffic_ledger,
+    transfer_list,
+)
 
 KIND = "sync-plan"
 WEIGHT_TOLERANCE = 1e-6
@@ -69,6 +77,58 @@ def transfer_rows(transfers: list[Transfer]) -> list[dict[str, Any]]:
         {"from": t.source, "to": t.target, "experts": list(t.experts), "bytes": t.bytes}
         for t in transfers
     ]
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How a plan's matrix was made and is used (the plan's scalar fields)."""
+
+    round: int  # the round this plan is for
+    matrix_round: int  # the round whose affinity built the matrix (< round when reused)
+    top_p: int  # P
+    tau: float  # τ
+    refresh_interval: int  # I
+    gate: str  # "per-client" or "shared"
+
+
+def build_plan(
+    matrix: AggregationMatrix,
+    settings: PlanSettings,
+    config: MoEConfig,
+    sizes: TensorSizes,
+    affinity: dict[str, Any] | None = None,
+    previous_plan: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], Ledger]:
+    """The sync-plan manifest of ``matrix``: targets, transfers and the traffic ledger."""
+    rows = target_rows(matrix)
+    transfers = transfer_list(matrix, sizes.expert)
+    ledger = traffic_ledger(
+        sizes,
+        list(matrix.index.clients),
+        transfers,
+        plan_bytes_per_client(rows),
+        settings.gate == "shared",
+    )
+    plan = {
+        **header(KIND),
+        "round": settings.round,
+        "matrix_round": settings.matrix_round,
+        "refreshed": settings.matrix_round == settings.round,
+        "top_p": settings.top_p,
+        "tau": settings.tau,
+        "refresh_interval": settings.refresh_interval,
+        "gate": settings.gate,
+        "affinity": affinity,
+        "previous_plan": previous_plan,
+        "model_config": json.loads(config.to_json()),
+        "sizes": {**sizes.__dict__, "model": sizes.model},
+        "clients": list(matrix.index.clients),
+        "num_experts": matrix.index.num_experts,
+        "targets": rows,
+        "transfers": transfer_rows(transfers),
+        "ledger": ledger.to_dict(),
+    }
+    return plan, ledger
 
 
 def matrix_from_rows(

@@ -30,9 +30,9 @@ from fedmoe.data import Dataset, DataSpec, load_dataset
 from fedmoe.errors import InputError
 from fedmoe.io.atomic import OutputSet, write_atomic
 from fedmoe.io.checkpoint import CheckpointMeta, open_checkpoint, save_checkpoint
-from fedmoe.io.manifest import dumps, header
+from fedmoe.io.manifest import dumps
 from fedmoe.io.partition_file import partition_to_manifest
-from fedmoe.io.plan_file import plan_bytes_per_client, target_rows, transfer_rows
+from fedmoe.io.plan_file import PlanSettings, build_plan
 from fedmoe.model import MoEConfig, init_model, state_of
 from fedmoe.partition import Partition, get_partitioner, make_partition
 from fedmoe.plan import (
@@ -41,8 +41,6 @@ from fedmoe.plan import (
     TensorSizes,
     aggregation_matrix,
     tensor_sizes,
-    traffic_ledger,
-    transfer_list,
 )
 from fedmoe.run.recipe import Recipe
 from fedmoe.train import evaluate_models, train_client
@@ -109,7 +107,7 @@ def prepare(recipe: Recipe, out: Path) -> RunContext:
     return RunContext(recipe, dataset, partition, config, tensor_sizes(config), initial, out)
 
 
-def write_setup(ctx: RunContext, resolved: dict[str, Any], force: bool) -> None:
+def write_setup(ctx: RunContext, resolved: dict[str, Any]) -> None:
     """The run folder's recipe, partition manifest and initial checkpoint."""
     import yaml
 
@@ -236,29 +234,10 @@ def run_method(
                 _save_affinity_summary(ctx, aff, rnd)
             assert matrix is not None
             spec = FedMoEDA(matrix).spec(infos, config.num_experts, gate_shared)
-            rows = target_rows(matrix)
-            transfers = transfer_list(matrix, ctx.sizes.expert)
-            ledger = traffic_ledger(
-                ctx.sizes, active, transfers, plan_bytes_per_client(rows), gate_shared
+            settings = PlanSettings(
+                rnd, matrix_round, fm.top_p, fm.tau, fm.refresh_interval, fm.gate
             )
-            plan = {
-                **header("sync-plan"),
-                "round": rnd,
-                "matrix_round": matrix_round,
-                "refreshed": refresh,
-                "top_p": fm.top_p,
-                "tau": fm.tau,
-                "refresh_interval": fm.refresh_interval,
-                "gate": fm.gate,
-                "affinity": None,
-                "model_config": json.loads(config.to_json()),
-                "sizes": {**ctx.sizes.__dict__, "model": ctx.sizes.model},
-                "clients": list(matrix.index.clients),
-                "num_experts": config.num_experts,
-                "targets": rows,
-                "transfers": transfer_rows(transfers),
-                "ledger": ledger.to_dict(),
-            }
+            plan, ledger = build_plan(matrix, settings, config, ctx.sizes)
             write_atomic(
                 ctx.out / "plans" / f"round-{rnd:03d}.json", dumps(plan).encode(), force=True
             )
