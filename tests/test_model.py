@@ -192,7 +192,12 @@ def test_model_sparse_equals_dense_forward_and_every_gradient(
     names = {n for n, _ in model.named_parameters()}
     assert set(sparse) == set(dense) == names | {"logits"}  # every parameter has a gradient
     for name in sparse:
-        torch.testing.assert_close(sparse[name], dense[name], atol=TOL[dtype], rtol=0, msg=name)
+        # float32: 1e-6 relative to the gradient's scale (the embedding's layer norm scales the
+        # gradients of the layers before it by ~5); float64: 1e-12 absolute
+        tol = TOL[dtype] * (
+            1.0 if dtype == torch.float64 else max(1.0, float(dense[name].abs().max()))
+        )
+        torch.testing.assert_close(sparse[name], dense[name], atol=tol, rtol=0, msg=name)
     assert sparse["gate.weight"].abs().sum() > 0  # the gate learns from the task loss
 
 
