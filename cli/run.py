@@ -20,6 +20,7 @@ from fedmoe.run.orchestrator import (
     run_method,
     write_setup,
 )
+from fedmoe.train.pool import TrainPool, default_workers
 
 from .common import Force, Json, Quiet, emit, handle_errors, parse_overrides, stderr_console
 from .report import make_report
@@ -28,7 +29,8 @@ HELP = """Run a whole federation from a recipe: partition → initial model → 
 (train → affinity → plan → aggregate) → evaluation, for every method of the recipe on the same
 split and initial model, then write report.json, the comparison table and the plots.
 
-The run folder gets recipe.yaml (resolved), partition.json, init.safetensors, metrics.jsonl (one
+Clients train in --workers processes (default: one per core), each on one torch thread; results
+do not depend on the number of workers. The run folder gets recipe.yaml (resolved), partition.json, init.safetensors, metrics.jsonl (one
 line per method and round), plans/ (FedMoE-DA sync plans), state/<method>/round-XXX/ (the latest
 client checkpoints), report.json and PNG plots. --resume continues an interrupted run from its last
 complete round, with the same result as an uninterrupted run.
@@ -64,7 +66,13 @@ def run(
         list[str] | None, typer.Option("--config", "-c", help="Override: section.key=value.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Client-training processes, one thread each (default: one per core)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads for evaluation and merging (default: all).")
+    ] = None,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
@@ -106,7 +114,7 @@ def run(
             tasks[method], completed=rnd, acc="" if acc is None else f"local acc {100 * acc:.1f}%"
         )
 
-    with progress:
+    with TrainPool(ctx.spec, ctx.dataset, workers or default_workers()) as pool, progress:
         for method in rec.methods:
             tasks[method] = progress.add_task(
                 method, total=rec.rounds, acc="", completed=done.get(method, 0)
@@ -114,7 +122,7 @@ def run(
         for method in rec.methods:
             start = done.get(method, 0)
             if start < rec.rounds:
-                run_method(ctx, method, start, update)
+                run_method(ctx, method, start, update, pool)
             if progress.disable and not quiet:  # no live bar (not a terminal): one line each
                 console.print(f"{method}: {rec.rounds} rounds done")
     path, report = make_report(out, console)

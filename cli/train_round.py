@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -17,7 +15,8 @@ from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, save_checkpoint
 from fedmoe.io.checkpoint_set import load_checkpoint_set
 from fedmoe.io.manifest import dumps, header, relative
 from fedmoe.io.partition_file import load_partition
-from fedmoe.train import TrainConfig, train_client
+from fedmoe.train import TrainConfig
+from fedmoe.train.pool import Job, TrainPool, default_workers
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -30,8 +29,9 @@ DIR/train-round.json, which the next round, affinity and aggregate accept as inp
 --model is one global checkpoint (every client starts from it) or per-client checkpoints (a folder,
 a train-round/aggregate manifest, or -), so clients keep personalised experts between rounds.
 
-Threads: one process, --threads torch threads (default: all cores); never run two trainings at once
-on the same cores. Same inputs and seed give byte-identical checkpoints.
+Threads: clients train in --workers processes (default: one per core), each on one torch thread,
+so the cores are never oversubscribed; the result does not depend on the number of workers. Same
+inputs and seed give byte-identical checkpoints.
 
 Examples:
 
@@ -76,7 +76,10 @@ def train_round(
     round_: Annotated[
         int | None, typer.Option("--round", help="Round number (default: parent round + 1).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Training processes, one thread each (default: one per core)."),
+    ] = None,
     seed: Seed = 0,
     force: Force = False,
     json_: Json = False,
@@ -84,7 +87,6 @@ def train_round(
 ) -> None:
     console = stderr_console(quiet)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, balance_coef)
-    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     part = load_partition(partition)
     if client == "all":
         if out.suffix == ".safetensors":
@@ -125,44 +127,52 @@ def train_round(
             console=console,
             disable=quiet or not console.is_terminal,
         )
-        with progress:
+        jobs = []
+        for cid in ids:
+            state = starts[cid].state()
+            jobs.append(Job(config, state, part.client(cid), cfg, seed, rnd, cid))
+        spec = part.dataset_spec
+        with (
+            progress,
+            TrainPool(spec, part.dataset, min(workers or default_workers(), len(ids))) as pool,
+        ):
             task = progress.add_task("train", total=len(ids), round=rnd)
-            for cid in ids:
-                parent = starts[cid]
-                update = train_client(
-                    config, parent.state(), part.dataset, part.client(cid), cfg, seed, rnd, cid
-                )
-                meta = CheckpointMeta(
-                    config,
-                    cid,
-                    rnd,
-                    update.num_samples,
-                    seed,
-                    "train",
-                    parent_sha256=parent.sha256,
-                    routing=update.routing,
-                )
-                save_checkpoint(outputs, paths[cid], update.result.state, meta)
-                r = update.result
-                rows.append(
-                    {
-                        "client": cid,
-                        "num_samples": update.num_samples,
-                        "epoch_loss": [round(v, 6) for v in r.epoch_loss],
-                        "epoch_balance": [round(v, 6) for v in r.epoch_balance],
-                        "steps": r.steps,
-                        "seconds": round(r.seconds, 4),
-                        "samples_per_s": round(r.samples / r.seconds, 1) if r.seconds > 0 else None,
-                    }
-                )
-                progress.advance(task)
+            for first in range(0, len(jobs), 64):  # bounded memory: 64 clients in flight
+                for update in pool.run(jobs[first : first + 64]):
+                    cid = update.client
+                    meta = CheckpointMeta(
+                        config,
+                        cid,
+                        rnd,
+                        update.num_samples,
+                        seed,
+                        "train",
+                        parent_sha256=starts[cid].sha256,
+                        routing=update.routing,
+                    )
+                    save_checkpoint(outputs, paths[cid], update.result.state, meta)
+                    r = update.result
+                    rows.append(
+                        {
+                            "client": cid,
+                            "num_samples": update.num_samples,
+                            "epoch_loss": [round(v, 6) for v in r.epoch_loss],
+                            "epoch_balance": [round(v, 6) for v in r.epoch_balance],
+                            "steps": r.steps,
+                            "seconds": round(r.seconds, 4),
+                            "samples_per_s": round(r.samples / r.seconds, 1)
+                            if r.seconds > 0
+                            else None,
+                        }
+                    )
+                    progress.advance(task)
         base = manifest_path.parent
         manifest = {
             **header("train-round"),
             "round": rnd,
             "seed": seed,
             "train_config": cfg.__dict__,
-            "threads": torch.get_num_threads(),
+            "threads_per_client": 1,
             "partition": {
                 "path": relative(Path(partition), base) if partition != "-" else "-",
                 "sha256": part.sha256,

@@ -55,3 +55,9 @@ def invoke(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
         return CliRunner().invoke(app, list(argv), env=env, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _train_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients train in the test process unless a test asks for workers (spawning costs ~2 s)."""
+    monkeypatch.setenv("FEDMOE_WORKERS", "1")

@@ -41,7 +41,7 @@ INIT = (
 )  # fmt: skip
 TRAIN = (
     "train-round", "--partition", "p.json", "--epochs", "1", "--batch-size", "64",
-    "--threads", "1", "-q",
+    "--workers", "1", "-q",
 )  # fmt: skip
 
 

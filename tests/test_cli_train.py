@@ -27,7 +27,7 @@ INIT = (
 )  # fmt: skip
 TRAIN = (
     "train-round", "--partition", "p.json", "--epochs", "1", "--batch-size", "64",
-    "--threads", "1",
+    "--workers", "1",
 )  # fmt: skip
 EVAL_KEYS = {
     "mean_local_acc", "worst_local_acc", "mean_global_acc", "local_acc_by_domain",
@@ -198,7 +198,7 @@ def test_round_manifest_and_checkpoints(work: Path) -> None:
     part = json.loads((work / "p.json").read_text())
     init_sha = sha256_file(work / "init.safetensors")
     assert (manifest["kind"], manifest["round"], manifest["seed"]) == ("train-round", 1, 0)
-    assert manifest["threads"] == 1
+    assert manifest["threads_per_client"] == 1
     assert manifest["train_config"]["epochs"] == 1 and manifest["train_config"]["batch_size"] == 64
     assert manifest["partition"] == {"path": "../p.json", "sha256": sha256_file(work / "p.json")}
     assert manifest["inputs"] == [{"path": "../init.safetensors", "sha256": init_sha}]
@@ -247,6 +247,20 @@ def test_same_seed_same_bytes_other_seed_other_bytes(work: Path, run_cli: Run) -
     a = json.loads((work / "again" / "train-round.json").read_text())
     b = json.loads((work / "r1" / "train-round.json").read_text())
     assert a["checkpoints"] == b["checkpoints"]
+
+
+def test_worker_processes_give_the_same_bytes(work: Path, run_cli: Run) -> None:
+    """Two spawned training processes (one thread each) write exactly what one in-process run
+    wrote: each client's training depends on (seed, round, client) alone."""
+    train = tuple(
+        a if a != "1" or TRAIN[i - 1] != "--workers" else "2" for i, a in enumerate(TRAIN)
+    )
+    assert "2" in train
+    r = run_cli(*train, "--model", "init.safetensors", "--out", "w2", "-q")
+    assert r.code == 0, r.err
+    for cid in range(4):
+        name = f"client-{cid:03d}.safetensors"
+        assert (work / "w2" / name).read_bytes() == (work / "r1" / name).read_bytes()
 
 
 def test_second_round_continues_from_the_first(work: Path, run_cli: Run) -> None:

@@ -92,7 +92,8 @@ class LoadedPartition:
     """A partition manifest with its dataset loaded and checked against the fingerprint."""
 
     path: str  # where the manifest came from ("-" for stdin)
-    sha256: str  # sha256 of the manifest's bytes ("" for stdin)
+    sha256: str  # sha256 of the manifest's bytes
+    dataset_spec: DataSpec  # how the dataset was loaded (worker processes reload it)
     dataset: Dataset
     clients: tuple[ClientSplit, ...]  # client id = position
     global_test: np.ndarray  # (n_global,) indices
@@ -158,6 +159,7 @@ def load_partition(source: str | Path) -> LoadedPartition:
     return LoadedPartition(
         path=name,
         sha256=digest,
+        dataset_spec=spec,
         dataset=dataset,
         clients=clients,
         global_test=_indices(manifest.get("global_test", []), n, f"{name} global_test"),

@@ -43,7 +43,8 @@ from fedmoe.plan import (
     tensor_sizes,
 )
 from fedmoe.run.recipe import Recipe
-from fedmoe.train import evaluate_models, train_client
+from fedmoe.train import evaluate_models
+from fedmoe.train.pool import Job, TrainPool
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 
@@ -53,6 +54,7 @@ class RunContext:
     """Everything shared by the methods of one run."""
 
     recipe: Recipe
+    spec: DataSpec  # where the dataset comes from (worker processes load it themselves)
     dataset: Dataset
     partition: Partition
     config: MoEConfig
@@ -104,21 +106,18 @@ def prepare(recipe: Recipe, out: Path) -> RunContext:
         m.gate_bias,
     )
     initial = state_of(init_model(config, recipe.seed))
-    return RunContext(recipe, dataset, partition, config, tensor_sizes(config), initial, out)
+    return RunContext(recipe, spec, dataset, partition, config, tensor_sizes(config), initial, out)
 
 
 def write_setup(ctx: RunContext, resolved: dict[str, Any]) -> None:
     """The run folder's recipe, partition manifest and initial checkpoint."""
     import yaml
 
-    spec = DataSpec(
-        ctx.recipe.data.dataset, ctx.recipe.data.label_column, ctx.recipe.data.domain_column
-    )
     with OutputSet(force=True) as outputs:
         outputs.write_bytes(
             ctx.out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode()
         )
-        manifest = partition_to_manifest(ctx.partition, ctx.dataset, spec, ctx.out)
+        manifest = partition_to_manifest(ctx.partition, ctx.dataset, ctx.spec, ctx.out)
         outputs.write_bytes(ctx.out / "partition.json", dumps(manifest).encode())
         meta = CheckpointMeta(ctx.config, None, 0, 0, ctx.recipe.seed, "init")
         save_checkpoint(outputs, ctx.out / "init.safetensors", ctx.initial, meta)
@@ -177,9 +176,20 @@ def completed_rounds(metrics_path: Path) -> dict[str, int]:
 
 
 def run_method(
-    ctx: RunContext, method: str, resume_from: int, progress: Progress | None = None
+    ctx: RunContext,
+    method: str,
+    resume_from: int,
+    progress: Progress | None = None,
+    pool: TrainPool | None = None,
 ) -> None:
-    """All rounds of one method, appending to ``metrics.jsonl`` after each."""
+    """All rounds of one method, appending to ``metrics.jsonl`` after each.
+
+    ``pool`` trains the clients (in worker processes); by default they train in this process.
+    """
+    if pool is None:
+        with TrainPool(ctx.spec, ctx.dataset, 1) as local_pool:
+            run_method(ctx, method, resume_from, progress, local_pool)
+        return
     recipe, config = ctx.recipe, ctx.config
     n = len(ctx.partition.clients)
     state_dir = ctx.out / "state" / method
@@ -198,20 +208,14 @@ def run_method(
     for rnd in range(resume_from + 1, recipe.rounds + 1):
         start = time.perf_counter()
         active = participants(recipe, rnd, n)
+        jobs = [
+            Job(config, states[c], ctx.partition.clients[c], recipe.train, recipe.seed, rnd, c)
+            for c in active
+        ]
         trained: dict[int, dict[str, torch.Tensor]] = {}
-        for c in active:
-            up = train_client(
-                config,
-                states[c],
-                ctx.dataset,
-                ctx.partition.clients[c],
-                recipe.train,
-                recipe.seed,
-                rnd,
-                c,
-            )
-            trained[c] = up.result.state
-            routing[c] = up.routing
+        for up in pool.run(jobs):
+            trained[up.client] = up.result.state
+            routing[up.client] = up.routing
         train_s = time.perf_counter() - start
         infos = [ClientInfo(c, samples[c], routing[c], groups[c]) for c in active]
         gate_shared = fm.gate == "shared"
