@@ -1,4 +1,5 @@
-"""End to end: ``fedmoe run`` of the quickstart recipe (in quick mode: 2 rounds, 2 methods)."""
+"""End to end: ``fedmoe run`` of the quickstart recipe (in quick mode: 2 rounds, 2 methods), with
+the same worker pool the command uses (one training process per core), report and plots aside."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from bench.common import Row
 from fedmoe.run import load_recipe
 from fedmoe.run.orchestrator import prepare, run_method, write_setup
+from fedmoe.train.pool import TrainPool, default_workers
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 
@@ -20,8 +22,9 @@ def run(quick: bool) -> list[Row]:
         start = time.perf_counter()
         ctx = prepare(recipe, Path(tmp))
         write_setup(ctx, recipe.to_dict())
-        for method in recipe.methods:
-            run_method(ctx, method, 0)
+        with TrainPool(ctx.spec, ctx.dataset, default_workers()) as pool:
+            for method in recipe.methods:
+                run_method(ctx, method, 0, None, pool)
         seconds = time.perf_counter() - start
     target = "" if quick else "≤ 60 s"
     what = (
