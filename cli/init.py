@@ -14,6 +14,7 @@ from fedmoe.io.checkpoint import CheckpointMeta, save_checkpoint
 from fedmoe.io.manifest import sha256_file
 from fedmoe.io.partition_file import load_partition
 from fedmoe.model import MoEConfig, init_model, state_of
+from fedmoe.run.recipe import yaml_problem
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -34,7 +35,7 @@ def _recipe_model(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text("utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: cannot read YAML ({exc})") from None
+        raise InputError(f"{path}: not a readable YAML recipe ({yaml_problem(exc)})") from None
     model = data.get("model", {}) if isinstance(data, dict) else {}
     if not isinstance(model, dict):
         raise UsageError(f"{path}: 'model' must be a mapping")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -61,3 +61,13 @@ def invoke(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
 def _train_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Clients train in the test process unless a test asks for workers (spawning costs ~2 s)."""
     monkeypatch.setenv("FEDMOE_WORKERS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """Commands may set torch's thread count for the process; give it back after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

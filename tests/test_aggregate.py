@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import clean_failure
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -301,20 +302,6 @@ def metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("Error:")]
-
-
-def failure(r: Any, code: int) -> str:
-    """Exit ``code``, nothing on stdout, one ``Error:`` line, no traceback; returns the line."""
-    assert r.code == code, r.err
-    assert r.out == ""
-    lines = error_lines(r.err)
-    assert len(lines) == 1, r.err
-    assert "Traceback" not in r.err and "internal error" not in r.err
-    return lines[0]
-
-
 @pytest.fixture
 def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, torch.Tensor]]:
     """A.safetensors and B.safetensors (same names, shapes, dtypes) in the working folder."""
@@ -371,7 +358,7 @@ def test_fedavg_and_mean_weights(files: dict[str, Any], tmp_path: Path, run_cli:
     write(tmp_path / "C.safetensors", files["A"])
     r = run_cli("aggregate", "A.safetensors", "C.safetensors", "--method", "fedavg",
                 "--out", "g.safetensors")  # fmt: skip
-    assert "fedavg needs a num_samples metadata entry in every file" in failure(r, 3)
+    assert "fedavg needs a num_samples metadata entry in every file" in clean_failure(r, 3)
     assert not (tmp_path / "g.safetensors").exists()
 
 
@@ -398,7 +385,7 @@ def test_mismatched_files_are_refused(
 ) -> None:
     write(tmp_path / "B2.safetensors", other)
     r = run_cli("aggregate", "A.safetensors", "B2.safetensors", "--out", "m.safetensors")
-    assert failure(r, 3) == message
+    assert clean_failure(r, 3) == message
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -415,10 +402,10 @@ def test_on_missing_intersection_keeps_the_common_names(
     write(tmp_path / "C.safetensors", {"other": torch.ones(2)})
     r = run_cli("aggregate", "A.safetensors", "C.safetensors", "--on-missing", "intersection",
                 "--out", "n.safetensors")  # fmt: skip
-    assert "no tensor name in common" in failure(r, 3)
+    assert "no tensor name in common" in clean_failure(r, 3)
     r = run_cli("aggregate", "A.safetensors", "C.safetensors", "--on-missing", "union",
                 "--out", "n.safetensors")  # fmt: skip
-    assert "--on-missing must be one of error, intersection" in failure(r, 2)
+    assert "--on-missing must be one of error, intersection" in clean_failure(r, 2)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -431,7 +418,7 @@ def test_non_finite_input_writes_nothing(
     before = sorted(p.name for p in tmp_path.iterdir())
     r = run_cli("aggregate", "A.safetensors", "B.safetensors", "--weights", "0,1",
                 "--out", "m.safetensors")  # fmt: skip
-    assert failure(r, 3) == "Error: B.safetensors: tensor w contains NaN or Inf"
+    assert clean_failure(r, 3) == "Error: B.safetensors: tensor w contains NaN or Inf"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp file
 
 
@@ -442,7 +429,7 @@ def test_overflow_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ru
     write(tmp_path / "B.safetensors", {"x": big})
     r = run_cli("aggregate", "A.safetensors", "B.safetensors", "--weights", "1e30,1e30",
                 "--out", "m.safetensors")  # fmt: skip
-    assert "tensor x: the weighted sum overflows torch.float16" in failure(r, 3)
+    assert "tensor x: the weighted sum overflows torch.float16" in clean_failure(r, 3)
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -503,7 +490,7 @@ def test_plain_usage_errors(
     message: str,
 ) -> None:
     r = run_cli("aggregate", "A.safetensors", "B.safetensors", *args, "--out", "m.safetensors")
-    assert message in failure(r, code)
+    assert message in clean_failure(r, code)
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -513,14 +500,14 @@ def test_plain_merge_refuses_integers_and_existing_output(
     write(tmp_path / "I.safetensors", {"n": torch.arange(3)})
     write(tmp_path / "J.safetensors", {"n": torch.arange(3)})
     r = run_cli("aggregate", "I.safetensors", "J.safetensors", "--out", "m.safetensors")
-    assert "tensor n has dtype torch.int64; only floating tensors merge" in failure(r, 3)
+    assert "tensor n has dtype torch.int64; only floating tensors merge" in clean_failure(r, 3)
     (tmp_path / "m.safetensors").write_text("keep\n")
     r = run_cli("aggregate", "A.safetensors", "B.safetensors", "--out", "m.safetensors")
-    assert "m.safetensors exists" in failure(r, 4)
+    assert "m.safetensors exists" in clean_failure(r, 4)
     assert (tmp_path / "m.safetensors").read_text() == "keep\n"
     r = run_cli("aggregate", "A.safetensors", "B.safetensors", "--out", "m.safetensors",
                 "--force", "-q")  # fmt: skip
     assert r.code == 0 and load_file(str(tmp_path / "m.safetensors")).keys() == {"w", "b"}
     (tmp_path / "T.safetensors").write_bytes((tmp_path / "A.safetensors").read_bytes()[:-7])
     r = run_cli("aggregate", "A.safetensors", "T.safetensors", "--out", "t.safetensors")
-    assert "T.safetensors: tensor" in failure(r, 3) and "truncated" in r.err
+    assert "T.safetensors: tensor" in clean_failure(r, 3) and "truncated" in r.err

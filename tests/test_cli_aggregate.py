@@ -12,12 +12,13 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import clean_failure
 
 from fedmoe import __version__
 from fedmoe.io.atomic import OutputSet
@@ -48,25 +49,6 @@ TRAIN = (
 def files_in(folder: Path) -> list[str]:
     """Every file under ``folder`` (temp files included), relative and sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-
-
-def failure(r: Any, code: int) -> str:
-    """Exit ``code``, nothing on stdout, one ``Error:`` line, no traceback; returns the line."""
-    assert r.code == code, r.err
-    assert r.out == ""
-    lines = [line for line in r.err.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, r.err
-    assert all(line.startswith(("Error:", "Hint:")) for line in r.err.splitlines()), r.err
-    assert "Traceback" not in r.err and "internal error" not in r.err
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Iterator[None]:
-    """``train-round`` sets torch's thread count for the process; give it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -498,13 +480,13 @@ def test_plan_sync_json_summary(
         "ledger": plan["ledger"],
     }
     r = run_cli("plan-sync", "aff.json", "--top-p", "1", "--out", "p.json")
-    assert "p.json exists" in failure(r, 4)
+    assert "p.json exists" in clean_failure(r, 4)
     r = run_cli("plan-sync", "aff.json", "--top-p", "4", "--out", "q.json")
-    assert "--top-p 4 needs 5 candidates per row but the affinity kept 4" in failure(r, 2)
+    assert "--top-p 4 needs 5 candidates per row but the affinity kept 4" in clean_failure(r, 2)
     r = run_cli("plan-sync", "aff.json", "--tau", "0", "--out", "q.json")
-    assert "--tau must be > 0" in failure(r, 2)
+    assert "--tau must be > 0" in clean_failure(r, 2)
     r = run_cli("plan-sync", "aff.json", "--gate", "both", "--out", "q.json")
-    assert "--gate must be one of per-client, shared" in failure(r, 2)
+    assert "--gate must be one of per-client, shared" in clean_failure(r, 2)
     assert not (tmp_path / "q.json").exists()
 
 
@@ -571,7 +553,7 @@ def test_malformed_manifests_are_invalid_input(
         (tmp_path / "p.json").write_text(json.dumps(plan))
         r = run_cli("plan-sync", "--previous-plan", "p.json", "--refresh-interval", "2",
                     "--out", "q.json")  # fmt: skip
-    failure(r, 3)
+    clean_failure(r, 3)
     assert not (tmp_path / "q.json").exists()
 
 
@@ -605,7 +587,7 @@ def test_refresh_interval_reuses_then_recomputes(
     # round 4: outside the interval, the matrix must be recomputed from an affinity artefact
     r = run_cli("plan-sync", "--previous-plan", "plan1.json", "--round", "4",
                 "--refresh-interval", "3", "--out", "plan4.json")  # fmt: skip
-    assert "an affinity artefact is needed to compute the matrix this round" in failure(r, 2)
+    assert "an affinity artefact is needed to compute the matrix this round" in clean_failure(r, 2)
     assert not (tmp_path / "plan4.json").exists()
     r = run_cli("plan-sync", "aff.json", "--previous-plan", "plan1.json", "--round", "4",
                 "--top-p", "1", "--refresh-interval", "3", "--out", "plan4.json", "-q")  # fmt: skip
@@ -621,7 +603,7 @@ def test_refresh_interval_reuses_then_recomputes(
     assert r.code == 0, r.err
     assert json.loads(r.out)["refreshed"] is True and json.loads(r.out)["matrix_round"] == 2
     r = run_cli("plan-sync", "aff.json", "--refresh-interval", "0")
-    assert "--refresh-interval must be >= 1" in failure(r, 2)
+    assert "--refresh-interval must be >= 1" in clean_failure(r, 2)
 
 
 def test_reused_plan_aggregates_like_the_original(
@@ -696,7 +678,7 @@ def test_baselines(work: Path, run_cli: Run, method: str) -> None:
 
 def test_oracle_needs_the_partition(work: Path, run_cli: Run) -> None:
     r = run_cli("aggregate", "--method", "oracle-domain", "r1", "--out", "o")
-    assert "oracle-domain needs each client's true domain group" in failure(r, 2)
+    assert "oracle-domain needs each client's true domain group" in clean_failure(r, 2)
     assert not (work / "o").exists()
 
 
@@ -716,7 +698,7 @@ def test_plan_whose_weights_do_not_sum_to_one(work: Path, run_cli: Run) -> None:
     (work / "bad.json").write_text(json.dumps(plan))
     before = files_in(work)
     r = run_cli("aggregate", "--plan", "bad.json", "r1", "--out", "agg")
-    line = failure(r, 3)
+    line = clean_failure(r, 3)
     assert line.startswith("Error: bad.json: weights of target client 1 expert 1 sum to 1.01")
     assert line.endswith(", not 1")
     assert files_in(work) == before and not (work / "agg").exists()
@@ -752,7 +734,7 @@ def test_bad_plans(
     (work / "bad.json").write_text(json.dumps(plan))
     before = files_in(work)
     r = run_cli("aggregate", "--plan", "bad.json", "r1", "--out", "agg")
-    assert message in failure(r, 3)
+    assert message in clean_failure(r, 3)
     assert files_in(work) == before and not (work / "agg").exists()
 
 
@@ -761,7 +743,7 @@ def test_plan_for_other_clients_than_the_checkpoints(work: Path, run_cli: Run) -
     before = files_in(work)
     r = run_cli("aggregate", "--plan", "plan.json", "r1/client-000.safetensors",
                 "r1/client-001.safetensors", "r1/client-002.safetensors", "--out", "agg")  # fmt: skip
-    line = failure(r, 3)
+    line = clean_failure(r, 3)
     assert "the sync plan covers clients [0, 1, 2, 3], the checkpoints [0, 1, 2]" in line
     assert files_in(work) == before
 
@@ -778,7 +760,7 @@ def test_checkpoints_of_different_model_configs(work: Path, run_cli: Run) -> Non
     before = files_in(work)
     args = [f"r1/client-{c:03d}.safetensors" for c in (0, 1, 2)] + ["x/client-003.safetensors"]
     r = run_cli("aggregate", "--method", "fedavg", *args, "--out", "agg")
-    line = failure(r, 3)
+    line = clean_failure(r, 3)
     assert "x/client-003.safetensors has a different model_config than" in line
     assert files_in(work) == before
 
@@ -802,7 +784,7 @@ def nan_round(work: Path) -> Path:
 def test_nan_in_a_checkpoint(work: Path, nan_round: Path, run_cli: Run) -> None:
     before = files_in(work)
     r = run_cli("aggregate", "--method", "naive-moe", "r1", "--out", "agg")
-    assert failure(r, 3) == (
+    assert clean_failure(r, 3) == (
         "Error: r1/client-002.safetensors: tensor experts.w1 expert 1 contains NaN or Inf"
     )
     assert files_in(work) == before  # no checkpoint, no manifest, no temp file
@@ -811,7 +793,7 @@ def test_nan_in_a_checkpoint(work: Path, nan_round: Path, run_cli: Run) -> None:
     r = run_cli("plan-sync", "aff.json", "--top-p", "2", "--out", "plan.json", "-q")
     assert r.code == 0
     r = run_cli("aggregate", "--plan", "plan.json", "r1", "--out", "agg2")
-    line = failure(r, 3)
+    line = clean_failure(r, 3)
     assert "r1/client-002.safetensors: tensor experts.w1 expert 1 contains NaN or Inf" in line
 
 
@@ -838,7 +820,7 @@ def test_usage_errors(work: Path, run_cli: Run, args: tuple[str, ...], message: 
     make_plan(work, run_cli)
     before = files_in(work)
     r = run_cli("aggregate", *args, "r1", "--out", "agg")
-    assert message in failure(r, 2)
+    assert message in clean_failure(r, 2)
     assert files_in(work) == before
 
 
@@ -847,14 +829,14 @@ def test_plan_and_checkpoints_cannot_both_come_from_stdin(
 ) -> None:
     pipe((work / "r1" / "train-round.json").read_text())
     r = run_cli("aggregate", "--plan", "-", "-", "--out", "agg")
-    assert "only one of the plan and the checkpoints can come from stdin" in failure(r, 2)
+    assert "only one of the plan and the checkpoints can come from stdin" in clean_failure(r, 2)
 
 
 def test_existing_output_is_refused_without_force(work: Path, run_cli: Run) -> None:
     (work / "agg").mkdir()
     (work / "agg" / "client-002.safetensors").write_text("keep\n")
     r = run_cli("aggregate", "--method", "local", "r1", "--out", "agg")
-    assert failure(r, 4) == (
+    assert clean_failure(r, 4) == (
         "Error: agg/client-002.safetensors exists; pass --force to replace it or choose another --out"
     )
     assert files_in(work / "agg") == ["client-002.safetensors"]
@@ -864,10 +846,10 @@ def test_existing_output_is_refused_without_force(work: Path, run_cli: Run) -> N
 
 def test_affinity_errors(work: Path, run_cli: Run) -> None:
     r = run_cli("affinity", "r1", "--candidates", "0")
-    assert "--candidates must be >= 1" in failure(r, 2)
+    assert "--candidates must be >= 1" in clean_failure(r, 2)
     r = run_cli("affinity", "init.safetensors")
-    line = failure(r, 2)
+    line = clean_failure(r, 2)
     assert "init.safetensors is a global model; affinity compares client checkpoints" in line
     shutil.copy(work / "r1" / "client-000.safetensors", work / "r1" / "client-001.safetensors")
     r = run_cli("affinity", "r1/train-round.json")
-    assert "client-001.safetensors: sha256 differs" in failure(r, 3)
+    assert "client-001.safetensors: sha256 differs" in clean_failure(r, 3)

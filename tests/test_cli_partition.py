@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import error_lines
 
 from fedmoe import __version__
 from fedmoe.errors import InputError
@@ -38,10 +39,6 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def files_in(folder: Path) -> list[str]:
     """Every file under ``folder`` (temp files included), relative and sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("Error:")]
 
 
 # ---------------------------------------------------------------------------------------------

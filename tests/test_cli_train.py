@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import clean_failure
 
 from fedmoe.io.checkpoint import open_checkpoint
 from fedmoe.io.manifest import sha256_file
@@ -40,35 +41,12 @@ def files_in(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("Error:")]
-
-
 def files_in_base() -> list[str]:
     """What the base run holds."""
     return [
         "init.safetensors", "p.json", "r1/client-000.safetensors", "r1/client-001.safetensors",
         "r1/client-002.safetensors", "r1/client-003.safetensors", "r1/train-round.json",
     ]  # fmt: skip
-
-
-def assert_clean_failure(r: Any, code: int) -> str:
-    """Exit ``code``, nothing on stdout, one ``Error:`` line and no traceback; returns that line."""
-    assert r.code == code, r.err
-    assert r.out == ""
-    lines = error_lines(r.err)
-    assert len(lines) == 1, r.err
-    assert all(line.startswith(("Error:", "Hint:")) for line in r.err.splitlines())
-    assert "Traceback" not in r.err and "internal error" not in r.err
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Iterator[None]:
-    """``train-round`` sets torch's thread count for the process; give it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -169,23 +147,23 @@ def test_init_from_a_recipe(work: Path, run_cli: Run) -> None:
     assert (cfg.num_experts, cfg.top_k, cfg.embed, cfg.input_shape) == (3, 1, "cnn", (1, 8, 8))
     (work / "bad.yaml").write_text("model:\n  num_expert: 3\n")
     r = run_cli("init", "--config", "bad.yaml", "--partition", "p.json", "--out", "d.st")
-    assert "unknown key 'num_expert'" in assert_clean_failure(r, 2)
+    assert "unknown key 'num_expert'" in clean_failure(r, 2)
     assert not (work / "d.st").exists()
 
 
 def test_init_recipe_value_of_the_wrong_type(work: Path, run_cli: Run) -> None:
     (work / "bad.yaml").write_text("model:\n  num_experts: four\n")
     r = run_cli("init", "--config", "bad.yaml", "--partition", "p.json", "--out", "d.st")
-    assert "num_experts" in assert_clean_failure(r, 2)
+    assert "num_experts" in clean_failure(r, 2)
 
 
 def test_init_needs_a_shape(work: Path, run_cli: Run) -> None:
     r = run_cli("init", "--num-classes", "3", "--out", "x.safetensors")
-    assert "needs an input shape and a class count" in assert_clean_failure(r, 2)
+    assert "needs an input shape and a class count" in clean_failure(r, 2)
     r = run_cli("init", "--input-shape", "1,x", "--num-classes", "3", "--out", "x.safetensors")
-    assert "--input-shape '1,x'" in assert_clean_failure(r, 2)
+    assert "--input-shape '1,x'" in clean_failure(r, 2)
     r = run_cli("init", "--partition", "p.json", "--experts", "2", "--top-k", "3")
-    assert "invalid top_k = 3" in assert_clean_failure(r, 2)
+    assert "invalid top_k = 3" in clean_failure(r, 2)
     assert not (work / "x.safetensors").exists()
 
 
@@ -342,7 +320,7 @@ def test_bad_arguments(
 ) -> None:
     before = files_in(work)
     r = run_cli(*TRAIN, "--model", "init.safetensors", *args)
-    assert message in assert_clean_failure(r, code)
+    assert message in clean_failure(r, code)
     assert files_in(work) == before
 
 
@@ -360,10 +338,10 @@ def test_checkpoint_that_does_not_fit_the_partition(
     assert r.code == 0
     before = files_in(work)
     r = run_cli(*TRAIN, "--model", "m.st", "--out", "r")
-    assert assert_clean_failure(r, 3) == f"Error: p.json: {message}"
+    assert clean_failure(r, 3) == f"Error: p.json: {message}"
     assert files_in(work) == before
     r = run_cli("evaluate", "--partition", "p.json", "m.st")
-    assert assert_clean_failure(r, 3) == f"Error: p.json: {message}"
+    assert clean_failure(r, 3) == f"Error: p.json: {message}"
 
 
 @pytest.mark.parametrize("target", ["init.safetensors", "r1/client-003.safetensors"])
@@ -374,17 +352,17 @@ def test_truncated_checkpoint(work: Path, run_cli: Run, target: str) -> None:
     before = files_in(work)
     model = "init.safetensors" if target == "init.safetensors" else "r1"
     r = run_cli(*TRAIN, "--model", model, "--out", "r2")
-    line = assert_clean_failure(r, 3)
+    line = clean_failure(r, 3)
     assert line.startswith(f"Error: {target}: not a readable safetensors file")
     assert files_in(work) == before and path.read_bytes() == truncated
     r = run_cli("evaluate", "--partition", "p.json", model)
-    assert assert_clean_failure(r, 3) == line
+    assert clean_failure(r, 3) == line
 
 
 def test_changed_checkpoint_under_a_manifest(work: Path, run_cli: Run) -> None:
     shutil.copy(work / "r1" / "client-000.safetensors", work / "r1" / "client-001.safetensors")
     r = run_cli(*TRAIN, "--model", "r1/train-round.json", "--out", "r2")
-    line = assert_clean_failure(r, 3)
+    line = clean_failure(r, 3)
     assert "client-001.safetensors: sha256 differs from the one r1/train-round.json" in line
     assert not (work / "r2").exists()
 
@@ -393,7 +371,7 @@ def test_missing_client_checkpoint(work: Path, run_cli: Run) -> None:
     r = run_cli(*TRAIN, "--model", "r1/client-001.safetensors", "--client", "2",
                 "--out", "c.safetensors")  # fmt: skip
     assert "no checkpoint for client 2 (the models given cover clients [1])" in (
-        assert_clean_failure(r, 3)
+        clean_failure(r, 3)
     )
     assert not (work / "c.safetensors").exists()
 
@@ -404,7 +382,7 @@ def test_existing_output_is_refused_without_force(work: Path, run_cli: Run, exis
     (work / "r1").mkdir()
     (work / existing).write_text("keep me\n")
     r = run_cli(*TRAIN, "--model", "init.safetensors", "--out", "r1")
-    line = assert_clean_failure(r, 4)
+    line = clean_failure(r, 4)
     assert line == f"Error: {existing} exists; pass --force to replace it or choose another --out"
     assert (work / existing).read_text() == "keep me\n"
     assert files_in(work / "r1") == [existing.split("/")[1]]
@@ -416,14 +394,14 @@ def test_existing_output_is_refused_without_force(work: Path, run_cli: Run, exis
 def test_single_client_output_exists(work: Path, run_cli: Run) -> None:
     (work / "c.json").write_text("keep\n")
     r = run_cli(*TRAIN, "--model", "init.safetensors", "--client", "0", "--out", "c.safetensors")
-    assert "c.json exists" in assert_clean_failure(r, 4)
+    assert "c.json exists" in clean_failure(r, 4)
     assert not (work / "c.safetensors").exists() and (work / "c.json").read_text() == "keep\n"
 
 
 def test_all_clients_into_a_safetensors_path_is_a_usage_error(work: Path, run_cli: Run) -> None:
     before = files_in(work)
     r = run_cli(*TRAIN, "--model", "init.safetensors", "--client", "all", "--out", "x.safetensors")
-    assert "--out x.safetensors" in assert_clean_failure(r, 2)
+    assert "--out x.safetensors" in clean_failure(r, 2)
     assert files_in(work) == before
 
 
@@ -431,7 +409,7 @@ def test_all_clients_into_an_existing_file(work: Path, run_cli: Run) -> None:
     """--out names a file that exists (e.g. an earlier single-client checkpoint)."""
     (work / "x.safetensors").write_text("keep\n")
     r = run_cli(*TRAIN, "--model", "init.safetensors", "--client", "all", "--out", "x.safetensors")
-    assert "writes one checkpoint per client into a folder" in assert_clean_failure(r, 2)
+    assert "writes one checkpoint per client into a folder" in clean_failure(r, 2)
     assert (work / "x.safetensors").read_text() == "keep\n"
 
 
@@ -450,7 +428,7 @@ def test_evaluate_streams_and_out(work: Path, run_cli: Run) -> None:
     assert (r.code, r.out) == (0, "e.json\n")
     assert json.loads((work / "e.json").read_text()) == pretty
     r = run_cli("evaluate", "--partition", "p.json", "r1", "--out", "e.json", "-q")
-    assert "e.json exists" in assert_clean_failure(r, 4)
+    assert "e.json exists" in clean_failure(r, 4)
 
 
 def test_evaluate_report(work: Path, run_cli: Run) -> None:
@@ -488,5 +466,5 @@ def test_evaluate_client_outside_the_partition(work: Path, run_cli: Run) -> None
                 "--out", "p2.json", "-q")  # fmt: skip
     assert r.code == 0
     r = run_cli("evaluate", "--partition", "p2.json", "r1")
-    line = assert_clean_failure(r, 3)
+    line = clean_failure(r, 3)
     assert line == "Error: checkpoint for client 2 but the partition has clients 0..1"

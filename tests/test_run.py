@@ -8,13 +8,14 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from helpers import clean_failure
 
 from fedmoe.io.checkpoint import open_checkpoint
 from fedmoe.plan import tensor_sizes
@@ -53,16 +54,6 @@ def files_in(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def failure(r: Any, code: int) -> str:
-    """Exit ``code``, nothing on stdout, one ``Error:`` line, no traceback; returns the line."""
-    assert r.code == code, r.err
-    assert r.out == ""
-    lines = [line for line in r.err.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, r.err
-    assert "Traceback" not in r.err and "internal error" not in r.err
-    return lines[0]
-
-
 def metrics(folder: Path) -> list[dict[str, Any]]:
     """metrics.jsonl without its wall-clock fields."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -88,14 +79,6 @@ def structure(obj: Any) -> Any:
     if isinstance(obj, (int, float)):
         return "number"
     return "null" if obj is None else type(obj).__name__
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads() -> Iterator[None]:
-    """``run`` sets torch's thread count for the process; give it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _main(*argv: str) -> tuple[int, str]:
@@ -331,11 +314,11 @@ def test_resume_after_a_torn_metrics_line(
 def test_resume_needs_the_same_recipe(work: Path, run_cli: Run) -> None:
     before = {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")}
     r = run_cli(*RUN, "--out", "run", "--resume", "-c", "rounds=3")
-    line = failure(r, 3)
+    line = clean_failure(r, 3)
     assert line == "Error: run: was started from a different recipe; resuming would mix two runs"
     assert {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")} == before
     r = run_cli(*RUN, "--out", "nothing-here", "--resume")
-    assert "nothing-here: no recipe.yaml; nothing to resume" in failure(r, 3)
+    assert "nothing-here: no recipe.yaml; nothing to resume" in clean_failure(r, 3)
     # resuming a finished run changes nothing but the report's timing
     r = run_cli(*RUN, "--out", "run", "--resume")
     assert (r.code, r.out) == (0, "run/report.json\n")
@@ -379,7 +362,7 @@ def test_bad_recipes(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text(recipe)
     r = run_cli("run", "r.yaml", "--out", "out", *overrides)
-    assert message in failure(r, 2)
+    assert message in clean_failure(r, 2)
     assert files_in(tmp_path) == ["r.yaml"]
 
 
@@ -388,10 +371,10 @@ def test_missing_or_unreadable_recipe(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     r = run_cli("run", "nope.yaml", "--out", "out")
-    assert "nope.yaml: no such recipe file" in failure(r, 3)
+    assert "nope.yaml: no such recipe file" in clean_failure(r, 3)
     (tmp_path / "bad.yaml").write_text("rounds: [2\n")
     r = run_cli("run", "bad.yaml", "--out", "out")
-    assert "bad.yaml: not a readable YAML recipe" in failure(r, 3)
+    assert "bad.yaml: not a readable YAML recipe" in clean_failure(r, 3)
     assert not (tmp_path / "out").exists()
 
 
@@ -411,7 +394,7 @@ def test_overrides_reach_the_resolved_recipe(work: Path, run_cli: Run) -> None:
 def test_existing_run_folder_needs_force(work: Path, run_cli: Run) -> None:
     before = {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")}
     r = run_cli(*RUN, "--out", "run")
-    assert failure(r, 4) == (
+    assert clean_failure(r, 4) == (
         "Error: run already holds a run; pass --resume to continue it or --force to start over"
     )
     assert {p: (work / "run" / p).read_bytes() for p in files_in(work / "run")} == before
@@ -453,4 +436,4 @@ def test_report_counts_a_redone_round_once(work: Path, run_cli: Run) -> None:
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path: Path, run_cli: Run) -> None:
     r = run_cli("report", str(tmp_path))
-    assert f"{tmp_path}: no metrics.jsonl; is this a fedmoe run folder?" in failure(r, 3)
+    assert f"{tmp_path}: no metrics.jsonl; is this a fedmoe run folder?" in clean_failure(r, 3)

@@ -175,6 +175,16 @@ def _check(r: Recipe) -> None:
             raise UsageError(f"recipe: {message}")
 
 
+def yaml_problem(exc: BaseException) -> str:
+    """A YAML or OS error in one line: what is wrong and where (PyYAML's messages span lines)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "strerror", None)
+    mark = getattr(exc, "problem_mark", None)
+    text = str(problem or exc).splitlines()[0] if str(problem or exc) else type(exc).__name__
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}"
+    return text
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
     """Return a copy of ``data`` with dotted ``key=value`` overrides applied (values read as YAML)."""
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
@@ -202,7 +212,7 @@ def load_recipe(
     except FileNotFoundError:
         raise InputError(f"{path}: no such recipe file") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: not a readable YAML recipe ({exc})") from None
+        raise InputError(f"{path}: not a readable YAML recipe ({yaml_problem(exc)})") from None
     data = apply_overrides(data, overrides or {})
     recipe = recipe_from_dict(data)
     ds = recipe.data.dataset
