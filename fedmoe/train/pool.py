@@ -50,6 +50,10 @@ def _init(spec: DataSpec, fingerprint: str) -> None:
     _DATASET = dataset
 
 
+def _ready(_: int) -> int:
+    return os.getpid()
+
+
 def _run(job: Job) -> ClientUpdate:
     assert _DATASET is not None
     return _train(job, _DATASET)
@@ -89,6 +93,8 @@ class TrainPool:
                 initializer=_init,
                 initargs=(self.spec, self.dataset.fingerprint()),
             )
+            # start every worker now, so their start-up is not charged to the first round
+            list(self._pool.map(_ready, range(self.workers)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
