@@ -11,6 +11,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from fedmoe import __version__
 from fedmoe.aggregate import AGGREGATORS, ClientInfo, FedMoEDA
 from fedmoe.aggregate.engine import merge_client
 from fedmoe.aggregate.linear import MappedFile, merged_metadata, plan_linear, write_linear
@@ -166,16 +167,31 @@ def _federated(
     ]
     cache: dict[tuple[object, ...], Any] = {}
     entries = []
+    provenance = json.dumps(
+        {
+            "method": name,
+            "plan_sha256": plan_sha,
+            "sources": sorted(k.sha256 for k in clients.values()),
+        },
+        separators=(",", ":"),
+    )
+
+    def write_model(
+        path: Path, tensors: list[TensorSpec], metadata: dict[str, str], c: int
+    ) -> None:
+        """Stream client ``c``'s merged tensors (those in ``tensors``) into ``path``."""
+        with outputs.open(path) as handle:
+            writer = StreamWriter(handle, tensors, metadata)
+            order = [s.name for s in writer.order]
+            for tname, tensor in merge_client(spec, source, c, order, dtypes, cache):
+                writer.write(tname, tensor)
+            writer.close()
+
     with OutputSet(force) as outputs:
         for p in [*paths.values(), manifest_path]:
             outputs.reserve(p)
         for c in ids:
             own = clients[c]
-            provenance = {
-                "method": name,
-                "plan_sha256": plan_sha,
-                "sources": sorted({k.sha256 for k in clients.values()}),
-            }
             meta = CheckpointMeta(
                 config,
                 c,
@@ -185,15 +201,9 @@ def _federated(
                 name,
                 parent_sha256=own.sha256,
                 routing=own.meta.routing,
-                extra={**own.meta.extra, "merge": json.dumps(provenance, separators=(",", ":"))},
+                extra={**own.meta.extra, "merge": provenance},
             )
-            with outputs.open(paths[c]) as handle:
-                writer = StreamWriter(handle, specs, meta.to_metadata())
-                for tname, tensor in merge_client(
-                    spec, source, c, [s.name for s in writer.order], dtypes, cache
-                ):
-                    writer.write(tname, tensor)
-                writer.close()
+            write_model(paths[c], specs, meta.to_metadata(), c)
             entries.append(
                 {
                     "client": c,
@@ -208,20 +218,14 @@ def _federated(
             outputs.reserve(server_path)
             server_specs = [s for s in specs if s.name in shared_names]
             smeta = {
-                "fedmoe_version": first.meta.to_metadata()["fedmoe_version"],
+                "fedmoe_version": __version__,
                 "format": "fedmoe-shared/1",
                 "model_config": config.to_json(),
                 "round": str(first.meta.round),
                 "method": name,
                 "num_samples": str(sum(k.meta.num_samples for k in clients.values())),
             }
-            with outputs.open(server_path) as handle:
-                writer = StreamWriter(handle, server_specs, smeta)
-                for tname, tensor in merge_client(
-                    spec, source, ids[0], [s.name for s in writer.order], dtypes, cache
-                ):
-                    writer.write(tname, tensor)
-                writer.close()
+            write_model(server_path, server_specs, smeta, ids[0])
             server = {
                 "path": server_path.name,
                 "sha256": outputs.staged_sha256(server_path),
