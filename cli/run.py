@@ -115,6 +115,8 @@ def run(
         )
 
     with TrainPool(ctx.spec, ctx.dataset, workers or default_workers()) as pool, progress:
+        if pool.fallback:
+            console.print(f"[yellow]note: {pool.fallback}[/yellow]")
         for method in rec.methods:
             tasks[method] = progress.add_task(
                 method, total=rec.rounds, acc="", completed=done.get(method, 0)

@@ -136,6 +136,8 @@ def train_round(
             progress,
             TrainPool(spec, part.dataset, min(workers or default_workers(), len(ids))) as pool,
         ):
+            if pool.fallback:
+                console.print(f"[yellow]note: {pool.fallback}[/yellow]")
             task = progress.add_task("train", total=len(ids), round=rnd)
             for first in range(0, len(jobs), 64):  # bounded memory: 64 clients in flight
                 for update in pool.run(jobs[first : first + 64]):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,17 +85,24 @@ class TrainPool:
         self.dataset = dataset
         self.workers = max(1, workers)
         self._pool: ProcessPoolExecutor | None = None
+        self.fallback: str | None = None  # why the pool trains in-process, if it had to
 
     def __enter__(self) -> TrainPool:
         if self.workers > 1:
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init,
-                initargs=(self.spec, self.dataset.fingerprint()),
-            )
-            # start every worker now, so their start-up is not charged to the first round
-            list(self._pool.map(_ready, range(self.workers)))
+            try:
+                self._pool = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init,
+                    initargs=(self.spec, self.dataset.fingerprint()),
+                )
+                # start every worker now, so their start-up is not charged to the first round
+                list(self._pool.map(_ready, range(self.workers)))
+            except (OSError, BrokenProcessPool) as exc:  # no processes here: train in-process
+                if self._pool is not None:
+                    self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+                self.fallback = f"worker processes unavailable ({exc}); training in-process"
         return self
 
     def __exit__(self, *exc: Any) -> None:
