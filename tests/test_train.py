@@ -302,3 +302,34 @@ def test_evaluate_models_warns_nothing_for_an_empty_domain() -> None:
         warnings.simplefilter("error")
         report = evaluate_models(CFG, {0: constant_model(1)}, ds, clients, np.arange(10))
     assert report["global_acc_by_domain"][2] is None
+
+
+def test_pool_trains_in_process_when_workers_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No worker processes (e.g. no semaphores in a sandbox): the same updates, in-process."""
+    import fedmoe.train.pool as pool_mod
+    from fedmoe.data import DataSpec, load_dataset
+    from fedmoe.partition import get_partitioner, make_partition
+    from fedmoe.train import TrainConfig as TC
+    from fedmoe.train.pool import Job, TrainPool
+
+    spec = DataSpec("digits-rot")
+    data = load_dataset(spec)
+    part = make_partition(data.y, data.domain, 3, get_partitioner("iid", {}), 0)
+    cfg = MoEConfig(
+        data.input_shape, 10, embed_hidden=8, embed_dim=8, num_experts=4, expert_hidden=8
+    )
+    state = state_of(init_model(cfg, 0))
+    jobs = [Job(cfg, state, part.clients[c], TC(epochs=1), 0, 1, c) for c in range(3)]
+    with TrainPool(spec, data, 1) as pool:
+        expected = pool.run(jobs)
+
+    def no_processes(*args: object, **kwargs: object) -> None:
+        raise OSError("no semaphores")
+
+    monkeypatch.setattr(pool_mod, "ProcessPoolExecutor", no_processes)
+    with TrainPool(spec, data, 2) as pool:
+        assert pool.fallback is not None and "training in-process" in pool.fallback
+        got = pool.run(jobs)
+    for a, b in zip(expected, got, strict=True):
+        assert a.client == b.client
+        assert all(torch.equal(a.result.state[k], b.result.state[k]) for k in a.result.state)
