@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,6 +73,21 @@ def same_index_matrix(
         w_arr,
         np.full(len(vals), np.nan),
     )
+
+
+def fedavg_within_groups(
+    infos: list[ClientInfo], num_experts: int, group: Callable[[ClientInfo], object], name: str
+) -> MergeSpec:
+    """Sample-weighted FedAvg of every parameter among clients with the same ``group(info)``:
+    the embedding, the gate, and expert j with expert j (FedAvg is the case of one group)."""
+    index = expert_index(infos, num_experts)
+    shared: dict[int, tuple[tuple[int, float], ...]] = {}
+    per: dict[int, dict[int, list[tuple[int, float]]]] = {}
+    for info in infos:
+        fed = sample_weights([i for i in infos if group(i) == group(info)])
+        shared[info.client] = fed
+        per[info.client] = {j: list(fed) for j in range(num_experts)}
+    return MergeSpec(index, shared, True, same_index_matrix(index, per), name)
 
 
 def expert_index(infos: list[ClientInfo], num_experts: int) -> ExpertIndex:

@@ -6,14 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedmoe.aggregate.base import (
-    Aggregator,
-    ClientInfo,
-    MergeSpec,
-    expert_index,
-    same_index_matrix,
-    sample_weights,
-)
+from fedmoe.aggregate.base import Aggregator, ClientInfo, MergeSpec, fedavg_within_groups
 
 
 @dataclass(frozen=True)
@@ -24,9 +17,4 @@ class FedAvg(Aggregator):
     summary: ClassVar[str] = "average every parameter, weighted by sample counts"
 
     def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
-        index = expert_index(infos, num_experts)
-        fed = sample_weights(infos)
-        per = {i.client: {j: list(fed) for j in range(num_experts)} for i in infos}
-        return MergeSpec(
-            index, {i.client: fed for i in infos}, True, same_index_matrix(index, per), self.name
-        )
+        return fedavg_within_groups(infos, num_experts, lambda _: 0, self.name)

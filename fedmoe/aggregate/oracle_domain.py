@@ -6,14 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedmoe.aggregate.base import (
-    Aggregator,
-    ClientInfo,
-    MergeSpec,
-    expert_index,
-    same_index_matrix,
-    sample_weights,
-)
+from fedmoe.aggregate.base import Aggregator, ClientInfo, MergeSpec, fedavg_within_groups
 from fedmoe.errors import UsageError
 
 
@@ -25,17 +18,9 @@ class OracleDomain(Aggregator):
     summary: ClassVar[str] = "reference: FedAvg within each true domain group (needs domain labels)"
 
     def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
-        index = expert_index(infos, num_experts)
         if any(i.group is None for i in infos):
             raise UsageError(
                 "oracle-domain needs each client's true domain group",
                 hint="give --partition so the groups can be read from the domain counts",
             )
-        shared: dict[int, tuple[tuple[int, float], ...]] = {}
-        per: dict[int, dict[int, list[tuple[int, float]]]] = {}
-        for info in infos:
-            members = [i for i in infos if i.group == info.group]
-            fed = sample_weights(members)
-            shared[info.client] = fed
-            per[info.client] = {j: list(fed) for j in range(num_experts)}
-        return MergeSpec(index, shared, True, same_index_matrix(index, per), self.name)
+        return fedavg_within_groups(infos, num_experts, lambda i: i.group, self.name)
