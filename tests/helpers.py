@@ -20,3 +20,21 @@ def clean_failure(r: Any, code: int) -> str:
     assert all(line.startswith(("Error:", "Hint:")) for line in r.err.splitlines()), r.err
     assert "Traceback" not in r.err and "internal error" not in r.err
     return lines[0]
+
+
+def run_in(folder: Any, *commands: tuple[str, ...]) -> None:
+    """Run CLI commands in ``folder`` (for module fixtures), each of which must exit 0; torch's
+    thread count is given back afterwards."""
+    import pytest
+    import torch
+    from fedmoe_cli.app import main
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.delenv("FEDMOE_DEBUG", raising=False)
+        for argv in commands:
+            with pytest.raises(SystemExit) as info:
+                main(list(argv))
+            assert info.value.code == 0, argv
+    torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import clean_failure
+from helpers import clean_failure, run_in
 
 from fedmoe import __version__
 from fedmoe.io.atomic import OutputSet
@@ -54,18 +54,8 @@ def files_in(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """p.json, init.safetensors and round 1 (r1/) of 4 clients with a tiny model, made once."""
-    from fedmoe_cli.app import main
-
     folder = tmp_path_factory.mktemp("agg-base")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.delenv("FEDMOE_DEBUG", raising=False)
-        for argv in (PARTITION, INIT, (*TRAIN, "--model", "init.safetensors", "--out", "r1")):
-            with pytest.raises(SystemExit) as info:
-                main(list(argv))
-            assert info.value.code == 0, argv
-    torch.set_num_threads(threads)
+    run_in(folder, PARTITION, INIT, (*TRAIN, "--model", "init.safetensors", "--out", "r1"))
     return folder
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from helpers import clean_failure
+from helpers import clean_failure, run_in
 
 from fedmoe.io.checkpoint import open_checkpoint
 from fedmoe.io.manifest import sha256_file
@@ -52,22 +51,13 @@ def files_in_base() -> list[str]:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding p.json, init.safetensors and round 1 (r1/), made once for the module."""
-    from fedmoe_cli.app import main
-
     folder = tmp_path_factory.mktemp("base")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.delenv("FEDMOE_DEBUG", raising=False)
-        for argv in (
-            PARTITION,
-            (*INIT, "-q"),
-            (*TRAIN, "--model", "init.safetensors", "--out", "r1", "-q"),
-        ):
-            with pytest.raises(SystemExit) as info:
-                main(list(argv))
-            assert info.value.code == 0, argv
-    torch.set_num_threads(threads)
+    run_in(
+        folder,
+        PARTITION,
+        (*INIT, "-q"),
+        (*TRAIN, "--model", "init.safetensors", "--out", "r1", "-q"),
+    )
     assert files_in(folder) == files_in_base()
     return folder
 
