@@ -127,10 +127,6 @@ def train_round(
             console=console,
             disable=quiet or not console.is_terminal,
         )
-        jobs = []
-        for cid in ids:
-            state = starts[cid].state()
-            jobs.append(Job(config, state, part.client(cid), cfg, seed, rnd, cid))
         spec = part.dataset_spec
         with (
             progress,
@@ -139,8 +135,12 @@ def train_round(
             if pool.fallback:
                 console.print(f"[yellow]note: {pool.fallback}[/yellow]")
             task = progress.add_task("train", total=len(ids), round=rnd)
-            for first in range(0, len(jobs), 64):  # bounded memory: 64 clients in flight
-                for update in pool.run(jobs[first : first + 64]):
+            for first in range(0, len(ids), 64):  # bounded memory: 64 clients in flight
+                jobs = [
+                    Job(config, starts[c].state(), part.client(c), cfg, seed, rnd, c)
+                    for c in ids[first : first + 64]
+                ]
+                for update in pool.run(jobs):
                     cid = update.client
                     meta = CheckpointMeta(
                         config,
