@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench import merge_bench, moe_bench, partition_bench, run_bench, topk_bench
+from bench import merge_bench, moe_bench, partition_bench, round_bench, run_bench, topk_bench
 from bench.common import Row, copy_bandwidth, fmt, threads
 
 SUITES = {
@@ -22,6 +22,7 @@ SUITES = {
     "moe": moe_bench.run,
     "topk": topk_bench.run,
     "merge": merge_bench.run,
+    "round": round_bench.run,
     "run": run_bench.run,
 }
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.common import Row, peak_bytes, peak_in_subprocess, reset_peak, rss_bytes, sequential_read
-from fedmoe.aggregate.linear import MappedFile, plan_linear, write_linear
+from fedmoe.io.linear_merge import MappedFile, plan_linear, write_linear
 
 
 def _make_files(folder: Path, count: int, mib: int) -> list[Path]:

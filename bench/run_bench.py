@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 from bench.common import Row
+from fedmoe.io.run_folder import RunFolder
+from fedmoe.pipeline.pool import TrainPool, default_workers
 from fedmoe.run import load_recipe
 from fedmoe.run.orchestrator import prepare, run_method, write_setup
-from fedmoe.train.pool import TrainPool, default_workers
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 
@@ -20,11 +21,15 @@ def run(quick: bool) -> list[Row]:
     recipe, _ = load_recipe(RECIPE, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
+        write_setup(recipe, RunFolder(Path(tmp)), recipe.to_dict())
         ctx = prepare(recipe, Path(tmp))
-        write_setup(ctx, recipe.to_dict())
-        with TrainPool(ctx.spec, ctx.dataset, default_workers()) as pool:
+        part = ctx.partition
+        pool = TrainPool(
+            part.dataset_spec, part.fingerprint, lambda: part.dataset, default_workers()
+        )
+        with pool:
             for method in recipe.methods:
-                run_method(ctx, method, 0, None, pool)
+                run_method(ctx, method, 0, pool)
         seconds = time.perf_counter() - start
     target = "" if quick else "≤ 60 s"
     what = (

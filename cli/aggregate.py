@@ -3,7 +3,6 @@ weighted merge of any safetensors files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,32 +10,36 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from fedmoe import __version__
-from fedmoe.aggregate import AGGREGATORS, ClientInfo, FedMoEDA
-from fedmoe.aggregate.engine import merge_client
-from fedmoe.aggregate.linear import MappedFile, merged_metadata, plan_linear, write_linear
-from fedmoe.errors import InputError, UsageError
+from fedmoe.aggregate import AGGREGATORS, Aggregator, make_method
+from fedmoe.errors import InputError, ParamError, UsageError
 from fedmoe.io.atomic import OutputSet
-from fedmoe.io.checkpoint import CheckpointMeta
-from fedmoe.io.checkpoint_set import CheckpointSource, load_checkpoint_set
-from fedmoe.io.manifest import dumps, header, relative, sha256_file
-from fedmoe.io.partition_file import load_partition
+from fedmoe.io.checkpoint import Checkpoint
+from fedmoe.io.checkpoint_set import client_checkpoints, load_checkpoint_set
+from fedmoe.io.linear_merge import MappedFile, merged_metadata, plan_linear, write_linear
+from fedmoe.io.manifest import sha256_file
+from fedmoe.io.partition_file import LoadedPartition, load_partition
 from fedmoe.io.plan_file import load_plan
-from fedmoe.io.safetensors_format import StreamWriter, TensorSpec
+from fedmoe.pipeline.merge import merge_round
 
-from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
+from .common import Force, Json, Quiet, emit, handle_errors, parse_params, stderr_console
 
 FEDERATED = tuple(AGGREGATORS)
 PLAIN = ("mean", "fedavg", "linear")
 
 HELP = f"""Merge checkpoints.
 
-[bold]Federated mode[/bold] (--out is a folder): one personalised checkpoint per client,
+[bold]Federated mode[/bold] (--out is a folder): one checkpoint per client,
 DIR/client-XXX.safetensors, the server's shared parts DIR/server.safetensors (when every client
 receives the same ones), and DIR/aggregate.json (accepted by train-round --model). Methods:
-{"; ".join(f"{k}: {v.summary}" for k, v in AGGREGATORS.items())}. --plan implies fedmoe-da (Eq. 11:
-θ_(i,j) ← Σ a θ_(i',j'), sources may be other clients and other expert indices); its gate mode
-comes from the plan.
+{"; ".join(f"{k}: {v.summary}" for k, v in AGGREGATORS.items())}. --plan implies fedmoe-da (Eq. 11
+per MoE layer: θ_(i,j) ← Σ a θ_(i',j'), sources may be other clients and other expert indices);
+its parameters (gate mode, interval) come from the plan. Method parameters (--param key=value):
+{"; ".join(f"{k}: {', '.join(v.parameters())}" for k, v in AGGREGATORS.items() if v.parameters())}.
+
+Partial participation: give this round's checkpoints as arguments and the current models of the
+clients that sat out with --previous. Every client gets a model: FedAvg, naive-moe and the oracle
+give their new (group) model to every client of the group; with fedmoe-da a client that sat out
+gets the new shared parts and keeps its own experts.
 
 [bold]Plain mode[/bold] (--out ends in .safetensors): out = Σ w_f · file_f over any compatible
 safetensors files (as mergekit's linear merge): --method mean (equal weights), fedavg (weights from
@@ -52,6 +55,8 @@ Examples:
 
   fedmoe aggregate --method naive-moe r1/train-round.json --out agg1/
 
+  fedmoe aggregate --method fedavg -p reduce=median r2/ --previous agg1/ --out agg2/
+
   fedmoe aggregate a.safetensors b.safetensors --weights 0.7,0.3 --out merged.safetensors
 """
 
@@ -66,8 +71,23 @@ def aggregate(
         str | None,
         typer.Option(help=f"Federated: {', '.join(FEDERATED)}. Plain: {', '.join(PLAIN)}."),
     ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="Federated: a method parameter, key=value (e.g. reduce=median). Repeatable.",
+        ),
+    ] = None,
+    previous: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Federated: current models of clients that sat this round out (folder or "
+            "aggregate manifest); they receive the round's new shared parts or group model."
+        ),
+    ] = None,
     gate: Annotated[
-        str | None, typer.Option(help="Federated: 'per-client' or 'shared' gate (default: plan's).")
+        str | None, typer.Option(help="Federated fedmoe-da: must match the plan's gate if given.")
     ] = None,
     partition: Annotated[
         str | None, typer.Option(help="Partition manifest (oracle-domain reads true domains).")
@@ -84,11 +104,15 @@ def aggregate(
     if out.suffix == ".safetensors":
         if plan is not None:
             raise UsageError("--plan needs a folder --out (one checkpoint per client)")
+        if param or previous:
+            raise UsageError("--param and --previous are for a federated merge into a folder --out")
         _plain(checkpoints, out, method or "mean", weights, on_missing, force, json_, console)
     else:
         if weights is not None:
             raise UsageError("--weights is for a plain merge into one .safetensors --out")
-        _federated(checkpoints, out, plan, method, gate, partition, force, json_, console)
+        _federated(
+            checkpoints, out, plan, method, param, previous, gate, partition, force, json_, console
+        )
 
 
 def _federated(
@@ -96,6 +120,8 @@ def _federated(
     out: Path,
     plan: str | None,
     method: str | None,
+    param: list[str] | None,
+    previous: list[str] | None,
     gate: str | None,
     partition: str | None,
     force: bool,
@@ -117,142 +143,63 @@ def _federated(
         raise UsageError("fedmoe-da needs --plan PLAN (from fedmoe plan-sync)")
     if "-" in inputs and plan == "-":
         raise UsageError("only one of the plan and the checkpoints can come from stdin")
-    ckpts = load_checkpoint_set(inputs)
-    if None in ckpts:
-        raise UsageError(
-            f"{ckpts[None].path} is a global model; aggregate merges client checkpoints",
-            hint="pass the checkpoints written by train-round",
-        )
-    clients = {int(c): k for c, k in ckpts.items() if c is not None}
-    ids = sorted(clients)
-    config = clients[ids[0]].config
-    plan_meta: dict[str, Any] = {}
-    plan_sha = ""
-    if plan is not None:
+    fresh = client_checkpoints(inputs, "aggregate")
+    part = load_partition(partition) if partition is not None else None  # no data is read
+    carried = _carried(previous or [], part)
+    params: dict[str, Any] = parse_params(param)
+    loaded = None
+    aggregator: Aggregator
+    if plan is not None:  # the plan fixes fedmoe-da's parameters (its matrices were made with them)
         loaded = load_plan(plan)
-        matrix, plan_meta, plan_sha = loaded.matrix, loaded.manifest, loaded.sha256
-        if plan_meta.get("model_config") != json.loads(config.to_json()):
-            raise InputError(
-                "the sync plan was made for a different model_config than the checkpoints"
+        aggregator = loaded.plan.method
+        if params:
+            raise UsageError(
+                "--param: the sync plan fixes fedmoe-da's parameters",
+                hint="give them to fedmoe plan-sync instead",
             )
-        aggregator: Any = FedMoEDA(matrix)
-        gate_mode = gate or plan_meta.get("gate", "per-client")
+        if gate is not None and gate != aggregator.gate.value:
+            raise UsageError(
+                f"--gate {gate}: the sync plan was made for the {aggregator.gate.value} gate",
+                hint=f"re-plan with fedmoe plan-sync --gate {gate}",
+            )
     else:
-        aggregator = AGGREGATORS[name]()
-        gate_mode = gate or "per-client"
-    if gate_mode not in ("per-client", "shared"):
-        raise UsageError(f"--gate must be 'per-client' or 'shared', got '{gate_mode}'")
+        if gate is not None:
+            raise UsageError("--gate is a fedmoe-da option; it comes with the sync plan")
+        try:
+            aggregator = make_method(name, params)
+        except ParamError as exc:  # given as --param key=value
+            raise UsageError(f"--param {exc.worded(exc.key)}", hint=exc.hint) from None
     groups: dict[int, int] = {}
-    if partition is not None:
-        part = load_partition(partition)
-        for cid in ids:
+    if part is not None:
+        for cid in sorted({*fresh, *carried}):
             part.client(cid)  # an unknown client id is an input error
-            counts = part.manifest["clients"][cid]["domain_counts"]
-            groups[cid] = int(np.argmax(counts))
-    infos = [
-        ClientInfo(c, clients[c].meta.num_samples, clients[c].meta.routing, groups.get(c))
-        for c in ids
-    ]
-    spec = aggregator.spec(infos, config.num_experts, gate_mode == "shared")
-    source = CheckpointSource(clients)
-    first = clients[ids[0]]
-    names = list(first.names)
-    dtypes = {n: first.dtype(n) for n in names}
-    specs = [TensorSpec(n, dtypes[n], first.shape(n)) for n in names]
-    paths = {c: out / f"client-{c:03d}.safetensors" for c in ids}
-    manifest_path = out / "aggregate.json"
-    uniform = len({spec.shared[c] for c in ids}) == 1
-    shared_names = [
-        n for n in names if n.startswith("embed.") or (n.startswith("gate.") and spec.gate_shared)
-    ]
-    cache: dict[tuple[object, ...], Any] = {}
-    entries = []
-    provenance = json.dumps(
-        {
-            "method": name,
-            "plan_sha256": plan_sha,
-            "sources": sorted(k.sha256 for k in clients.values()),
-        },
-        separators=(",", ":"),
-    )
-
-    def write_model(
-        path: Path, tensors: list[TensorSpec], metadata: dict[str, str], c: int
-    ) -> None:
-        """Stream client ``c``'s merged tensors (those in ``tensors``) into ``path``."""
-        with outputs.open(path) as handle:
-            writer = StreamWriter(handle, tensors, metadata)
-            order = [s.name for s in writer.order]
-            for tname, tensor in merge_client(spec, source, c, order, dtypes, cache):
-                writer.write(tname, tensor)
-            writer.close()
-
-    with OutputSet(force) as outputs:
-        for p in [*paths.values(), manifest_path]:
-            outputs.reserve(p)
-        for c in ids:
-            own = clients[c]
-            meta = CheckpointMeta(
-                config,
-                c,
-                own.meta.round,
-                own.meta.num_samples,
-                own.meta.seed,
-                name,
-                parent_sha256=own.sha256,
-                routing=own.meta.routing,
-                extra={**own.meta.extra, "merge": provenance},
-            )
-            write_model(paths[c], specs, meta.to_metadata(), c)
-            entries.append(
-                {
-                    "client": c,
-                    "path": relative(paths[c], out),
-                    "sha256": outputs.staged_sha256(paths[c]),
-                    "num_samples": own.meta.num_samples,
-                }
-            )
-        server = None
-        if uniform and shared_names:
-            server_path = out / "server.safetensors"
-            outputs.reserve(server_path)
-            server_specs = [s for s in specs if s.name in shared_names]
-            smeta = {
-                "fedmoe_version": __version__,
-                "format": "fedmoe-shared/1",
-                "model_config": config.to_json(),
-                "round": str(first.meta.round),
-                "method": name,
-                "num_samples": str(sum(k.meta.num_samples for k in clients.values())),
-            }
-            write_model(server_path, server_specs, smeta, ids[0])
-            server = {
-                "path": server_path.name,
-                "sha256": outputs.staged_sha256(server_path),
-                "tensors": shared_names,
-            }
-        manifest = {
-            **header("aggregate"),
-            "method": name,
-            "round": first.meta.round,
-            "gate": "shared" if spec.gate_shared else "per-client",
-            "plan": None
-            if plan is None
-            else {"path": plan if plan == "-" else relative(Path(plan), out), "sha256": plan_sha},
-            "inputs": [
-                {"client": c, "path": relative(clients[c].path, out), "sha256": clients[c].sha256}
-                for c in ids
-            ],
-            "checkpoints": entries,
-            "server": server,
-        }
-        outputs.write_bytes(manifest_path, dumps(manifest).encode())
+            groups[cid] = part.dominant_domain(cid)
+    _, manifest = merge_round(fresh, carried, aggregator, loaded, plan, groups, out, force)
     if not console.quiet:
+        kept = len(manifest["carried"])
         console.print(
-            f"aggregate ({name}, gate {manifest['gate']}): {len(ids)} personalised checkpoints in {out}"
-            + (", shared parts in server.safetensors" if server else "")
+            f"aggregate ({name}, gate {manifest['gate']}): {len(manifest['checkpoints'])} "
+            f"checkpoints in {out}"
+            + (f" ({kept} carried over from clients that sat out)" if kept else "")
+            + (", shared parts in server.safetensors" if manifest["server"] else "")
         )
-    emit(manifest_path, manifest, json_)
+    emit(out / "aggregate.json", manifest, json_)
+
+
+def _carried(previous: list[str], part: LoadedPartition | None) -> dict[int, Checkpoint]:
+    """The current models of the clients that sat the round out: per-client checkpoints, or one
+    global model (e.g. the initial one) for every client of ``--partition``."""
+    if not previous:
+        return {}
+    found = load_checkpoint_set(previous)
+    if None not in found:
+        return {int(c): k for c, k in sorted(found.items()) if c is not None}
+    if len(found) > 1 or part is None:
+        raise UsageError(
+            f"--previous {found[None].path} is a global model",
+            hint="give --partition too, so that every client of the federation receives a model",
+        )
+    return {c: found[None] for c in range(part.num_clients)}
 
 
 def _plain(

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from fedmoe.errors import FedMoeError, UsageError
+from fedmoe.errors import FedMoeError, ParamError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,7 +67,9 @@ def handle_errors(fn: F) -> F:
         except FedMoeError as exc:
             if debug():
                 traceback.print_exc()
-            print_error(exc.message, exc.hint)
+            # a core parameter error names its key; here the user spoke in options
+            message = exc.as_option() if isinstance(exc, ParamError) else exc.message
+            print_error(message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -110,4 +112,25 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
             raise UsageError(f"-c {item!r}: expected key=value", hint="for example -c rounds=5")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
+    return out
+
+
+def parse_params(items: list[str] | None) -> dict[str, object]:
+    """``key=value`` method parameters (from ``--param``), values read as YAML scalars."""
+    import yaml
+
+    out: dict[str, object] = {}
+    pairs: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(
+                f"--param {item!r}: expected key=value", hint="for example --param reduce=median"
+            )
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = value.strip()
+    for key, raw in pairs.items():
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key] = raw
     return out

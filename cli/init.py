@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
-from fedmoe.errors import InputError, UsageError
+from fedmoe.errors import UsageError
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import CheckpointMeta, save_checkpoint
 from fedmoe.io.manifest import sha256_file
 from fedmoe.io.partition_file import load_partition
-from fedmoe.model import MoEConfig, init_model, state_of
-from fedmoe.run.recipe import yaml_problem
+from fedmoe.model import MoEConfig, init_model, schema_for, state_of
+from fedmoe.run.recipe import load_recipe
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -32,14 +31,10 @@ Examples:
 
 
 def _recipe_model(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: not a readable YAML recipe ({yaml_problem(exc)})") from None
-    model = data.get("model", {}) if isinstance(data, dict) else {}
-    if not isinstance(model, dict):
-        raise UsageError(f"{path}: 'model' must be a mapping")
-    return model
+    """The recipe's ``model:`` section, validated by the recipe loader that ``fedmoe run`` uses
+    (so ``init --config R`` and ``run R`` build the same model)."""
+    recipe, _ = load_recipe(path)
+    return dict(recipe.model)
 
 
 def init(
@@ -57,6 +52,7 @@ def init(
     experts: Annotated[int | None, typer.Option(help="Number of experts E.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Experts per sample k.")] = None,
     expert_hidden: Annotated[int | None, typer.Option(help="Expert hidden width F.")] = None,
+    moe_layers: Annotated[int | None, typer.Option(help="MoE layers L (default 1).")] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint path.")] = Path(
         "init.safetensors"
@@ -74,13 +70,14 @@ def init(
         "num_experts": experts,
         "top_k": top_k,
         "expert_hidden": expert_hidden,
+        "moe_layers": moe_layers,
     }
     fields.update({k: v for k, v in given.items() if v is not None})
     parent = ""
     if partition is not None:
         loaded = load_partition(partition)
-        fields["input_shape"] = list(loaded.dataset.input_shape)
-        fields["num_classes"] = loaded.dataset.num_classes
+        fields["input_shape"] = list(loaded.input_shape)  # from the manifest: no data is read
+        fields["num_classes"] = loaded.num_classes
         parent = loaded.sha256
     if input_shape is not None:
         try:
@@ -100,11 +97,13 @@ def init(
         state = state_of(init_model(cfg, seed))
         meta = CheckpointMeta(cfg, None, 0, 0, seed, "init", parent_sha256=parent)
         save_checkpoint(outputs, out, state, meta)
-    params = sum(t.numel() for t in state.values())
-    experts_params = sum(t.numel() for k, t in state.items() if k.startswith("experts."))
+    schema = schema_for(cfg)
+    params = sum(e.numel for e in schema.entries)
+    experts_params = sum(e.numel for e in schema.experts())
     console.print(
-        f"initial model: {params:,} parameters ({experts_params:,} in {cfg.num_experts} experts), "
-        f"top-{cfg.top_k}, embed {cfg.embed} → {cfg.embed_dim}"
+        f"initial model: {params:,} parameters ({experts_params:,} in {cfg.num_experts} experts "
+        f"× {cfg.moe_layers} MoE layer{'s' if cfg.moe_layers > 1 else ''}), top-{cfg.top_k}, "
+        f"embed {cfg.embed} → {cfg.embed_dim}"
     )
     emit(
         out,

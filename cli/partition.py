@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.data import BUILTIN, DataSpec, load_dataset
+from fedmoe.data import BUILTIN, DataSpec
 from fedmoe.io.atomic import OutputSet
+from fedmoe.io.datasets import load_dataset
 from fedmoe.io.manifest import STDIO, base_dir, dumps
 from fedmoe.io.partition_file import partition_to_manifest
 from fedmoe.partition import PARTITIONERS, Partition, get_partitioner, make_partition
@@ -22,7 +23,7 @@ HELP = f"""Split a dataset into federated clients with domain and/or label skew.
 
 Schemes: {"; ".join(f"[bold]{k}[/bold] {v.summary}" for k, v in PARTITIONERS.items())}.
 
-Built-in datasets: {"; ".join(f"{k} ({v[0]})" for k, v in BUILTIN.items())}; or a .npz file
+Built-in datasets: {"; ".join(f"{k} ({v.summary})" for k, v in BUILTIN.items())}; or a .npz file
 (arrays x, y, optional domain) or a .csv file (--label-column, --domain-column).
 
 Each client gets a local train/test split; a stratified global test set is held out first.

@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.table import Table
 
 from fedmoe.errors import UsageError
 from fedmoe.io.atomic import write_atomic
 from fedmoe.io.manifest import dumps
-from fedmoe.run.report import build_report, read_metrics, write_plots
+from fedmoe.run.report import build_report, read_metrics, run_context, write_plots
 
 from .common import Json, Quiet, emit, handle_errors, pct, stderr_console
 
@@ -28,17 +27,7 @@ Example:
 def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, dict[str, Any]]:
     """Write ``report.json`` (and the plots) for ``run_dir``; print the table."""
     rows = read_metrics(run_dir)
-    recipe = (
-        yaml.safe_load((run_dir / "recipe.yaml").read_text("utf-8"))
-        if (run_dir / "recipe.yaml").is_file()
-        else {}
-    )
-    domain_names: list[str] = []
-    part = run_dir / "partition.json"
-    if part.is_file():
-        import json
-
-        domain_names = json.loads(part.read_text("utf-8"))["dataset"]["domain_names"]
+    recipe, domain_names = run_context(run_dir)
     report = build_report(rows, recipe, domain_names)
     path = run_dir / "report.json"
     write_atomic(path, dumps(report).encode(), force=True)

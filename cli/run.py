@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,15 +11,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmoe.errors import OutputError
+from fedmoe.io.run_folder import RunFolder, completed_rounds
+from fedmoe.pipeline.pool import TrainPool, default_workers
 from fedmoe.run import load_recipe
-from fedmoe.run.orchestrator import (
-    check_resume,
-    completed_rounds,
-    prepare,
-    run_method,
-    write_setup,
-)
-from fedmoe.train.pool import TrainPool, default_workers
+from fedmoe.run.orchestrator import check_resume, prepare, run_method, write_setup
 
 from .common import Force, Json, Quiet, emit, handle_errors, parse_overrides, stderr_console
 from .report import make_report
@@ -30,10 +24,12 @@ HELP = """Run a whole federation from a recipe: partition → initial model → 
 split and initial model, then write report.json, the comparison table and the plots.
 
 Clients train in --workers processes (default: one per core), each on one torch thread; results
-do not depend on the number of workers. The run folder gets recipe.yaml (resolved), partition.json, init.safetensors, metrics.jsonl (one
-line per method and round), plans/ (FedMoE-DA sync plans), state/<method>/round-XXX/ (the latest
-client checkpoints), report.json and PNG plots. --resume continues an interrupted run from its last
-complete round, with the same result as an uninterrupted run.
+do not depend on the number of workers. The run folder gets recipe.yaml (resolved),
+partition.json, init.safetensors, metrics.jsonl (one line per method and round),
+rounds/<method>/round-XXX/ (what the commands write for that round: train/, affinity.json,
+plan.json, models/; checkpoints are kept for the latest round only), report.json and PNG plots.
+--resume continues an interrupted run from its last complete round, with the same result as an
+uninterrupted run.
 
 Examples:
 
@@ -43,21 +39,6 @@ Examples:
 
   fedmoe run recipes/quickstart.yaml --out runs/quickstart --resume
 """
-
-RUN_FILES = (
-    "metrics.jsonl",
-    "report.json",
-    "recipe.yaml",
-    "partition.json",
-    "init.safetensors",
-    "affinity.json",
-    "accuracy.png",
-    "traffic.png",
-    "affinity.png",
-    "sync_graph.png",
-)
-RUN_DIRS = ("state", "plans")
-
 
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
@@ -81,22 +62,19 @@ def run(
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     rec, _ = load_recipe(recipe, parse_overrides(config))
     resolved = rec.to_dict()
-    started = out.is_dir() and any((out / f).exists() for f in (*RUN_FILES, *RUN_DIRS))
+    folder = RunFolder(out)
     if resume:
         check_resume(out, resolved)
-    elif started and not force:
+    elif folder.started() and not force:
         raise OutputError(
             f"{out} already holds a run; pass --resume to continue it or --force to start over",
         )
-    elif started:
-        for name in RUN_DIRS:
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    ctx = prepare(rec, out)
+    elif folder.started():
+        folder.clear()
     if not resume:
-        write_setup(ctx, resolved)
-    done = completed_rounds(out / "metrics.jsonl") if resume else {}
+        write_setup(rec, folder, resolved)
+    ctx = prepare(rec, out)
+    done = completed_rounds(folder.metrics) if resume else {}
     progress = Progress(
         TextColumn("{task.description:>14}"),
         BarColumn(),
@@ -114,7 +92,11 @@ def run(
             tasks[method], completed=rnd, acc="" if acc is None else f"local acc {100 * acc:.1f}%"
         )
 
-    with TrainPool(ctx.spec, ctx.dataset, workers or default_workers()) as pool, progress:
+    part = ctx.partition
+    pool = TrainPool(
+        part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
+    )
+    with pool, progress:
         if pool.fallback:
             console.print(f"[yellow]note: {pool.fallback}[/yellow]")
         for method in rec.methods:
@@ -124,7 +106,7 @@ def run(
         for method in rec.methods:
             start = done.get(method, 0)
             if start < rec.rounds:
-                run_method(ctx, method, start, update, pool)
+                run_method(ctx, method, start, pool, update)
             if progress.disable and not quiet:  # no live bar (not a terminal): one line each
                 console.print(f"{method}: {rec.rounds} rounds done")
     path, report = make_report(out, console)

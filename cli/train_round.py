@@ -1,4 +1,4 @@
-"""``fedmoe train-round``: train one local round for one client or for every client."""
+"""``fedmoe train-round``: train one local round for one client, some clients or every client."""
 
 from __future__ import annotations
 
@@ -9,22 +9,21 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedmoe.errors import InputError, UsageError
-from fedmoe.io.atomic import OutputSet
-from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, save_checkpoint
+from fedmoe.errors import UsageError
 from fedmoe.io.checkpoint_set import load_checkpoint_set
-from fedmoe.io.manifest import dumps, header, relative
 from fedmoe.io.partition_file import load_partition
+from fedmoe.params import default_of, from_mapping, help_of
+from fedmoe.pipeline.pool import TrainPool, default_workers
+from fedmoe.pipeline.train import start_states, train_clients
 from fedmoe.train import TrainConfig
-from fedmoe.train.pool import Job, TrainPool, default_workers
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
-HELP = """Train one local round (FedMoE-DA step 1) on a client's train split.
+HELP = """Train one local round (FedMoE-DA step 1) on clients' train splits.
 
---client ID writes one checkpoint (--out FILE.safetensors) and FILE.json; --client all trains every
-client one after the other in this process and writes --out DIR/client-XXX.safetensors plus
-DIR/train-round.json, which the next round, affinity and aggregate accept as input.
+--client ID writes one checkpoint (--out FILE.safetensors) and FILE.json; --client all (or a list,
+--client 0,3,5: the round's participants) writes --out DIR/client-XXX.safetensors plus
+DIR/train-round.json, which affinity, aggregate and the next round accept as input.
 
 --model is one global checkpoint (every client starts from it) or per-client checkpoints (a folder,
 a train-round/aggregate manifest, or -), so clients keep personalised experts between rounds.
@@ -37,25 +36,31 @@ Examples:
 
   fedmoe train-round --partition p.json --client all --model init.safetensors --out r1/
 
+  fedmoe train-round --partition p.json --client 0,4,7 --model agg1/aggregate.json --out r2/
+
   fedmoe train-round --partition p.json --client 3 --model r1/aggregate.json --out c3.safetensors
 """
 
 
-def start_states(models: dict[int | None, Checkpoint], clients: list[int]) -> dict[int, Checkpoint]:
-    """Which checkpoint each client starts from: its own, else the single global model."""
-    out = {}
-    for cid in clients:
-        if cid in models:
-            out[cid] = models[cid]
-        elif None in models:
-            out[cid] = models[None]
-        else:
-            have = sorted(k for k in models if k is not None)
-            raise InputError(
-                f"no checkpoint for client {cid} (the models given cover clients {have})",
-                hint="pass one global checkpoint or one per client",
-            )
-    return out
+def _t(name: str) -> Any:
+    return default_of(TrainConfig, name)
+
+
+def _h(name: str) -> str:
+    return help_of(TrainConfig, name).capitalize() + "."
+
+
+def parse_clients(client: str, num_clients: int) -> list[int]:
+    """'all', one id or a comma-separated list of ids → sorted distinct ids."""
+    if client == "all":
+        return list(range(num_clients))
+    try:
+        ids = sorted({int(x) for x in client.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--client {client!r}: expected 'all', an id or ids like 0,3,5") from None
+    if not ids:
+        raise UsageError("--client names no client")
+    return ids
 
 
 def train_round(
@@ -63,16 +68,16 @@ def train_round(
     model: Annotated[
         list[str], typer.Option(help="Global checkpoint, or per-client folder/manifest/files.")
     ],
-    client: Annotated[str, typer.Option(help="Client id, or 'all'.")] = "all",
+    client: Annotated[str, typer.Option(help="Client id, ids (0,3,5), or 'all'.")] = "all",
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Checkpoint file (one client) or folder (all).")
+        Path, typer.Option("--out", "-o", help="Checkpoint file (one client) or folder.")
     ] = Path("round"),
-    epochs: Annotated[int, typer.Option(help="Local epochs.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 32,
-    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd.")] = "adam",
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-3,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
-    balance_coef: Annotated[float, typer.Option(help="Load-balancing loss weight.")] = 0.01,
+    epochs: Annotated[int, typer.Option(help=_h("epochs"))] = _t("epochs"),
+    batch_size: Annotated[int, typer.Option(help=_h("batch_size"))] = _t("batch_size"),
+    optimizer: Annotated[str, typer.Option(help=_h("optimizer"))] = _t("optimizer").value,
+    lr: Annotated[float, typer.Option(help=_h("lr"))] = _t("lr"),
+    weight_decay: Annotated[float, typer.Option(help=_h("weight_decay"))] = _t("weight_decay"),
+    balance_coef: Annotated[float, typer.Option(help=_h("balance_coef"))] = _t("balance_coef"),
     round_: Annotated[
         int | None, typer.Option("--round", help="Round number (default: parent round + 1).")
     ] = None,
@@ -86,116 +91,75 @@ def train_round(
     quiet: Quiet = False,
 ) -> None:
     console = stderr_console(quiet)
-    cfg = TrainConfig(epochs, batch_size, lr, optimizer, weight_decay, balance_coef)
+    cfg: TrainConfig = from_mapping(
+        TrainConfig,
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "optimizer": optimizer,
+            "weight_decay": weight_decay,
+            "balance_coef": balance_coef,
+        },
+    )
     part = load_partition(partition)
-    if client == "all":
-        if out.suffix == ".safetensors":
-            raise UsageError(
-                f"--out {out}: --client all writes one checkpoint per client into a folder",
-                hint="give a folder, e.g. --out round1/",
-            )
-        ids = list(range(part.num_clients))
-        paths = {cid: out / f"client-{cid:03d}.safetensors" for cid in ids}
-        manifest_path = out / "train-round.json"
-    else:
-        try:
-            ids = [int(client)]
-        except ValueError:
-            raise UsageError(f"--client {client!r}: expected an integer id or 'all'") from None
-        part.client(ids[0])
+    single = client != "all" and "," not in client
+    ids = parse_clients(client, part.num_clients)
+    for cid in ids:
+        part.client(cid)  # an unknown id is an input error naming the valid range
+    if single:
         if out.suffix != ".safetensors":
             raise UsageError(
                 f"--out {out}: with one --client, give a .safetensors file path",
-                hint="or use --client all with an output folder",
+                hint="or use --client all (or a list) with an output folder",
             )
         paths = {ids[0]: out}
         manifest_path = out.with_suffix(".json")
+    else:
+        if out.suffix == ".safetensors":
+            raise UsageError(
+                f"--out {out}: several clients write one checkpoint each into a folder",
+                hint="give a folder, e.g. --out round1/",
+            )
+        paths = {cid: out / f"client-{cid:03d}.safetensors" for cid in ids}
+        manifest_path = out / "train-round.json"
     models = load_checkpoint_set(model)
     starts = start_states(models, ids)
     config = next(iter(models.values())).config
-    config.check_data(part.dataset.input_shape, part.dataset.num_classes, str(partition))
+    config.check_data(part.input_shape, part.num_classes, str(partition))
     rnd = round_ if round_ is not None else max(c.meta.round for c in starts.values()) + 1
-    rows: list[dict[str, Any]] = []
-    with OutputSet(force) as outputs:
-        for p in [*paths.values(), manifest_path]:
-            outputs.reserve(p)
-        progress = Progress(
-            TextColumn("round {task.fields[round]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            disable=quiet or not console.is_terminal,
+    progress = Progress(
+        TextColumn("round {task.fields[round]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    )
+    pool = TrainPool(
+        part.dataset_spec,
+        part.fingerprint,
+        lambda: part.dataset,
+        min(workers or default_workers(), len(ids)),
+    )
+    with progress, pool:
+        if pool.fallback:
+            console.print(f"[yellow]note: {pool.fallback}[/yellow]")
+        task = progress.add_task("train", total=len(ids), round=rnd)
+        manifest = train_clients(
+            part,
+            partition,
+            starts,
+            cfg,
+            seed,
+            rnd,
+            paths,
+            manifest_path,
+            pool,
+            force,
+            lambda: progress.advance(task),
         )
-        spec = part.dataset_spec
-        with (
-            progress,
-            TrainPool(spec, part.dataset, min(workers or default_workers(), len(ids))) as pool,
-        ):
-            if pool.fallback:
-                console.print(f"[yellow]note: {pool.fallback}[/yellow]")
-            task = progress.add_task("train", total=len(ids), round=rnd)
-            for first in range(0, len(ids), 64):  # bounded memory: 64 clients in flight
-                jobs = [
-                    Job(config, starts[c].state(), part.client(c), cfg, seed, rnd, c)
-                    for c in ids[first : first + 64]
-                ]
-                for update in pool.run(jobs):
-                    cid = update.client
-                    meta = CheckpointMeta(
-                        config,
-                        cid,
-                        rnd,
-                        update.num_samples,
-                        seed,
-                        "train",
-                        parent_sha256=starts[cid].sha256,
-                        routing=update.routing,
-                    )
-                    save_checkpoint(outputs, paths[cid], update.result.state, meta)
-                    r = update.result
-                    rows.append(
-                        {
-                            "client": cid,
-                            "num_samples": update.num_samples,
-                            "epoch_loss": [round(v, 6) for v in r.epoch_loss],
-                            "epoch_balance": [round(v, 6) for v in r.epoch_balance],
-                            "steps": r.steps,
-                            "seconds": round(r.seconds, 4),
-                            "samples_per_s": round(r.samples / r.seconds, 1)
-                            if r.seconds > 0
-                            else None,
-                        }
-                    )
-                    progress.advance(task)
-        base = manifest_path.parent
-        manifest = {
-            **header("train-round"),
-            "round": rnd,
-            "seed": seed,
-            "train_config": cfg.__dict__,
-            "threads_per_client": 1,
-            "partition": {
-                "path": relative(Path(partition), base) if partition != "-" else "-",
-                "sha256": part.sha256,
-            },
-            "inputs": [
-                {"path": relative(c.path, base), "sha256": c.sha256}
-                for c in {id(c): c for c in starts.values()}.values()
-            ],
-            "checkpoints": [
-                {
-                    "client": cid,
-                    "path": relative(paths[cid], base),
-                    "sha256": outputs.staged_sha256(paths[cid]),
-                    "num_samples": row["num_samples"],
-                }
-                for cid, row in zip(ids, rows, strict=True)
-            ],
-            "clients": rows,
-        }
-        outputs.write_bytes(manifest_path, dumps(manifest).encode())
-    _summary(console, rows, rnd)
+    _summary(console, manifest["clients"], rnd)
     emit(manifest_path, manifest, json_)
 
 

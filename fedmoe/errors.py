@@ -49,3 +49,39 @@ class OutputError(FedMoeError):
     """An output that cannot be written: exists without ``--force``, not writable (exit 4)."""
 
     exit_code = 4
+
+
+class ParamError(UsageError):
+    """A parameter with a bad value, named by its key (exit code 2).
+
+    The core knows only the key (``alpha``, ``top_p``); whoever the user spoke to words it: the CLI
+    as an option (``--top-p``), the recipe loader as a recipe key (``fedmoe.top_p``).
+
+    Parameters
+    ----------
+    key
+        The parameter's field name.
+    value
+        The value given.
+    reason
+        What the value must be, e.g. "must be >= 0".
+    hint
+        Optional remedy.
+    """
+
+    def __init__(
+        self, key: str, value: object, reason: str, hint: str | None = None, show: bool = True
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.reason = reason
+        self.show = show  # append ", got VALUE" (off when the reason already says it)
+        super().__init__(self.worded(key), hint)
+
+    def worded(self, name: str) -> str:
+        """The message with the parameter called ``name``."""
+        return f"{name} {self.reason}" + (f", got {self.value!r}" if self.show else "")
+
+    def as_option(self) -> str:
+        """The message as the CLI says it (``--top-p must be >= 0, got -1``)."""
+        return self.worded("--" + self.key.replace("_", "-"))

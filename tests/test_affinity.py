@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from fedmoe.affinity import (
     ExpertIndex,
     Neighbours,
+    Upload,
     compute_affinity,
     dominant,
     share_table,
@@ -285,6 +287,15 @@ def test_share_table_on_hand_made_routing() -> None:
     assert share.tolist() == [0.5, 0.0, 0.0, 0.0, 1.0, 0.75]
 
 
+def uploads(
+    gates: dict[int, torch.Tensor], routing: dict[int, Any], rounds: dict[int, int] | None = None
+) -> dict[int, Upload]:
+    """One-layer uploads (round 1 unless given)."""
+    return {
+        c: Upload(c, 10, (rounds or {}).get(c, 1), (g,), routing.get(c)) for c, g in gates.items()
+    }
+
+
 def test_compute_affinity_end_to_end() -> None:
     gates = {
         3: torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
@@ -294,7 +305,9 @@ def test_compute_affinity_end_to_end() -> None:
         1: {"by_domain": [[1, 3, 0], [0, 0, 2]], "by_label": [[1, 0], [0, 2]]},
         3: None,
     }
-    aff = compute_affinity(gates, routing, candidates=2, num_classes=2)
+    full = compute_affinity(uploads(gates, routing), candidates=2, num_classes=2)
+    assert len(full.layers) == 1 and full.stale == () and full.round == 1
+    aff = full.layers[0]
     assert aff.index == ExpertIndex((1, 3), 2)
     # m: 0 = (1,0) → [1,0]; 1 = (1,1) → [1,1]/√2; 2 = (3,0) → [1,0]; 3 = (3,1) → [0,1]
     assert aff.neighbours.k == 2
@@ -305,10 +318,28 @@ def test_compute_affinity_end_to_end() -> None:
     assert aff.by_label.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
 
 
+def test_compute_affinity_marks_stale_uploads_and_reads_layered_routing() -> None:
+    gates = {0: torch.eye(2), 1: torch.eye(2), 2: torch.eye(2)}
+    routing = {0: {"num_samples": 4, "layers": [{"by_domain": [[4, 0], [0, 4]]}]}}
+    full = compute_affinity(uploads(gates, routing, {0: 3, 1: 2, 2: 3}), 3, 2)
+    assert full.round == 3 and full.stale == (1,) and full.clients == (0, 1, 2)
+    assert full.layers[0].by_domain[:2].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_compute_affinity_one_result_per_moe_layer() -> None:
+    ups = {
+        c: Upload(c, 5, 1, (torch.eye(3) + c, torch.eye(3) * (c + 1) - 0.5), None)
+        for c in (0, 1)
+    }
+    full = compute_affinity(ups, 2, 2)
+    assert [la.layer for la in full.layers] == [0, 1]
+    assert all(la.index == ExpertIndex((0, 1), 3) for la in full.layers)
+
+
 def test_compute_affinity_refuses_bad_gates() -> None:
     with pytest.raises(InputError, match="no client checkpoints"):
-        compute_affinity({}, {}, 2, 2)
+        compute_affinity({}, 2, 2)
     with pytest.raises(InputError, match="gate weights of different shapes"):
-        compute_affinity({0: torch.ones(2, 3), 1: torch.ones(3, 3)}, {}, 2, 2)
+        compute_affinity(uploads({0: torch.ones(2, 3), 1: torch.ones(3, 3)}, {}), 2, 2)
     with pytest.raises(InputError, match="all zeros"):
-        compute_affinity({0: torch.ones(2, 3), 1: torch.zeros(2, 3)}, {}, 2, 2)
+        compute_affinity(uploads({0: torch.ones(2, 3), 1: torch.zeros(2, 3)}, {}), 2, 2)

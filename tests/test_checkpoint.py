@@ -45,10 +45,14 @@ GOLDEN_CFG = MoEConfig(
 )  # fmt: skip
 ROUTING = {
     "num_samples": 3,
-    "topk_count": [2, 1],
-    "mean_prob": [0.6, 0.4],
-    "by_label": [[1, 1, 0], [0, 0, 1]],
-    "by_domain": [[2], [1]],
+    "layers": [
+        {
+            "topk_count": [2, 1],
+            "mean_prob": [0.6, 0.4],
+            "by_label": [[1, 1, 0], [0, 0, 1]],
+            "by_domain": [[2], [1]],
+        }
+    ],
 }
 
 
@@ -216,7 +220,7 @@ def test_plain_safetensors_reads_it(tmp_path: Path) -> None:
         "method": "train",
         "routing": json.dumps(ROUTING, separators=(",", ":")),
     }
-    assert FORMAT == "fedmoe-moe/1"
+    assert FORMAT == "fedmoe-moe/2"
     loaded = load_file(str(path))
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
@@ -318,7 +322,10 @@ def test_plain_safetensors_without_metadata(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"round": None}, "metadata key 'round' missing"),
-        ({"format": "fedmoe-moe/9"}, "format 'fedmoe-moe/9' is not fedmoe-moe/1"),
+        (
+            {"format": "fedmoe-moe/9"},
+            "format 'fedmoe-moe/9' is not one of fedmoe-moe/1, fedmoe-moe/2",
+        ),
         ({"round": "two"}, "malformed client_id/round/num_samples/routing metadata"),
         ({"client_id": "1.5"}, "malformed client_id"),
         ({"routing": "{oops"}, "malformed client_id/round/num_samples/routing metadata"),
@@ -336,6 +343,25 @@ def test_bad_metadata(tmp_path: Path, change: dict[str, str | None], message: st
     path = tmp_path / "c.safetensors"
     save_file(state_of(init_model(CFG, 0)), str(path), metadata=md)
     expect_input_error(path, message)
+
+
+def test_format_1_checkpoints_are_still_read(tmp_path: Path) -> None:
+    """A checkpoint of format 1 (single-layer routing at the top level) opens, and its routing
+    reads as layer 0."""
+    from fedmoe.train.routing import layer_stats
+
+    md = meta().to_metadata()
+    old = {k: v for k, v in ROUTING["layers"][0].items()}  # type: ignore[index]
+    md.update(format="fedmoe-moe/1", routing=json.dumps({"num_samples": 3, **old}))
+    md["model_config"] = json.dumps(
+        {k: v for k, v in json.loads(md["model_config"]).items() if k != "moe_layers"}
+    )
+    path = tmp_path / "old.safetensors"
+    save_file(state_of(init_model(CFG, 0)), str(path), metadata=md)
+    ck = open_checkpoint(path)
+    assert ck.config == CFG
+    assert layer_stats(ck.meta.routing, 0) == {"num_samples": 3, **old}
+    assert ck.upload().proxies[0].shape == (CFG.num_experts, CFG.embed_dim)
 
 
 def test_parse_meta_defaults_optional_keys() -> None:
@@ -377,7 +403,7 @@ def test_nan_is_refused_naming_file_and_tensor(tmp_path: Path) -> None:
     for read in (lambda: ck.tensor("experts.w2"), ck.state):
         with pytest.raises(InputError) as info:
             read()
-        assert info.value.message == f"{path}: tensor experts.w2 contains NaN or Inf"
+        assert info.value.message == f"{path}: tensor experts.w2 expert 1 contains NaN or Inf"
         assert info.value.exit_code == 3
     torch.testing.assert_close(ck.expert("experts.w2", 0), state["experts.w2"][0])
     with pytest.raises(InputError, match=r"tensor experts\.w2 expert 1 contains NaN or Inf"):

@@ -137,7 +137,7 @@ def test_init_from_a_recipe(work: Path, run_cli: Run) -> None:
     assert (cfg.num_experts, cfg.top_k, cfg.embed, cfg.input_shape) == (3, 1, "cnn", (1, 8, 8))
     (work / "bad.yaml").write_text("model:\n  num_expert: 3\n")
     r = run_cli("init", "--config", "bad.yaml", "--partition", "p.json", "--out", "d.st")
-    assert "unknown key 'num_expert'" in clean_failure(r, 2)
+    assert "unknown key 'model.num_expert' (did you mean 'num_experts'?)" in clean_failure(r, 2)
     assert not (work / "d.st").exists()
 
 
@@ -153,7 +153,7 @@ def test_init_needs_a_shape(work: Path, run_cli: Run) -> None:
     r = run_cli("init", "--input-shape", "1,x", "--num-classes", "3", "--out", "x.safetensors")
     assert "--input-shape '1,x'" in clean_failure(r, 2)
     r = run_cli("init", "--partition", "p.json", "--experts", "2", "--top-k", "3")
-    assert "invalid top_k = 3" in clean_failure(r, 2)
+    assert "--top-k must be at most num_experts = 2, got 3" in clean_failure(r, 2)
     assert not (work / "x.safetensors").exists()
 
 
@@ -184,8 +184,8 @@ def test_round_manifest_and_checkpoints(work: Path) -> None:
         assert (m.client_id, m.round, m.num_samples) == (entry["client"], 1, client["num_train"])
         assert (m.seed, m.method, m.parent_sha256) == (0, "train", init_sha)
         assert m.routing is not None and m.routing["num_samples"] == client["num_train"]
-        assert sum(m.routing["topk_count"]) == 2 * client["num_train"]
-        assert [sum(col) for col in zip(*m.routing["by_label"], strict=True)] == [
+        assert sum(m.routing["layers"][0]["topk_count"]) == 2 * client["num_train"]
+        assert [sum(col) for col in zip(*m.routing["layers"][0]["by_label"], strict=True)] == [
             2 * n for n in client_train_label_counts(work, entry["client"])
         ]
 
@@ -298,10 +298,10 @@ def test_quiet_keeps_stderr_empty(work: Path, run_cli: Run) -> None:
         (("--client", "7", "--out", "c.safetensors"), 3, "p.json: no client 7 (the partition has "
          "clients 0..3)"),
         (("--client", "-1", "--out", "c.safetensors"), 3, "no client -1"),
-        (("--client", "two", "--out", "c.safetensors"), 2, "--client 'two': expected an integer"),
+        (("--client", "two", "--out", "c.safetensors"), 2, "--client 'two': expected 'all', an id or ids like 0,3,5"),
         (("--client", "2", "--out", "c2.bin"), 2, "with one --client, give a .safetensors file"),
         (("--client", "1", "--out", "x/c.safetensors", "--optimizer", "lion"), 2,
-         "unknown optimizer 'lion'"),
+         "--optimizer must be one of adam, adamw, sgd, got 'lion'"),
         (("--client", "1", "--out", "x/c.safetensors", "--epochs", "-1"), 2, "epochs must be"),
     ],
 )  # fmt: skip
@@ -399,7 +399,7 @@ def test_all_clients_into_an_existing_file(work: Path, run_cli: Run) -> None:
     """--out names a file that exists (e.g. an earlier single-client checkpoint)."""
     (work / "x.safetensors").write_text("keep\n")
     r = run_cli(*TRAIN, "--model", "init.safetensors", "--client", "all", "--out", "x.safetensors")
-    assert "writes one checkpoint per client into a folder" in clean_failure(r, 2)
+    assert "several clients write one checkpoint each into a folder" in clean_failure(r, 2)
     assert (work / "x.safetensors").read_text() == "keep\n"
 
 

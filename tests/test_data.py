@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmoe.data import Dataset, DataSpec, load_dataset
-from fedmoe.data.files import load_csv, load_npz
+from fedmoe.data import Dataset, DataSpec
 from fedmoe.errors import InputError, UsageError
+from fedmoe.io.datasets import load_csv, load_dataset, load_npz
 
 BUILTINS = ("digits-rot", "digits-style")
 

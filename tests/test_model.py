@@ -390,7 +390,7 @@ def test_config_json_is_canonical_and_round_trips() -> None:
     cfg = MoEConfig((1, 8, 8), 10)
     assert cfg.to_json() == (
         '{"embed":"mlp","embed_dim":64,"embed_hidden":128,"expert_hidden":64,"gate_bias":false,'
-        '"input_shape":[1,8,8],"num_classes":10,"num_experts":8,"top_k":2}'
+        '"input_shape":[1,8,8],"moe_layers":1,"num_classes":10,"num_experts":8,"top_k":2}'
     )
     other = tiny(embed="cnn", gate_bias=True, top_k=3)
     for c in (cfg, other):
@@ -403,12 +403,12 @@ def test_config_json_is_canonical_and_round_trips() -> None:
 @pytest.mark.parametrize(
     ("fields", "match"),
     [
-        ({"top_k": 5}, "invalid top_k = 5"),
-        ({"top_k": 0}, "invalid top_k = 0"),
-        ({"num_classes": 1}, "invalid num_classes"),
-        ({"num_experts": 0}, "invalid num_experts"),
-        ({"input_shape": (1, 0, 8)}, "invalid input_shape"),
-        ({"input_shape": ()}, "invalid input_shape"),
+        ({"top_k": 5}, "top_k must be at most num_experts = 4, got 5"),
+        ({"top_k": 0}, "top_k must be >= 1, got 0"),
+        ({"num_classes": 1}, "num_classes must be >= 2"),
+        ({"num_experts": 0}, "num_experts must be >= 1"),
+        ({"input_shape": (1, 0, 8)}, "input_shape must be a list of positive integers"),
+        ({"input_shape": ()}, "input_shape must be a list of positive integers"),
         ({"embed": "rnn"}, "embed must be one of mlp, cnn"),
         ({"embed": "cnn", "input_shape": (64,)}, "embed 'cnn' needs image inputs"),
     ],
@@ -432,7 +432,7 @@ def test_from_dict_names_the_unknown_key() -> None:
     [
         ("{not json", "model_config metadata is not valid JSON"),
         ('{"input_shape":[4],"num_classes":2,"bogus":1}', "bad model_config .*unknown key 'bogus'"),
-        ('{"input_shape":[4],"num_classes":2,"top_k":9}', "bad model_config .*invalid top_k"),
+        ('{"input_shape":[4],"num_classes":2,"top_k":9}', "bad model_config .*top_k must be at most"),
         ('{"input_shape":[4]}', "bad model_config"),
     ],
 )

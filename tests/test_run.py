@@ -18,7 +18,7 @@ import yaml
 from helpers import clean_failure
 
 from fedmoe.io.checkpoint import open_checkpoint
-from fedmoe.plan import tensor_sizes
+from fedmoe.model import schema_for
 from fedmoe.run import load_recipe
 
 Run = Callable[..., Any]
@@ -52,6 +52,15 @@ TIMINGS = ("seconds", "train_seconds")  # wall-clock fields: the only ones allow
 
 def files_in(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def same_rounds(a: Path, b: Path) -> None:
+    """The two run folders' rounds/ hold the same files with the same bytes (train-round.json
+    aside: it records wall-clock timings)."""
+    names = [n for n in files_in(a / "rounds") if not n.endswith("train-round.json")]
+    assert names == [n for n in files_in(b / "rounds") if not n.endswith("train-round.json")]
+    for n in names:
+        assert (a / "rounds" / n).read_bytes() == (b / "rounds" / n).read_bytes(), n
 
 
 def metrics(folder: Path) -> list[dict[str, Any]]:
@@ -129,19 +138,24 @@ def test_run_folder_and_stdout(base: tuple[Path, str]) -> None:
     assert out == "run/report.json\n"  # stdout is the report's path, nothing else
     names = files_in(run)
     assert [n for n in names if "/" not in n] == [
-        "accuracy.png", "affinity.json", "affinity.png", "init.safetensors", "metrics.jsonl",
+        "accuracy.png", "affinity.png", "init.safetensors", "metrics.jsonl",
         "partition.json", "recipe.yaml", "report.json", "sync_graph.png", "traffic.png",
     ]  # fmt: skip
-    assert [n for n in names if n.startswith("plans/")] == [
-        "plans/round-001.json", "plans/round-002.json",
-    ]  # fmt: skip
-    # only the latest round's client checkpoints are kept, per method
-    assert [n for n in names if n.startswith("state/")] == [
-        f"state/{m}/round-002/client-{c:03d}.safetensors"
-        for m in sorted(METHODS) for c in range(4)
+    # FedMoE-DA keeps every round's affinity and plan; checkpoints only for the latest round
+    da = [n for n in names if n.startswith("rounds/fedmoe-da/round-")]
+    assert [n for n in da if n.endswith(".json") and "/train/" not in n and "/models/" not in n] == [
+        "rounds/fedmoe-da/round-001/affinity.json", "rounds/fedmoe-da/round-001/plan.json",
+        "rounds/fedmoe-da/round-002/affinity.json", "rounds/fedmoe-da/round-002/plan.json",
     ]  # fmt: skip
     for m in METHODS:
-        ck = open_checkpoint(run / "state" / m / "round-002" / "client-001.safetensors")
+        mine = [n for n in names if n.startswith(f"rounds/{m}/round-")]
+        assert not [n for n in mine if "round-001/train" in n or "round-001/models" in n]
+        assert [n for n in mine if "/models/client-" in n] == [
+            f"rounds/{m}/round-002/models/client-{c:03d}.safetensors" for c in range(4)
+        ]
+        assert f"rounds/{m}/round-002/models/aggregate.json" in mine
+        assert f"rounds/{m}/round-002/train/train-round.json" in mine
+        ck = open_checkpoint(run / "rounds" / m / "round-002" / "models" / "client-001.safetensors")
         assert (ck.meta.client_id, ck.meta.round, ck.meta.method, ck.meta.seed) == (1, 2, m, 3)
     # the resolved recipe: the validated recipe, defaults filled in
     rec, _ = load_recipe(folder / "recipe.yaml")
@@ -163,17 +177,19 @@ def test_metrics_one_line_per_method_and_round(base: tuple[Path, str]) -> None:
     run = base[0] / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["round"]) for r in rows] == [(m, k) for m in METHODS for k in (1, 2)]
-    sizes = tensor_sizes(open_checkpoint(run / "init.safetensors").config)
+    sizes = schema_for(open_checkpoint(run / "init.safetensors").config).sizes()
     for r in rows:
         assert r["participants"] == 4 and r["fedavg_bytes"] == 2 * 4 * sizes.model
         assert 0.0 <= r["worst_local_acc"] <= r["mean_local_acc"] <= 1.0
         assert len(r["local_acc_by_domain"]) == len(r["global_acc_by_domain"]) == 4
         if r["method"] == "fedmoe-da":  # the round's plan's own ledger
-            plan = json.loads((run / "plans" / f"round-{r['round']:03d}.json").read_text())
+            plan = json.loads(
+                (run / "rounds" / "fedmoe-da" / f"round-{r['round']:03d}" / "plan.json").read_text()
+            )
             assert (plan["round"], plan["top_p"], plan["refreshed"]) == (r["round"], 2, True)
             assert r["server_bytes"] == plan["ledger"]["server_total"]
             assert r["p2p_bytes"] == plan["ledger"]["p2p"]
-            assert plan["ledger"]["server_up"] == 4 * (sizes.embed + sizes.gate)
+            assert plan["ledger"]["server_up"] == 4 * (sizes.shared + sizes.gate)
         elif r["method"] == "fedavg":  # the whole model up and down
             assert (r["server_bytes"], r["p2p_bytes"]) == (2 * 4 * sizes.model, 0)
         else:
@@ -195,10 +211,10 @@ def test_metrics_one_line_per_method_and_round(base: tuple[Path, str]) -> None:
 
 def test_local_only_clients_never_mix(base: tuple[Path, str]) -> None:
     """Sanity of the methods as run: FedAvg ends with one model; local with four different ones."""
-    state = base[0] / "run" / "state"
-    names = [f"round-002/client-{c:03d}.safetensors" for c in range(4)]
-    avg = [open_checkpoint(state / "fedavg" / n).state() for n in names]
-    loc = [open_checkpoint(state / "local" / n).state() for n in names]
+    rounds = base[0] / "run" / "rounds"
+    names = [f"round-002/models/client-{c:03d}.safetensors" for c in range(4)]
+    avg = [open_checkpoint(rounds / "fedavg" / n).state() for n in names]
+    loc = [open_checkpoint(rounds / "local" / n).state() for n in names]
     for k in avg[0]:
         assert all(torch.equal(avg[0][k], a[k]) for a in avg[1:])
     assert not torch.equal(loc[0]["embed.fc1.weight"], loc[1]["embed.fc1.weight"])
@@ -213,29 +229,26 @@ def test_same_seed_same_numbers(work: Path, run_cli: Run) -> None:
     assert (r.code, r.out) == (0, "again/report.json\n"), r.err
     assert metrics(work / "again") == metrics(work / "run")
     assert report_numbers(work / "again") == report_numbers(work / "run")
-    for sub in ("state", "plans"):
-        a, b = files_in(work / "again" / sub), files_in(work / "run" / sub)
-        assert a == b
-        for p in a:
-            assert (work / "again" / sub / p).read_bytes() == (work / "run" / sub / p).read_bytes()
+    same_rounds(work / "again", work / "run")
     r = run_cli(*RUN, "--out", "other", "-c", "seed=4", "-c", "methods=[local]")
     assert r.code == 0
     assert metrics(work / "other") != [m for m in metrics(work / "run") if m["method"] == "local"]
 
 
 def interrupt_at(monkeypatch: pytest.MonkeyPatch, method: str, round_: int) -> None:
-    """Make the run stop (as Ctrl-C would) right after it saved ``method``'s state of ``round_``,
+    """Make the run stop (as Ctrl-C would) right after ``method`` wrote every file of ``round_``,
     before that round's line reaches metrics.jsonl."""
     from fedmoe.run import orchestrator
 
-    real = orchestrator._save_state
+    real = orchestrator.append_line
 
-    def save_then_stop(ctx: Any, m: str, rnd: int, *args: Any) -> None:
-        real(ctx, m, rnd, *args)
-        if (m, rnd) == (method, round_):
+    def stop_before(path: Path, line: str) -> None:
+        row = json.loads(line)
+        if (row["method"], row["round"]) == (method, round_):
             raise KeyboardInterrupt
+        real(path, line)
 
-    monkeypatch.setattr(orchestrator, "_save_state", save_then_stop)
+    monkeypatch.setattr(orchestrator, "append_line", stop_before)
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_result(
@@ -253,11 +266,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(
     assert (r.code, r.out) == (0, "cut/report.json\n"), r.err
     assert metrics(work / "cut") == metrics(work / "run")
     assert report_numbers(work / "cut") == report_numbers(work / "run")
-    assert files_in(work / "cut" / "state") == files_in(work / "run" / "state")
-    for p in files_in(work / "run" / "state"):
-        assert (work / "cut" / "state" / p).read_bytes() == (
-            work / "run" / "state" / p
-        ).read_bytes()
+    same_rounds(work / "cut", work / "run")
 
 
 def test_resume_reuses_the_matrix_within_the_refresh_interval(
@@ -267,27 +276,24 @@ def test_resume_reuses_the_matrix_within_the_refresh_interval(
     args = (*RUN, "-c", "methods=[fedmoe-da]", "-c", "rounds=3", "-c", "fedmoe.refresh_interval=3")
     r = run_cli(*args, "--out", "full")
     assert r.code == 0, r.err
-    plans = [json.loads(p.read_text()) for p in sorted((work / "full" / "plans").iterdir())]
+    plans = [
+        json.loads(p.read_text())
+        for p in sorted((work / "full" / "rounds" / "fedmoe-da").glob("round-*/plan.json"))
+    ]
     assert [(p["round"], p["matrix_round"], p["refreshed"]) for p in plans] == [
         (1, 1, True),
         (2, 1, False),
         (3, 1, False),
     ]
-    assert plans[0]["targets"] == plans[1]["targets"] == plans[2]["targets"]
+    assert plans[0]["layers"] == plans[1]["layers"] == plans[2]["layers"]
+    assert not (work / "full" / "rounds" / "fedmoe-da" / "round-002" / "affinity.json").exists()
     with monkeypatch.context() as mp:
         interrupt_at(mp, "fedmoe-da", 3)
         assert run_cli(*args, "--out", "cut").code == 130
     r = run_cli(*args, "--out", "cut", "--resume")
     assert r.code == 0, r.err
     assert metrics(work / "cut") == metrics(work / "full")
-    for p in files_in(work / "full" / "plans"):
-        assert (work / "cut" / "plans" / p).read_bytes() == (
-            work / "full" / "plans" / p
-        ).read_bytes()
-    for p in files_in(work / "full" / "state"):
-        assert (work / "cut" / "state" / p).read_bytes() == (
-            work / "full" / "state" / p
-        ).read_bytes()
+    same_rounds(work / "cut", work / "full")
 
 
 def test_resume_after_a_torn_metrics_line(
@@ -345,7 +351,7 @@ def test_resume_needs_the_same_recipe(work: Path, run_cli: Run) -> None:
         ("rounds: 2\n", ("-c", "fedmoe.top_p=16"), "recipe: fedmoe.candidates must be >= top_p + 1"),
         ("rounds: 2\n", ("-c", "fedmoe.tau=0"), "recipe: fedmoe.tau must be > 0"),
         ("rounds: 2\n", ("-c", "rounds=0"), "recipe: rounds must be an integer >= 1"),
-        ("rounds: 2\n", ("-c", "fedmoe.gate=both"), "fedmoe.gate must be per-client or shared"),
+        ("rounds: 2\n", ("-c", "fedmoe.gate=both"), "fedmoe.gate must be one of per-client, shared, got 'both'"),
         ("rounds: 2\n", ("-c", "rounds.x=1"), "-c rounds.x: 'rounds' is not a section"),
         ("rounds: 2\n", ("-c", "rounds"), "-c 'rounds': expected key=value"),
         ("- a\n- b\n", (), "recipe: the top level must be a mapping"),

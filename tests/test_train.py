@@ -155,7 +155,9 @@ def test_routing_stats_invariants(top_k: int) -> None:
     model = init_model(cfg, 3)
     ds = _dataset()
     x, _ = tensors(ds, np.arange(ds.num_samples))
-    stats = routing_stats(model, x, ds.y, ds.domain, ds.num_domains, batch_size=7)
+    full = routing_stats(model, x, ds.y, ds.domain, ds.num_domains, batch_size=7)
+    assert full["num_samples"] == ds.num_samples and len(full["layers"]) == 1
+    stats = {"num_samples": full["num_samples"], **full["layers"][0]}
     n, k = ds.num_samples, top_k
     counts = np.array(stats["topk_count"])
     by_label, by_domain = np.array(stats["by_label"]), np.array(stats["by_domain"])
@@ -171,7 +173,7 @@ def test_routing_stats_invariants(top_k: int) -> None:
     if k == 4:
         assert counts.tolist() == [n] * 4
     # one batch or many: the same counts; and they match the model's own routing
-    assert routing_stats(model, x, ds.y, ds.domain, 3, batch_size=512) == stats
+    assert routing_stats(model, x, ds.y, ds.domain, 3, batch_size=512) == full
     with torch.no_grad():
         out = model(x)
     assert counts.tolist() == np.bincount(out.experts.reshape(-1).numpy(), minlength=4).tolist()
@@ -188,11 +190,31 @@ def test_routing_stats_of_no_sample() -> None:
     stats = routing_stats(model, torch.zeros(0, 4), np.zeros(0, np.int64), np.zeros(0, np.int64), 2)
     assert stats == {
         "num_samples": 0,
-        "topk_count": [0, 0, 0, 0],
-        "mean_prob": [0.0, 0.0, 0.0, 0.0],
-        "by_label": [[0, 0]] * 4,
-        "by_domain": [[0, 0]] * 4,
+        "layers": [
+            {
+                "topk_count": [0, 0, 0, 0],
+                "mean_prob": [0.0, 0.0, 0.0, 0.0],
+                "by_label": [[0, 0]] * 4,
+                "by_domain": [[0, 0]] * 4,
+            }
+        ],
     }
+
+
+def test_routing_stats_of_every_moe_layer() -> None:
+    """With two MoE layers, each layer's counts sum to n·k and match that layer's routing."""
+    cfg = MoEConfig((4,), 2, embed_dim=8, num_experts=4, top_k=2, expert_hidden=8, moe_layers=2)
+    model = init_model(cfg, 1)
+    ds = _dataset()
+    x, _ = tensors(ds, np.arange(ds.num_samples))
+    stats = routing_stats(model, x, ds.y, ds.domain, ds.num_domains)
+    assert len(stats["layers"]) == 2
+    with torch.no_grad():
+        out = model(x)
+    for layer, route in enumerate(out.routes):
+        counts = np.bincount(route.experts.reshape(-1).numpy(), minlength=4).tolist()
+        assert stats["layers"][layer]["topk_count"] == counts
+        assert sum(counts) == ds.num_samples * 2
 
 
 def test_train_client_uses_the_train_split() -> None:
@@ -202,7 +224,7 @@ def test_train_client_uses_the_train_split() -> None:
     update = train_client(CFG, start, ds, split, TrainConfig(epochs=1, batch_size=8), 5, 2, 1)
     assert (update.client, update.num_samples) == (1, 20)
     assert update.routing["num_samples"] == 20
-    assert sum(update.routing["topk_count"]) == 20 * CFG.top_k
+    assert sum(update.routing["layers"][0]["topk_count"]) == 20 * CFG.top_k
     x, y = tensors(ds, split.train)
     again = train_local(CFG, start, x, y, TrainConfig(epochs=1, batch_size=8), client_seed(5, 2, 1))
     assert equal_states(update.result.state, again.state)
@@ -306,11 +328,12 @@ def test_evaluate_models_warns_nothing_for_an_empty_domain() -> None:
 
 def test_pool_trains_in_process_when_workers_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """No worker processes (e.g. no semaphores in a sandbox): the same updates, in-process."""
-    import fedmoe.train.pool as pool_mod
-    from fedmoe.data import DataSpec, load_dataset
+    import fedmoe.pipeline.pool as pool_mod
+    from fedmoe.data import DataSpec
+    from fedmoe.io.datasets import load_dataset
     from fedmoe.partition import get_partitioner, make_partition
+    from fedmoe.pipeline.pool import Job, TrainPool
     from fedmoe.train import TrainConfig as TC
-    from fedmoe.train.pool import Job, TrainPool
 
     spec = DataSpec("digits-rot")
     data = load_dataset(spec)
@@ -320,14 +343,14 @@ def test_pool_trains_in_process_when_workers_cannot_start(monkeypatch: pytest.Mo
     )
     state = state_of(init_model(cfg, 0))
     jobs = [Job(cfg, state, part.clients[c], TC(epochs=1), 0, 1, c) for c in range(3)]
-    with TrainPool(spec, data, 1) as pool:
+    with TrainPool(spec, data.fingerprint(), lambda: data, 1) as pool:
         expected = pool.run(jobs)
 
     def no_processes(*args: object, **kwargs: object) -> None:
         raise OSError("no semaphores")
 
     monkeypatch.setattr(pool_mod, "ProcessPoolExecutor", no_processes)
-    with TrainPool(spec, data, 2) as pool:
+    with TrainPool(spec, data.fingerprint(), lambda: data, 2) as pool:
         assert pool.fallback is not None and "training in-process" in pool.fallback
         got = pool.run(jobs)
     for a, b in zip(expected, got, strict=True):

@@ -6,6 +6,7 @@ in which checkpoints were given."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,3 +44,15 @@ def stack_proxies(gates: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ExpertI
     num_experts = int(gates[clients[0]].shape[0])
     matrix = torch.cat([gates[c].to(torch.float32) for c in clients], dim=0)  # (N·E, H)
     return matrix, ExpertIndex(clients, num_experts)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What one client sent the server after training: its gates' proxies, routing statistics and
+    sample count (FedMoE-DA, arXiv 2411.02115, Sec. III, step 2); experts never travel this way."""
+
+    client: int  # client id
+    num_samples: int  # training samples (FedAvg weight)
+    round: int  # the round it trained in (older than the current round: a stale upload)
+    proxies: tuple[torch.Tensor, ...]  # (E, H) gate weight of each MoE layer (Eq. 8 proxies)
+    routing: dict[str, Any] | None = None  # routing statistics of that training

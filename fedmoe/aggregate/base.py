@@ -1,106 +1,140 @@
-"""The aggregator family: each method turns what the server knows about the clients into a
-:class:`MergeSpec` (who averages with whom), and one engine applies any spec
-(:mod:`fedmoe.aggregate.engine`) to checkpoints on disk or tensors in memory."""
+"""The aggregation contract: what the server knows of a round (:class:`RoundInputs`), what a method
+makes of it (a :class:`MergeSpec`), and the base class every method implements.
+
+A merge spec is made of *groups*: a group's reduction is computed once, from its sources, and given
+to every member. FedAvg is one group whose members are every client of the federation (those that
+sat the round out included, as FedAvg gives its new model to everyone); the oracle is one group per
+true domain; FedMoE-DA is one group for the shared parts and, for the experts, the sparse matrix of
+Eq. 9–11. A client that is in no group of a part keeps its own copy of that part. Each group
+carries a reduce kind (:mod:`fedmoe.aggregate.reduce`): the weighted mean, or a robust statistic.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from fedmoe.affinity.proxies import ExpertIndex
+from fedmoe.affinity.proxies import Upload
+from fedmoe.aggregate.reduce import Reduce
+from fedmoe.model.schema import ModelSchema
+from fedmoe.params import check_params, help_of
 from fedmoe.plan.matrix import AggregationMatrix
 
 
 @dataclass(frozen=True)
-class ClientInfo:
-    """What an aggregator may use about one client."""
+class RoundInputs:
+    """Everything a method may use to plan one round's merge."""
 
-    client: int  # client id
-    num_samples: int  # training samples (FedAvg weight)
-    routing: dict[str, Any] | None = None  # routing statistics of its last training
-    group: int | None = None  # true domain group (oracle reference only)
+    round: int  # this round's number
+    schema: ModelSchema  # the roles of the model's tensors
+    clients: tuple[int, ...]  # every client of the federation, increasing: each gets a model
+    uploads: Mapping[int, Upload]  # this round's participants
+    groups: Mapping[int, int] = dataclasses.field(default_factory=dict)  # true domains (oracle)
+    matrices: tuple[AggregationMatrix, ...] | None = None  # FedMoE-DA: A of each MoE layer
+    matrix_round: int | None = None  # FedMoE-DA: the round whose affinity built ``matrices``
+
+    @property
+    def participants(self) -> tuple[int, ...]:
+        """Clients that trained and uploaded this round, increasing."""
+        return tuple(sorted(self.uploads))
+
+
+@dataclass(frozen=True)
+class Group:
+    """One reduction: computed once from ``sources`` and given to every member."""
+
+    members: tuple[int, ...]  # clients that receive the result
+    sources: tuple[int, ...]  # clients whose tensors are reduced (participants only)
+    weights: tuple[float, ...]  # one per source, summing to 1 (weighted reduce kinds)
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """A same-index expert reduction: expert j of every member ← reduce of expert j over sources,
+    with per-expert weights (rows of ``weights``)."""
+
+    members: tuple[int, ...]
+    sources: tuple[int, ...]
+    weights: tuple[tuple[float, ...], ...]  # (E, S): row j weighs the sources' expert j
+
+
+@dataclass(frozen=True)
+class SameIndex:
+    """Experts of one MoE layer merged index by index, within groups."""
+
+    groups: tuple[ExpertGroup, ...]
+
+
+@dataclass(frozen=True)
+class CrossExpert:
+    """Experts of one MoE layer merged by Eq. 11: θ_(i,j) ← Σ a_(i,j),(i',j') θ_(i',j') over the
+    rows of ``matrix`` (targets not in the matrix keep their experts)."""
+
+    matrix: AggregationMatrix  # the applied rows: present targets, present sources
+
+
+LayerMerge = SameIndex | CrossExpert | None  # None: every client keeps its experts of this layer
 
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """How every output model is built from the input models.
+    """How every client's output model is built from the round's models."""
 
-    ``shared[i]`` lists the (source client, weight) pairs averaged into client i's embedding (and
-    gate, when ``gate_shared``); ``experts`` is the client-expert matrix of Eq. 11 (identity for
-    methods that do not touch experts). A per-client gate that is not shared stays the client's own.
-    """
+    method: str  # the method's name
+    clients: tuple[int, ...]  # every client that receives an output model
+    shared: tuple[Group, ...]  # shared tensors (embedding, heads, norms)
+    gate: tuple[Group, ...]  # gate tensors; a client in no group keeps its own gate
+    experts: tuple[LayerMerge, ...]  # one per MoE layer
+    reduce: Reduce = Reduce()  # how a group's sources are combined
 
-    index: ExpertIndex  # client-expert numbering
-    shared: dict[int, tuple[tuple[int, float], ...]]  # target client → embedding sources
-    gate_shared: bool  # average G with the embedding (else each client keeps its own)
-    experts: AggregationMatrix  # target client-expert → source client-experts and weights
-    method: str  # the aggregator's name
+    def group_of(self, part: tuple[Group, ...], client: int) -> int | None:
+        """Index of the group of ``part`` that ``client`` belongs to, or None."""
+        for g, group in enumerate(part):
+            if client in group.members:
+                return g
+        return None
 
 
-def sample_weights(infos: list[ClientInfo]) -> tuple[tuple[int, float], ...]:
-    """FedAvg weights n_i / Σ n over ``infos`` (uniform when every count is zero)."""
-    counts = np.array([max(i.num_samples, 0) for i in infos], dtype=np.float64)
+def sample_weights(uploads: list[Upload]) -> tuple[float, ...]:
+    """FedAvg weights n_i / Σ n (uniform when every count is zero)."""
+    counts = np.array([max(u.num_samples, 0) for u in uploads], dtype=np.float64)
     total = counts.sum()
-    w = counts / total if total > 0 else np.full(len(infos), 1.0 / max(len(infos), 1))
-    return tuple((i.client, float(x)) for i, x in zip(infos, w, strict=True))
+    w = counts / total if total > 0 else np.full(len(uploads), 1.0 / max(len(uploads), 1))
+    return tuple(float(x) for x in w)
 
 
-def same_index_matrix(
-    index: ExpertIndex, weights: dict[int, dict[int, list[tuple[int, float]]]]
-) -> AggregationMatrix:
-    """A matrix where expert j of client i averages expert j of the listed clients.
-
-    ``weights[i][j]`` is the list of (source client, weight) for target (i, j).
-    """
-    indptr = [0]
-    sources: list[int] = []
-    vals: list[float] = []
-    for client in index.clients:
-        for j in range(index.num_experts):
-            for src, w in weights[client][j]:
-                sources.append(index.index(src, j))
-                vals.append(w)
-            indptr.append(len(sources))
-    w_arr = np.asarray(vals, dtype=np.float64)
-    return AggregationMatrix(
-        index,
-        np.asarray(indptr, dtype=np.int64),
-        np.asarray(sources, dtype=np.int64),
-        w_arr,
-        np.full(len(vals), np.nan),
-    )
+def fedavg_group(members: tuple[int, ...], uploads: list[Upload]) -> Group:
+    """One sample-weighted group over ``uploads``."""
+    return Group(members, tuple(u.client for u in uploads), sample_weights(uploads))
 
 
-def fedavg_within_groups(
-    infos: list[ClientInfo], num_experts: int, group: Callable[[ClientInfo], object], name: str
-) -> MergeSpec:
-    """Sample-weighted FedAvg of every parameter among clients with the same ``group(info)``:
-    the embedding, the gate, and expert j with expert j (FedAvg is the case of one group)."""
-    index = expert_index(infos, num_experts)
-    shared: dict[int, tuple[tuple[int, float], ...]] = {}
-    per: dict[int, dict[int, list[tuple[int, float]]]] = {}
-    for info in infos:
-        fed = sample_weights([i for i in infos if group(i) == group(info)])
-        shared[info.client] = fed
-        per[info.client] = {j: list(fed) for j in range(num_experts)}
-    return MergeSpec(index, shared, True, same_index_matrix(index, per), name)
-
-
-def expert_index(infos: list[ClientInfo], num_experts: int) -> ExpertIndex:
-    """The client-expert numbering of ``infos`` (given in increasing client id order)."""
-    return ExpertIndex(tuple(i.client for i in infos), num_experts)
+def same_index_group(group: Group, num_experts: int) -> ExpertGroup:
+    """The expert group of ``group``: every expert j weighted like the group."""
+    return ExpertGroup(group.members, group.sources, (group.weights,) * num_experts)
 
 
 class Aggregator(ABC):
-    """Base class: ``name`` is the registry key, ``summary`` the line shown in ``--help``."""
+    """Base class of the methods: a frozen dataclass whose fields are its parameters (declared
+    with :func:`fedmoe.params.param`), a registry ``name`` and a one-line ``summary``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    uses_matrix: ClassVar[bool] = False  # needs FedMoE-DA's matrices in the round inputs
+    moves_models: ClassVar[bool] = True  # a server-mediated baseline moves whole models
+
+    def __post_init__(self) -> None:
+        check_params(self)
+
+    @classmethod
+    def parameters(cls) -> dict[str, str]:
+        """Parameter name → help text."""
+        return {f.name: help_of(cls, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
 
     @abstractmethod
-    def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
-        """The merge this method performs for ``infos`` (clients in increasing id order)."""
+    def spec(self, inputs: RoundInputs) -> MergeSpec:
+        """The merge this method performs for ``inputs``."""

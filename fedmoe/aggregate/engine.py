@@ -1,39 +1,44 @@
-"""The one engine that applies a :class:`MergeSpec`: for each output client, each tensor in name
-order, computed from the sources it needs and handed to a sink as soon as it is ready.
+"""The one engine that applies a :class:`~fedmoe.aggregate.base.MergeSpec`: for each output client,
+each tensor in name order, computed from the sources it needs and handed over as soon as it is
+ready.
 
-Sources are anything that can read a whole tensor or one expert slice by client (checkpoints on
-disk through ``safe_open``, or tensors in memory), so the CLI and the ``run`` orchestrator share
-this code. Sums are accumulated in float64 and rounded once to the tensor's dtype, so Eq. 11 is
-reproduced to the last bit of float32 whatever the order of the sources.
+The role of each tensor comes from the :class:`~fedmoe.model.schema.ModelSchema`. A group's result
+is computed once and given to all its members (a cache holds one result per group and tensor, so
+memory grows with the number of groups, never with the number of members). Sources are anything
+that reads a whole tensor or one expert slice by client (checkpoints on disk, or tensors in
+memory), so the CLI and ``fedmoe run`` share this code. Weighted sums are accumulated in float64
+and rounded once, so Eq. 11 is reproduced to the last bit of float32 whatever the source order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from fedmoe.aggregate.base import MergeSpec
+from fedmoe.aggregate.base import CrossExpert, Group, MergeSpec, SameIndex
+from fedmoe.aggregate.reduce import reduce_tensors
+from fedmoe.model.schema import ModelSchema, Role, TensorEntry
 
 
 class TensorSource(Protocol):
-    """Read access to the input models, by client id."""
+    """Read access to the models of a round, by client id (every client of the spec)."""
 
     def tensor(self, client: int, name: str) -> torch.Tensor:
         """The whole tensor ``name`` of ``client``."""
         ...
 
     def expert(self, client: int, name: str, index: int) -> torch.Tensor:
-        """Slice ``[index]`` of expert tensor ``name`` of ``client``."""
+        """Slice ``[index]`` (along axis 0) of stacked expert tensor ``name`` of ``client``."""
         ...
 
 
 class MemorySource:
     """A :class:`TensorSource` over in-memory state dicts."""
 
-    def __init__(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+    def __init__(self, states: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         self.states = states
 
     def tensor(self, client: int, name: str) -> torch.Tensor:
@@ -43,81 +48,132 @@ class MemorySource:
         return self.states[client][name][index]
 
 
-def _weighted(parts: list[tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
-    """Σ w·t in float64, rounded once to ``dtype``."""
-    acc = torch.zeros(parts[0][0].shape, dtype=torch.float64)
-    for t, w in parts:
-        acc.add_(t.to(torch.float64), alpha=w)
-    return acc.to(dtype)
+class Merger:
+    """Applies one spec to one source; reuses each group's result across its members."""
 
+    def __init__(
+        self,
+        spec: MergeSpec,
+        schema: ModelSchema,
+        source: TensorSource,
+        dtypes: Mapping[str, torch.dtype],
+    ) -> None:
+        self.spec = spec
+        self.schema = schema
+        self.source = source
+        self.dtypes = dtypes
+        self._cache: dict[tuple[object, ...], torch.Tensor] = {}
+        self._member: dict[tuple[int, int], int | None] = {}
 
-def merge_client(
-    spec: MergeSpec,
-    source: TensorSource,
-    client: int,
-    names: list[str],
-    dtypes: dict[str, torch.dtype],
-    cache: dict[tuple[object, ...], torch.Tensor] | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` of ``client``'s output model, in the order of ``names``.
+    def _group(self, part: tuple[Group, ...], which: int, client: int) -> int | None:
+        key = (which, client)
+        if key not in self._member:
+            self._member[key] = self.spec.group_of(part, client)
+        return self._member[key]
 
-    Parameters
-    ----------
-    spec
-        The merge.
-    source
-        The input models.
-    client
-        The output client.
-    names
-        Every tensor name of the model.
-    dtypes
-        Name → dtype of the outputs.
-    cache
-        Shared parts computed for an earlier client with the same sources are reused from here.
-    """
-    index = spec.experts.index
-    e = index.num_experts
-    for name in names:
-        if name.startswith("experts."):
-            m0 = index.index(client, 0)
-            lo, hi = int(spec.experts.indptr[m0]), int(spec.experts.indptr[m0 + e])
-            srcs = spec.experts.sources[lo:hi]
-            uniq, inverse = np.unique(srcs, return_inverse=True)
-            keys = [index.key(int(u)) for u in uniq]
-            stacked = torch.stack([source.expert(c, name, j) for c, j in keys])  # (u, ...)
-            stacked = stacked.to(torch.float64)
-            weights = torch.zeros(e, len(uniq), dtype=torch.float64)  # (E, u)
-            rows = np.repeat(np.arange(e), np.diff(spec.experts.indptr[m0 : m0 + e + 1]))
-            w = torch.from_numpy(spec.experts.weights[lo:hi])
-            weights.index_put_(
-                (torch.from_numpy(rows), torch.from_numpy(inverse.reshape(-1))), w, accumulate=True
-            )
-            out = (weights @ stacked.reshape(len(uniq), -1)).reshape(e, *stacked.shape[1:])
-            yield name, out.to(dtypes[name])
-        elif name.startswith("gate.") and not spec.gate_shared:
-            yield name, source.tensor(client, name)
-        else:
-            pairs = spec.shared[client]
-            key = (name, pairs)
-            if cache is not None and key in cache:
-                yield name, cache[key]
-                continue
-            out = _weighted([(source.tensor(c, name), w) for c, w in pairs], dtypes[name])
-            if cache is not None:
-                cache[key] = out
-            yield name, out
+    def _reduce(self, group: Group, name: str) -> torch.Tensor:
+        tensors = [self.source.tensor(c, name) for c in group.sources]
+        return reduce_tensors(self.spec.reduce, tensors, group.weights, self.dtypes[name])
+
+    def tensor(self, client: int, name: str) -> torch.Tensor:
+        """Tensor ``name`` of ``client``'s output model."""
+        entry = self.schema.entry(name)
+        if entry.role is Role.EXPERT:
+            assert entry.layer is not None
+            return self._expert(client, entry, self.spec.experts[entry.layer])
+        part, which = (
+            (self.spec.shared, 0) if entry.role is Role.SHARED else (self.spec.gate, 1)
+        )
+        g = self._group(part, which, client)
+        if g is None:
+            return self.source.tensor(client, name)
+        key = (which, g, name)
+        if key not in self._cache:
+            self._cache[key] = self._reduce(part[g], name)
+        return self._cache[key]
+
+    def _expert(
+        self, client: int, entry: TensorEntry, merge: SameIndex | CrossExpert | None
+    ) -> torch.Tensor:
+        if merge is None:
+            return self.source.tensor(client, entry.name)
+        if isinstance(merge, SameIndex):
+            for g, group in enumerate(merge.groups):
+                if client in group.members:
+                    key = ("x", entry.layer, g, entry.name)
+                    if key not in self._cache:
+                        self._cache[key] = self._same_index(group.sources, group.weights, entry)
+                    return self._cache[key]
+            return self.source.tensor(client, entry.name)
+        return self._cross(client, entry, merge)
+
+    def _same_index(
+        self, sources: tuple[int, ...], weights: tuple[tuple[float, ...], ...], entry: TensorEntry
+    ) -> torch.Tensor:
+        """Expert j ← reduce over sources of their expert j, weights row j."""
+        dtype = self.dtypes[entry.name]
+        if entry.stacked:
+            if self.spec.reduce.weighted:
+                w = torch.tensor(weights, dtype=torch.float64)  # (E, S)
+                acc = torch.zeros(entry.shape, dtype=torch.float64)
+                view = (-1,) + (1,) * (len(entry.shape) - 1)
+                for s, c in enumerate(sources):
+                    t = self.source.tensor(c, entry.name).to(torch.float64)  # (E, ...)
+                    acc.add_(t * w[:, s].reshape(view))
+                return acc.to(dtype)
+            full = [self.source.tensor(c, entry.name) for c in sources]
+            parts = [
+                reduce_tensors(self.spec.reduce, [t[j] for t in full], weights[j], dtype)
+                for j in range(entry.shape[0])
+            ]
+            return torch.stack(parts)
+        assert entry.expert is not None
+        tensors = [self.source.tensor(c, entry.name) for c in sources]
+        return reduce_tensors(self.spec.reduce, tensors, weights[entry.expert], dtype)
+
+    def _cross(self, client: int, entry: TensorEntry, merge: CrossExpert) -> torch.Tensor:
+        """Eq. 11 for ``client``'s experts of one layer."""
+        matrix = merge.matrix
+        index = matrix.index
+        if client not in index.clients:
+            return self.source.tensor(client, entry.name)
+        e = index.num_experts
+        m0 = index.index(client, 0)
+        lo, hi = int(matrix.indptr[m0]), int(matrix.indptr[m0 + e])
+        srcs = matrix.sources[lo:hi]
+        uniq, inverse = np.unique(srcs, return_inverse=True)
+        keys = [index.key(int(u)) for u in uniq]
+        rows = np.repeat(np.arange(e), np.diff(matrix.indptr[m0 : m0 + e + 1]))
+        weights = torch.zeros(e, len(uniq), dtype=torch.float64)  # (E, u)
+        weights.index_put_(
+            (torch.from_numpy(rows), torch.from_numpy(inverse.reshape(-1))),
+            torch.from_numpy(matrix.weights[lo:hi]),
+            accumulate=True,
+        )
+        dtype = self.dtypes[entry.name]
+        if entry.stacked:
+            stacked = torch.stack([self.source.expert(c, entry.name, j) for c, j in keys])
+            flat = stacked.to(torch.float64).reshape(len(uniq), -1)  # (u, ·)
+            return (weights @ flat).reshape(e, *stacked.shape[1:]).to(dtype)
+        assert entry.expert is not None
+        pieces = [
+            self.source.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys
+        ]
+        flat = torch.stack(pieces).to(torch.float64).reshape(len(uniq), -1)
+        return (weights[entry.expert] @ flat).reshape(entry.shape).to(dtype)
+
+    def client(self, client: int, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of ``client``'s output model, in the order of ``names``."""
+        for name in names if names is not None else self.schema.names:
+            yield name, self.tensor(client, name)
 
 
 def merge_states(
-    spec: MergeSpec, states: dict[int, dict[str, torch.Tensor]]
+    spec: MergeSpec, schema: ModelSchema, states: Mapping[int, Mapping[str, torch.Tensor]]
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Apply ``spec`` to in-memory models: client id → output tensors."""
-    source = MemorySource(states)
-    first = states[spec.index.clients[0]]
-    names = sorted(first)
+    """Apply ``spec`` to in-memory models (every client of the spec): client id → output tensors.
+    Members of one group share the group's tensors (the same objects)."""
+    first = states[spec.clients[0]]
     dtypes = {k: v.dtype for k, v in first.items()}
-    cache: dict[tuple[object, ...], torch.Tensor] = {}
-    return {
-        c: dict(merge_client(spec, source, c, names, dtypes, cache)) for c in spec.index.clients
-    }
+    merger = Merger(spec, schema, MemorySource(states), dtypes)
+    return {c: dict(merger.client(c)) for c in spec.clients}

@@ -1,20 +1,40 @@
 """FedAvg over the whole MoE: every parameter averaged, weighted by sample counts (McMahan et al.,
-"Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017)."""
+"Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017).
+
+Under partial participation the new model goes to every client, participating or not, as in the
+paper: one group whose sources are the round's participants and whose members are all clients.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedmoe.aggregate.base import Aggregator, ClientInfo, MergeSpec, fedavg_within_groups
+from fedmoe.aggregate.base import (
+    Aggregator,
+    MergeSpec,
+    RoundInputs,
+    SameIndex,
+    fedavg_group,
+    same_index_group,
+)
+from fedmoe.aggregate.robust import ReduceParams
 
 
 @dataclass(frozen=True)
-class FedAvg(Aggregator):
-    """Everything averaged with sample weights."""
+class FedAvg(ReduceParams, Aggregator):
+    """Everything averaged with sample weights; one group of every client."""
 
     name: ClassVar[str] = "fedavg"
     summary: ClassVar[str] = "average every parameter, weighted by sample counts"
 
-    def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
-        return fedavg_within_groups(infos, num_experts, lambda _: 0, self.name)
+    def spec(self, inputs: RoundInputs) -> MergeSpec:
+        group = fedavg_group(inputs.clients, [inputs.uploads[c] for c in inputs.participants])
+        return MergeSpec(
+            self.name,
+            inputs.clients,
+            (group,),
+            (group,),
+            tuple(SameIndex((same_index_group(group, e),)) for e in inputs.schema.num_experts),
+            self.reducer(),
+        )

@@ -1,35 +1,110 @@
 """FedMoE-DA aggregation (Zhan et al., arXiv 2411.02115): sample-weighted FedAvg of the embedding
-(and of the gate when shared), and every expert merged by Eq. 11 over the sparse matrix A of
-Eq. 9–10 that ``plan-sync`` built."""
+(and of the gate when shared), and the experts of every MoE layer merged by Eq. 11 over that
+layer's sparse matrix A of Eq. 9–10.
+
+Partial participation (the paper uses every client every round; our reading): the round's merge
+applies only the rows of A whose target client took part, and only their sources from clients that
+took part (an absent client is not contacted), renormalised over those sources. The new shared
+parts go to every client, so a client that sat out starts its next round from the latest server
+parts plus its own experts. With ``interval: sync`` (the paper's other reading of I), experts are
+merged only in rounds where A is recomputed.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedmoe.aggregate.base import Aggregator, ClientInfo, MergeSpec, expert_index, sample_weights
+from fedmoe.aggregate.base import (
+    Aggregator,
+    CrossExpert,
+    MergeSpec,
+    RoundInputs,
+    fedavg_group,
+)
+from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.errors import InputError
-from fedmoe.plan.matrix import AggregationMatrix
+from fedmoe.params import param
+from fedmoe.plan.matrix import restrict
+
+
+class GateMode(str, enum.Enum):
+    """Whether the server averages the gate (open point of the method; README: measured)."""
+
+    PER_CLIENT = "per-client"  # each client keeps its own gate: its rows say what its experts do
+    SHARED = "shared"  # the gate is averaged with the embedding
+
+
+class StaleProxies(str, enum.Enum):
+    """What the server does with the proxies of clients that sat a round out."""
+
+    KEEP = "keep"  # they stay in the matrix, marked stale, until the client uploads again
+    DROP = "drop"  # only the round's participants enter the matrix
+
+
+class Interval(str, enum.Enum):
+    """The two readings of the refresh interval I."""
+
+    MATRIX = "matrix"  # A recomputed every I rounds, reused in between; experts merge every round
+    SYNC = "sync"  # experts synchronised (and A recomputed) only every I rounds
 
 
 @dataclass(frozen=True)
-class FedMoEDA(Aggregator):
-    """Eq. 11 over the plan's matrix; FedAvg of the shared parts."""
+class FedMoEDA(ReduceParams, Aggregator):
+    """Eq. 11 over each MoE layer's matrix; FedAvg of the shared parts."""
 
     name: ClassVar[str] = "fedmoe-da"
     summary: ClassVar[str] = "domain-aware expert merge by the sync plan (FedMoE-DA Eq. 9-11)"
+    uses_matrix: ClassVar[bool] = True
 
-    matrix: AggregationMatrix  # A from plan-sync
+    top_p: int = param(4, "P: similar client-experts kept besides the target itself", ge=0)
+    tau: float = param(0.1, "softmax temperature τ over the kept set", gt=0.0)
+    refresh_interval: int = param(1, "I: recompute A every I rounds", ge=1)
+    gate: GateMode = param(GateMode.PER_CLIENT, "per-client (each keeps its gate) or shared")
+    candidates: int = param(16, "neighbours kept per client-expert by the affinity pass", ge=1)
+    stale: StaleProxies = param(
+        StaleProxies.KEEP, "keep or drop the proxies of clients that sat the round out"
+    )
+    interval: Interval = param(
+        Interval.MATRIX, "matrix: reuse A between refreshes; sync: merge experts only on refresh"
+    )
 
-    def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
-        index = expert_index(infos, num_experts)
-        if index != self.matrix.index:
-            have = set(self.matrix.index.clients)
-            missing = sorted(set(index.clients) ^ have)
-            raise InputError(
-                f"the sync plan covers clients {sorted(have)}, the checkpoints "
-                f"{list(index.clients)} (differ in {missing})",
-                hint="plan and aggregate the same set of client checkpoints",
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.candidates < self.top_p + 1:
+            from fedmoe.errors import ParamError
+
+            raise ParamError(
+                "candidates", self.candidates, f"must be >= top_p + 1 = {self.top_p + 1}"
             )
-        fed = sample_weights(infos)
-        return MergeSpec(index, {i.client: fed for i in infos}, gate_shared, self.matrix, self.name)
+
+    def refresh_due(self, round_: int, matrix_round: int | None) -> bool:
+        """Whether A is recomputed in ``round_`` (given the round that built the current A)."""
+        return matrix_round is None or round_ - matrix_round >= self.refresh_interval
+
+    def spec(self, inputs: RoundInputs) -> MergeSpec:
+        if inputs.matrices is None:
+            raise InputError(
+                "fedmoe-da needs the round's aggregation matrices",
+                hint="build them with fedmoe plan-sync and pass --plan",
+            )
+        if len(inputs.matrices) != inputs.schema.num_layers:
+            raise InputError(
+                f"the sync plan has {len(inputs.matrices)} matrices for a model with "
+                f"{inputs.schema.num_layers} MoE layers"
+            )
+        present = inputs.participants
+        group = fedavg_group(inputs.clients, [inputs.uploads[c] for c in present])
+        merge = self.interval is Interval.MATRIX or inputs.matrix_round == inputs.round
+        experts = tuple(
+            CrossExpert(restrict(m, present)) if merge else None for m in inputs.matrices
+        )
+        return MergeSpec(
+            self.name,
+            inputs.clients,
+            (group,),
+            (group,) if self.gate is GateMode.SHARED else (),
+            experts,
+            self.reducer(),
+        )

@@ -5,23 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedmoe.aggregate.base import Aggregator, ClientInfo, MergeSpec, expert_index
-from fedmoe.plan.matrix import identity_matrix
+from fedmoe.aggregate.base import Aggregator, MergeSpec, RoundInputs
 
 
 @dataclass(frozen=True)
 class Local(Aggregator):
-    """Nothing moves."""
+    """Nothing moves: no group, so every client keeps every part."""
 
     name: ClassVar[str] = "local"
     summary: ClassVar[str] = "no communication: every client keeps its own model"
+    moves_models: ClassVar[bool] = False
 
-    def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
-        index = expert_index(infos, num_experts)
+    def spec(self, inputs: RoundInputs) -> MergeSpec:
         return MergeSpec(
-            index,
-            {i.client: ((i.client, 1.0),) for i in infos},
-            False,
-            identity_matrix(index),
-            self.name,
+            self.name, inputs.clients, (), (), tuple(None for _ in inputs.schema.num_experts)
         )

@@ -1,7 +1,8 @@
 """The naive MoE federation: embedding and gate averaged (sample-weighted); expert j averaged only
-with expert j of the other clients, weighted by how many samples each client routed to it (its
-``topk_count``), falling back to sample counts for a client without routing statistics. Weighting
-by routed load rather than by client size is what keeps this distinct from plain FedAvg."""
+with expert j of the other clients, weighted by how many samples each client routed to it in that
+MoE layer (its ``topk_count``), falling back to sample counts for a client without routing
+statistics. Weighting by routed load rather than by client size is what keeps this distinct from
+plain FedAvg. Every client receives the new model, participating or not."""
 
 from __future__ import annotations
 
@@ -12,38 +13,41 @@ import numpy as np
 
 from fedmoe.aggregate.base import (
     Aggregator,
-    ClientInfo,
+    ExpertGroup,
     MergeSpec,
-    expert_index,
-    same_index_matrix,
-    sample_weights,
+    RoundInputs,
+    SameIndex,
+    fedavg_group,
 )
+from fedmoe.aggregate.robust import ReduceParams
+from fedmoe.train.routing import layer_stats
 
 
 @dataclass(frozen=True)
-class NaiveMoE(Aggregator):
+class NaiveMoE(ReduceParams, Aggregator):
     """Shared parts averaged; expert j with expert j, weighted by routed samples."""
 
     name: ClassVar[str] = "naive-moe"
     summary: ClassVar[str] = "average shared parts; expert j with expert j, by routed samples"
 
-    def spec(self, infos: list[ClientInfo], num_experts: int, gate_shared: bool) -> MergeSpec:
-        index = expert_index(infos, num_experts)
-        fed = sample_weights(infos)
-        load = np.zeros((len(infos), num_experts))
-        for pos, info in enumerate(infos):
-            counts = (info.routing or {}).get("topk_count")
-            if counts is not None and len(counts) == num_experts:
-                load[pos] = counts
-            else:
-                load[pos] = info.num_samples
-        per: dict[int, dict[int, list[tuple[int, float]]]] = {i.client: {} for i in infos}
-        for j in range(num_experts):
-            col = load[:, j]
-            w = col / col.sum() if col.sum() > 0 else np.full(len(infos), 1.0 / len(infos))
-            pairs = [(info.client, float(x)) for info, x in zip(infos, w, strict=True)]
-            for info in infos:
-                per[info.client][j] = pairs
+    def spec(self, inputs: RoundInputs) -> MergeSpec:
+        uploads = [inputs.uploads[c] for c in inputs.participants]
+        group = fedavg_group(inputs.clients, uploads)
+        layers = []
+        for layer, num_experts in enumerate(inputs.schema.num_experts):
+            load = np.zeros((len(uploads), num_experts))
+            for pos, up in enumerate(uploads):
+                stats = layer_stats(up.routing, layer)
+                counts = None if stats is None else stats.get("topk_count")
+                load[pos] = counts if counts is not None and len(counts) == num_experts else (
+                    up.num_samples
+                )
+            rows = []
+            for j in range(num_experts):
+                col = load[:, j]
+                w = col / col.sum() if col.sum() > 0 else np.full(len(uploads), 1 / len(uploads))
+                rows.append(tuple(float(x) for x in w))
+            layers.append(SameIndex((ExpertGroup(group.members, group.sources, tuple(rows)),)))
         return MergeSpec(
-            index, {i.client: fed for i in infos}, True, same_index_matrix(index, per), self.name
+            self.name, inputs.clients, (group,), (group,), tuple(layers), self.reducer()
         )

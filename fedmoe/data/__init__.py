@@ -1,10 +1,15 @@
-"""Data sources: the built-in domain-shifted digits and user files (.npz, .csv).
+"""Data in memory: the :class:`Dataset`, the :class:`DataSpec` that names its source, the label
+encoding, and the built-in digits transforms with their registry :data:`BUILTIN`.
 
-:func:`load_dataset` turns a :class:`DataSpec` (what a partition manifest records) into a
-:class:`Dataset`; :data:`BUILTIN` lists the names that need no file.
+Nothing in this package touches the disk: :func:`fedmoe.io.datasets.load_dataset` reads a
+:class:`DataSpec`'s source (a built-in's raw arrays, a ``.npz`` or ``.csv`` file) into a
+:class:`Dataset`.
 """
 
-from fedmoe.data.base import Dataset, DataSpec
-from fedmoe.data.registry import BUILTIN, load_dataset
+from __future__ import annotations
 
-__all__ = ["BUILTIN", "DataSpec", "Dataset", "load_dataset"]
+from fedmoe.data.base import Dataset, encode_labels
+from fedmoe.data.registry import BUILTIN, BuiltinSource
+from fedmoe.data.spec import DataSpec
+
+__all__ = ["BUILTIN", "BuiltinSource", "DataSpec", "Dataset", "encode_labels"]

@@ -1,10 +1,9 @@
-"""The in-memory dataset and the spec that names where it comes from."""
+"""The in-memory dataset, and the label encoding every data source shares."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,23 +60,6 @@ class Dataset:
             digest.update(f"{arr.dtype.str}{arr.shape}".encode())
             digest.update(np.ascontiguousarray(arr).tobytes())
         return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Where a dataset comes from: a built-in name or a user file, and how to read it."""
-
-    source: str  # built-in name (e.g. "digits-rot") or a path to a .npz / .csv file
-    label_column: str = "label"  # CSV only: the column holding labels
-    domain_column: str | None = None  # CSV only: the column holding domains, if any
-    options: dict[str, Any] = field(default_factory=dict)  # reserved for source-specific options
-
-    @property
-    def is_file(self) -> bool:
-        """True when the source is a user file rather than a built-in name."""
-        from fedmoe.data.registry import BUILTIN
-
-        return self.source not in BUILTIN
 
 
 def encode_labels(values: np.ndarray, what: str, where: str) -> tuple[np.ndarray, tuple[str, ...]]:

@@ -1,5 +1,9 @@
-"""The built-in dataset: the UCI handwritten digits (1,797 8×8 images, 10 classes) that
-scikit-learn ships, turned into domains by deterministic transforms.
+"""The built-in dataset's transforms: the UCI handwritten digits (1,797 8×8 images, 10 classes)
+turned into domains by deterministic transforms.
+
+The raw pixels and labels come from scikit-learn's packaged copy, read by
+:func:`fedmoe.io.datasets.raw_digits`; the functions here are pure: raw arrays in, a
+:class:`~fedmoe.data.base.Dataset` out.
 
 Each sample belongs to exactly one domain. Domains are assigned by a fixed permutation (its own
 generator, seed 2411_02115, independent of any user seed), so every install sees the same bytes and
@@ -11,38 +15,12 @@ the dataset fingerprint is stable.
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from fedmoe.data.base import Dataset
-from fedmoe.errors import InputError
 
 _DOMAIN_SEED = 241102115
 _CLASS_NAMES = tuple(str(i) for i in range(10))
-
-
-def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    """Pixels (1797, 8, 8) in [0, 16] and labels, read from scikit-learn's packaged CSV."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            "the built-in digits need scikit-learn, which is not installed",
-            hint="pip install scikit-learn",
-        )
-    csv = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
-    if csv.is_file():  # read the file directly: importing sklearn costs about a second
-        with gzip.open(csv, "rt") as handle:
-            table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
-        pixels, labels = table[:, :-1], table[:, -1]
-    else:  # pragma: no cover - layout of a future scikit-learn
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        pixels, labels = bunch.data, bunch.target
-    return pixels.reshape(-1, 8, 8), labels.astype(np.int64)
 
 
 def _domains(n: int, num_domains: int) -> np.ndarray:
@@ -53,9 +31,21 @@ def _domains(n: int, num_domains: int) -> np.ndarray:
     return domain
 
 
-def digits_rot() -> Dataset:
-    """UCI digits with each image rotated by 90°·d for its domain d ∈ {0, 1, 2, 3}."""
-    pixels, labels = _raw_digits()
+def digits_rot(pixels: np.ndarray, labels: np.ndarray) -> Dataset:
+    """UCI digits with each image rotated by 90°·d for its domain d ∈ {0, 1, 2, 3}.
+
+    Parameters
+    ----------
+    pixels
+        (n, 8, 8) raw intensities in [0, 16].
+    labels
+        (n,) int64 digit labels 0..9.
+
+    Returns
+    -------
+    Dataset
+        ``digits-rot``: x (n, 1, 8, 8) float32 in [0, 1], four balanced domains.
+    """
     images = pixels / 16.0  # (n, 8, 8)
     domain = _domains(len(labels), 4)
     out = np.empty_like(images)
@@ -72,9 +62,21 @@ def digits_rot() -> Dataset:
     )
 
 
-def digits_style() -> Dataset:
-    """UCI digits in four image styles: clean, inverted, Gaussian noise, 3×3 box blur."""
-    pixels, labels = _raw_digits()
+def digits_style(pixels: np.ndarray, labels: np.ndarray) -> Dataset:
+    """UCI digits in four image styles: clean, inverted, Gaussian noise, 3×3 box blur.
+
+    Parameters
+    ----------
+    pixels
+        (n, 8, 8) raw intensities in [0, 16].
+    labels
+        (n,) int64 digit labels 0..9.
+
+    Returns
+    -------
+    Dataset
+        ``digits-style``: x (n, 1, 8, 8) float32 in [0, 1], four balanced domains.
+    """
     images = pixels / 16.0  # (n, 8, 8)
     domain = _domains(len(labels), 4)
     noise = np.random.default_rng(_DOMAIN_SEED + 1).normal(0.0, 0.25, size=images.shape)

@@ -1,40 +1,34 @@
-"""The static registry of built-in data sources and the one loader that reads any source."""
+"""The static registry of built-in data sources: name → summary, raw source and pure transform.
+
+Nothing here reads a file. :func:`fedmoe.io.datasets.load_dataset` reads a source's raw arrays and
+applies its transform; ``--help`` text and recipe validation read the names and summaries alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
-from fedmoe.data import digits, files
-from fedmoe.data.base import Dataset, DataSpec
-from fedmoe.errors import UsageError
+import numpy as np
 
-# name -> (one-line summary for --help, loader)
-BUILTIN: dict[str, tuple[str, Callable[[], Dataset]]] = {
-    "digits-rot": ("UCI digits, 4 domains: rotated 0/90/180/270 degrees", digits.digits_rot),
-    "digits-style": ("UCI digits, 4 domains: clean/inverted/noisy/blurred", digits.digits_style),
+from fedmoe.data.base import Dataset
+from fedmoe.data.digits import digits_rot, digits_style
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    """One built-in dataset: what ``--help`` says about it and how it is made from raw arrays."""
+
+    summary: str  # one line for --help
+    raw: str  # which raw arrays fedmoe.io.datasets reads for it ("uci-digits")
+    transform: Callable[[np.ndarray, np.ndarray], Dataset]  # (raw features, raw labels) -> data
+
+
+BUILTIN: dict[str, BuiltinSource] = {
+    "digits-rot": BuiltinSource(
+        "UCI digits, 4 domains: rotated 0/90/180/270 degrees", "uci-digits", digits_rot
+    ),
+    "digits-style": BuiltinSource(
+        "UCI digits, 4 domains: clean/inverted/noisy/blurred", "uci-digits", digits_style
+    ),
 }
-
-
-def load_dataset(spec: DataSpec) -> Dataset:
-    """Load the dataset that ``spec`` names.
-
-    Raises
-    ------
-    UsageError
-        When the name is neither a built-in source nor a path ending in ``.npz`` or ``.csv``.
-    InputError
-        When the file is missing, malformed, or lacks the required arrays or columns.
-    """
-    if spec.source in BUILTIN:
-        return BUILTIN[spec.source][1]()
-    path = Path(spec.source)
-    if path.suffix == ".npz":
-        return files.load_npz(path)
-    if path.suffix == ".csv":
-        return files.load_csv(path, spec.label_column, spec.domain_column)
-    names = ", ".join(sorted(BUILTIN))
-    raise UsageError(
-        f"unknown dataset '{spec.source}'",
-        hint=f"use a built-in name ({names}) or a path to a .npz or .csv file",
-    )

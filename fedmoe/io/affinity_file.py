@@ -1,107 +1,128 @@
 """The affinity artefact (``kind: "affinity"``): what ``fedmoe affinity`` writes and ``plan-sync``
 reads.
 
-Layout (schema 1)::
+Layout (schema 2; schema 1, one MoE layer with ``neighbours`` at the top level, is still read)::
 
     schema_version, kind, fedmoe_version, round, candidates, model_config
-    sizes:     {embed, gate, expert, num_experts, model}     bytes of each part
-    inputs:    [{client, path, sha256, num_samples, round}]
-    clients:   [client ids]; client-expert m = position(client)·E + expert
-    neighbours: one row per m: [[m', similarity], ...], decreasing similarity (ties kept)
-    expert_domain: {names, shares: [[...] per m]}     expert_label: {names, shares}
+    sizes:   {shared, gate, expert: [per layer], num_experts: [per layer], model}
+    inputs:  [{client, path, sha256, num_samples, round, stale}]
+    clients: [client ids]; client-expert m = position(client)·E + expert
+    stale:   [clients whose proxies are older than ``round``: kept, marked]
+    layers:  [{layer, num_experts,
+               neighbours: one row per m: [[m', similarity], ...], decreasing (ties kept),
+               expert_domain: {names, shares}, expert_label: {names, shares}}]
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedmoe.affinity import Affinity, ExpertIndex, Neighbours
+from fedmoe.affinity import Affinity, ExpertIndex, LayerAffinity, Neighbours
 from fedmoe.errors import InputError, UsageError
 from fedmoe.io.manifest import header, read_manifest, require
 from fedmoe.model.config import MoEConfig
-from fedmoe.plan.sizes import TensorSizes
+from fedmoe.model.schema import PartSizes
 
 KIND = "affinity"
+VERSION = 2
 
 
 def _rounded(table: np.ndarray) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in table]
 
 
+def json_config(config: MoEConfig) -> dict[str, Any]:
+    """The config as a JSON object (not a string) for manifests."""
+    loaded: dict[str, Any] = json.loads(config.to_json())
+    return loaded
+
+
 def affinity_to_manifest(
     aff: Affinity,
     config: MoEConfig,
-    sizes: TensorSizes,
+    sizes: PartSizes,
     inputs: list[dict[str, Any]],
-    round_: int,
     domain_names: list[str] | None = None,
     class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """The artefact of ``aff``; ``inputs`` lists the checkpoints it was computed from."""
-    nb = aff.neighbours
-    indptr, cols, vals = nb.indptr.tolist(), nb.indices.tolist(), nb.values.tolist()
-    rows = [
-        [[cols[p], vals[p]] for p in range(indptr[m], indptr[m + 1])] for m in range(nb.num_rows)
-    ]
-    d = aff.by_domain.shape[1]
-    c = aff.by_label.shape[1]
+    layers = []
+    for la in aff.layers:
+        nb = la.neighbours
+        indptr, cols, vals = nb.indptr.tolist(), nb.indices.tolist(), nb.values.tolist()
+        rows = [
+            [[cols[p], vals[p]] for p in range(indptr[m], indptr[m + 1])]
+            for m in range(nb.num_rows)
+        ]
+        d, c = la.by_domain.shape[1], la.by_label.shape[1]
+        layers.append(
+            {
+                "layer": la.layer,
+                "num_experts": la.index.num_experts,
+                "neighbours": rows,
+                "expert_domain": {
+                    "names": domain_names or [f"domain{i}" for i in range(d)],
+                    "shares": _rounded(la.by_domain),
+                },
+                "expert_label": {
+                    "names": class_names or [str(i) for i in range(c)],
+                    "shares": _rounded(la.by_label),
+                },
+            }
+        )
     return {
-        **header(KIND),
-        "round": round_,
-        "candidates": nb.k,
+        **header(KIND, VERSION),
+        "round": aff.round,
+        "candidates": aff.layers[0].neighbours.k,
         "model_config": json_config(config),
-        "sizes": {**sizes.__dict__, "model": sizes.model},
+        "sizes": sizes.to_dict(),
         "inputs": inputs,
-        "clients": list(aff.index.clients),
-        "num_experts": aff.index.num_experts,
-        "neighbours": rows,
-        "expert_domain": {
-            "names": domain_names or [f"domain{i}" for i in range(d)],
-            "shares": _rounded(aff.by_domain),
-        },
-        "expert_label": {
-            "names": class_names or [str(i) for i in range(c)],
-            "shares": _rounded(aff.by_label),
-        },
+        "clients": list(aff.clients),
+        "stale": list(aff.stale),
+        "layers": layers,
     }
 
 
-def json_config(config: MoEConfig) -> dict[str, Any]:
-    """The config as a JSON object (not a string) for manifests."""
-    import json
+@dataclass(frozen=True)
+class LoadedAffinity:
+    """A validated affinity artefact."""
 
-    return json.loads(config.to_json())
+    affinity: Affinity
+    config: MoEConfig
+    sizes: PartSizes
+    manifest: dict[str, Any]  # the raw artefact
+    sha256: str  # of the bytes read
 
 
-def load_affinity(
-    source: str | Path,
-) -> tuple[Affinity, MoEConfig, TensorSizes, dict[str, Any], str]:
-    """Read and validate an affinity artefact (or ``-``); the last item is its sha256."""
-    manifest, _, digest = read_manifest(source, KIND)
+def load_affinity(source: str | Path) -> LoadedAffinity:
+    """Read and validate an affinity artefact (or ``-``)."""
+    manifest, _, digest = read_manifest(source, KIND, versions=(1, VERSION))
     where = "<stdin>" if str(source) == "-" else str(source)
     try:
-        return (*_parse_affinity(manifest, where), digest)
+        aff, config, sizes = _parse(manifest, where)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise InputError(
             f"{where}: malformed affinity artefact ({type(exc).__name__}: {exc})",
             hint="re-create it with fedmoe affinity",
         ) from None
+    return LoadedAffinity(aff, config, sizes, manifest, digest)
 
 
-def _parse_affinity(
-    manifest: dict[str, Any], where: str
-) -> tuple[Affinity, MoEConfig, TensorSizes, dict[str, Any]]:
-    clients = tuple(int(c) for c in require(manifest, "clients", where))
-    if list(clients) != sorted(set(clients)):
-        raise InputError(f"{where}: 'clients' must be increasing and distinct")
-    index = ExpertIndex(clients, int(require(manifest, "num_experts", where)))
-    rows = require(manifest, "neighbours", where)
+def _parse_layer(
+    data: dict[str, Any], layer: int, clients: tuple[int, ...], candidates: int, where: str
+) -> LayerAffinity:
+    index = ExpertIndex(clients, int(require(data, "num_experts", where)))
+    rows = require(data, "neighbours", where)
     if len(rows) != index.size:
-        raise InputError(f"{where}: {len(rows)} neighbour rows for {index.size} client-experts")
+        raise InputError(
+            f"{where}: layer {layer} has {len(rows)} neighbour rows for {index.size} client-experts"
+        )
     counts, cols, vals = [], [], []
     for m, row in enumerate(rows):
         for entry in row:
@@ -120,17 +141,32 @@ def _parse_affinity(
         indptr,
         torch.tensor(cols, dtype=torch.int64),
         torch.tensor(vals, dtype=torch.float32),
-        int(require(manifest, "candidates", where)),
+        candidates,
+    )
+    dom = np.asarray(data.get("expert_domain", {}).get("shares", []), dtype=np.float64)
+    lab = np.asarray(data.get("expert_label", {}).get("shares", []), dtype=np.float64)
+    return LayerAffinity(
+        layer, index, neighbours, dom.reshape(index.size, -1), lab.reshape(index.size, -1)
+    )
+
+
+def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, MoEConfig, PartSizes]:
+    clients = tuple(int(c) for c in require(manifest, "clients", where))
+    if list(clients) != sorted(set(clients)):
+        raise InputError(f"{where}: 'clients' must be increasing and distinct")
+    candidates = int(require(manifest, "candidates", where))
+    if manifest["schema_version"] == 1:  # one MoE layer, its fields at the top level
+        layers_data = [manifest]
+    else:
+        layers_data = require(manifest, "layers", where)
+    layers = tuple(
+        _parse_layer(data, layer, clients, candidates, where)
+        for layer, data in enumerate(layers_data)
     )
     try:
         config = MoEConfig.from_dict(require(manifest, "model_config", where), where)
     except UsageError as exc:
         raise InputError(f"{where}: bad model_config ({exc.message})") from None
-    sz = require(manifest, "sizes", where)
-    sizes = TensorSizes(
-        int(sz["embed"]), int(sz["gate"]), int(sz["expert"]), int(sz["num_experts"])
-    )
-    dom = np.asarray(manifest.get("expert_domain", {}).get("shares", []), dtype=np.float64)
-    lab = np.asarray(manifest.get("expert_label", {}).get("shares", []), dtype=np.float64)
-    aff = Affinity(index, neighbours, dom.reshape(index.size, -1), lab.reshape(index.size, -1))
-    return aff, config, sizes, manifest
+    sizes = PartSizes.from_dict(require(manifest, "sizes", where))
+    stale = tuple(int(c) for c in manifest.get("stale", []))
+    return Affinity(layers, int(manifest.get("round", 0)), stale), config, sizes

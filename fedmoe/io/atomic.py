@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fedmoe.errors import OutputError
+from fedmoe.io.digest import sha256_file
 
 
 def check_writable(path: Path, force: bool) -> None:
@@ -97,8 +98,6 @@ class OutputSet:
 
     def staged_sha256(self, path: Path) -> str:
         """sha256 of the file staged for ``path`` (before it is published)."""
-        from fedmoe.io.manifest import sha256_file
-
         for tmp, dest in self._staged:
             if dest == path:
                 return sha256_file(tmp)

@@ -1,12 +1,15 @@
 """Model checkpoints: one safetensors file per model, with provenance in ``__metadata__``.
 
-Format ``fedmoe-moe/1``:
+Format ``fedmoe-moe/2`` (``fedmoe-moe/1`` is still read):
 
-- tensors ``embed.*`` (φ), ``gate.weight`` / ``gate.bias`` (G), ``experts.w1 (E, H, F)``,
-  ``experts.b1 (E, F)``, ``experts.w2 (E, F, C)``, ``experts.b2 (E, C)`` (θ), all float32;
+- tensors as :data:`fedmoe.model.schema.FEDMOE_LAYOUT` declares them: ``embed.*`` (φ),
+  ``blocks.{l}.gate.weight`` / ``blocks.{l}.experts.*`` (hidden MoE layers, when ``moe_layers`` >
+  1), ``gate.weight`` / ``gate.bias`` (G), ``experts.w1 (E, H, F)``, ``experts.b1 (E, F)``,
+  ``experts.w2 (E, F, C)``, ``experts.b2 (E, C)`` (θ of the classifying layer), all float32;
 - metadata (all strings): ``fedmoe_version``, ``format``, ``model_config`` (JSON), ``client_id``
   (an integer, or "global"), ``round``, ``num_samples``, ``parent_sha256``, ``seed``, ``method``,
-  and ``routing`` (JSON, see :mod:`fedmoe.train.routing`) once a client has trained.
+  and ``routing`` (JSON, see :mod:`fedmoe.train.routing`; per MoE layer since format 2) once a
+  client has trained.
 
 Reading is lazy (``safe_open`` is mmap-backed): :meth:`Checkpoint.tensor` and
 :meth:`Checkpoint.expert` read one tensor or one expert slice, never the whole file.
@@ -24,25 +27,17 @@ import torch
 from safetensors import safe_open
 
 from fedmoe import __version__
+from fedmoe.affinity.proxies import Upload
 from fedmoe.errors import InputError
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.manifest import sha256_file
 from fedmoe.io.safetensors_format import write_tensors
+from fedmoe.model import ModelSchema, expected_shapes, schema_for
 from fedmoe.model.config import MoEConfig
 
-FORMAT = "fedmoe-moe/1"
-EXPERT_PREFIX = "experts."
+FORMAT = "fedmoe-moe/2"
+READABLE_FORMATS = ("fedmoe-moe/1", FORMAT)
 REQUIRED_META = ("format", "model_config", "client_id", "round", "num_samples")
-
-
-def is_expert(name: str) -> bool:
-    """True for expert tensors (leading dimension E), which never go to the server."""
-    return name.startswith(EXPERT_PREFIX)
-
-
-def is_gate(name: str) -> bool:
-    """True for the gating network's tensors."""
-    return name.startswith("gate.")
 
 
 @dataclass(frozen=True)
@@ -86,8 +81,10 @@ def parse_meta(meta: Mapping[str, str], where: str) -> CheckpointMeta:
                 f"{where}: metadata key '{key}' missing; not a fedmoe checkpoint",
                 hint="create checkpoints with fedmoe init / train-round / aggregate",
             )
-    if meta["format"] != FORMAT:
-        raise InputError(f"{where}: format '{meta['format']}' is not {FORMAT}")
+    if meta["format"] not in READABLE_FORMATS:
+        raise InputError(
+            f"{where}: format '{meta['format']}' is not one of {', '.join(READABLE_FORMATS)}"
+        )
     config = MoEConfig.from_json(meta["model_config"], where)
     try:
         client = None if meta["client_id"] == "global" else int(meta["client_id"])
@@ -111,15 +108,6 @@ def parse_meta(meta: Mapping[str, str], where: str) -> CheckpointMeta:
         routing,
         extra,
     )
-
-
-def expected_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor a model of ``config`` has."""
-    from fedmoe.model import MoEClassifier
-
-    with torch.device("meta"):
-        model = MoEClassifier(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 class Checkpoint:
@@ -168,6 +156,22 @@ class Checkpoint:
         return self.meta.config
 
     @property
+    def schema(self) -> ModelSchema:
+        """The roles of the model's tensors."""
+        return schema_for(self.meta.config)
+
+    def upload(self) -> Upload:
+        """What this client checkpoint sends the server: its gates' proxies (read alone, no
+        expert byte), routing statistics and sample count."""
+        if self.meta.client_id is None:
+            raise InputError(f"{self.path} is a global model, not a client's upload")
+        schema = self.schema
+        proxies = tuple(self.tensor(schema.proxy(layer)) for layer in range(schema.num_layers))
+        return Upload(
+            self.meta.client_id, self.meta.num_samples, self.meta.round, proxies, self.meta.routing
+        )
+
+    @property
     def sha256(self) -> str:
         """sha256 of the file (computed once)."""
         if self._sha256 is None:
@@ -185,9 +189,17 @@ class Checkpoint:
         return FROM_CODE[self._handle.get_slice(name).get_dtype()]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor, refusing NaN/Inf with an error that names the file and tensor."""
+        """Read one tensor, refusing NaN/Inf with an error that names the file, the tensor and,
+        for a stacked expert tensor, the first expert at fault."""
         t = self._handle.get_tensor(name)
-        check_finite(t, f"{self.path}: tensor {name}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            entry = self.schema.entry(name)
+            what = f"{self.path}: tensor {name}"
+            if entry.expert_axis is not None:
+                flat = torch.isfinite(t).movedim(entry.expert_axis, 0).reshape(t.shape[0], -1)
+                bad = int(torch.nonzero(~flat.all(dim=1))[0])
+                what += f" expert {bad}"
+            check_finite(t, what)
         return t
 
     def expert(self, name: str, index: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from fedmoe.io.checkpoint import Checkpoint, open_checkpoint
 from fedmoe.io.manifest import STDIO, read_manifest, relative, require, resolve
 
 SET_KINDS = ("train-round", "aggregate", "init")
+SERVER_FILE = "server.safetensors"
 
 
 def checkpoint_entries(checkpoints: list[Checkpoint], base: Path) -> list[dict[str, Any]]:
@@ -61,7 +62,8 @@ def load_checkpoint_set(inputs: list[str]) -> dict[int | None, Checkpoint]:
         if item == STDIO or path.suffix == ".json":
             found.extend(_from_manifest(item))
         elif path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
+            # server.safetensors is aggregate's copy of the shared parts, not a client model
+            files = sorted(f for f in path.glob("*.safetensors") if f.name != SERVER_FILE)
             if not files:
                 raise InputError(f"{path}: folder holds no .safetensors checkpoint")
             found.extend(open_checkpoint(f) for f in files)
@@ -103,3 +105,25 @@ class CheckpointSource:
 
     def expert(self, client: int, name: str, index: int) -> Any:
         return self.checkpoints[client].expert(name, index)
+
+
+def client_checkpoints(inputs: list[str], what: str) -> dict[int, Checkpoint]:
+    """The client checkpoints the inputs name (a global model is refused), by client id."""
+    found = load_checkpoint_set(inputs)
+    if None in found:
+        raise InputError(
+            f"{found[None].path} is a global model; {what} takes client checkpoints",
+            hint="pass the checkpoints written by train-round or aggregate",
+        )
+    return {c: k for c, k in sorted((c, k) for c, k in found.items() if c is not None)}
+
+
+def newest_per_client(sets: list[dict[int, Checkpoint]]) -> dict[int, Checkpoint]:
+    """Across several checkpoint sets, each client's checkpoint of the latest round (on a tie, the
+    earlier set wins)."""
+    out: dict[int, Checkpoint] = {}
+    for found in sets:
+        for c, ckpt in found.items():
+            if c not in out or ckpt.meta.round > out[c].meta.round:
+                out[c] = ckpt
+    return dict(sorted(out.items()))

@@ -8,7 +8,6 @@ a partition of a million samples stays a readable file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,14 +18,16 @@ from typing import Any
 from fedmoe import __version__
 from fedmoe.errors import InputError
 from fedmoe.io.atomic import write_atomic
+from fedmoe.io.digest import sha256_bytes as sha256_bytes  # re-exported
+from fedmoe.io.digest import sha256_file as sha256_file  # re-exported
 
 SCHEMA_VERSION = 1
 STDIO = "-"
 
 
-def header(kind: str) -> dict[str, Any]:
-    """The fields every manifest starts with."""
-    return {"schema_version": SCHEMA_VERSION, "kind": kind, "fedmoe_version": __version__}
+def header(kind: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The fields every manifest starts with (``version``: the kind's schema version)."""
+    return {"schema_version": version, "kind": kind, "fedmoe_version": __version__}
 
 
 def dumps(obj: Any, indent: int = 1) -> str:
@@ -58,20 +59,6 @@ def dumps(obj: Any, indent: int = 1) -> str:
     return enc(obj, 0) + "\n"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of a byte string."""
-    return hashlib.sha256(data).hexdigest()
-
-
 def relative(path: Path, base: Path) -> str:
     """``path`` relative to folder ``base``, with forward slashes."""
     return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
@@ -88,7 +75,7 @@ def base_dir(target: str | Path) -> Path:
 
 
 def read_manifest(
-    source: str | Path, kind: str | tuple[str, ...]
+    source: str | Path, kind: str | tuple[str, ...], versions: tuple[int, ...] = (SCHEMA_VERSION,)
 ) -> tuple[dict[str, Any], Path, str]:
     """Read a manifest from a file or ``-`` (stdin) and check its ``kind`` and schema.
 
@@ -118,10 +105,10 @@ def read_manifest(
         raise InputError(
             f"{name}: is a '{obj['kind']}' manifest, expected {' or '.join(repr(k) for k in kinds)}"
         )
-    if obj["schema_version"] != SCHEMA_VERSION:
+    if obj["schema_version"] not in versions:
         raise InputError(
             f"{name}: schema_version {obj['schema_version']} is not supported "
-            f"(this fedmoe reads {SCHEMA_VERSION})",
+            f"(this fedmoe reads {', '.join(map(str, versions))})",
             hint="re-create it with this fedmoe version",
         )
     return obj, base_dir(source), sha256_bytes(text.encode("utf-8"))

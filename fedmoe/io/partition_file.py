@@ -15,13 +15,15 @@ Layout (schema 1)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedmoe.data import Dataset, DataSpec, load_dataset
+from fedmoe.data import Dataset, DataSpec
 from fedmoe.errors import InputError
+from fedmoe.io.datasets import load_dataset
 from fedmoe.io.manifest import header, read_manifest, relative, require, resolve, sha256_file
 from fedmoe.partition import ClientSplit, Partition
 
@@ -89,20 +91,62 @@ def partition_to_manifest(
 
 @dataclass(frozen=True)
 class LoadedPartition:
-    """A partition manifest with its dataset loaded and checked against the fingerprint."""
+    """A validated partition manifest; its dataset is loaded on first use of :attr:`dataset`.
+
+    Shapes, names and per-client counts come from the manifest alone, so a command that needs
+    only those (``fedmoe init --partition``) never reads the data.
+    """
 
     path: str  # where the manifest came from ("-" for stdin)
     sha256: str  # sha256 of the manifest's bytes
-    dataset_spec: DataSpec  # how the dataset was loaded (worker processes reload it)
-    dataset: Dataset
+    dataset_spec: DataSpec  # how to load the dataset (worker processes reload it)
     clients: tuple[ClientSplit, ...]  # client id = position
     global_test: np.ndarray  # (n_global,) indices
     manifest: dict[str, Any]  # the raw manifest
+    num_samples: int  # n, the dataset's size as the manifest records it
+    input_shape: tuple[int, ...]  # shape of one sample
+    class_names: tuple[str, ...]  # label id -> original label
+    domain_names: tuple[str, ...]  # domain id -> name
+    fingerprint: str  # the dataset's recorded fingerprint (Dataset.fingerprint)
 
     @property
     def num_clients(self) -> int:
         """N."""
         return len(self.clients)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return len(self.class_names)
+
+    @property
+    def num_domains(self) -> int:
+        """Number of domains D (1 when the data has no domains)."""
+        return len(self.domain_names)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """The dataset, loaded on first access and checked against the manifest's fingerprint.
+
+        Raises
+        ------
+        InputError
+            When the data no longer matches the fingerprint, or cannot be read.
+        """
+        dataset = load_dataset(self.dataset_spec)
+        if dataset.fingerprint() != self.fingerprint:
+            raise InputError(
+                f"{self.path}: dataset '{self.dataset_spec.source}' no longer matches the "
+                "manifest's fingerprint",
+                hint="re-run fedmoe partition with this installation",
+            )
+        if dataset.num_samples != self.num_samples:  # only a hand-edited manifest gets here
+            raise InputError(
+                f"{self.path}: records {self.num_samples} samples, its dataset has "
+                f"{dataset.num_samples}",
+                hint="re-run fedmoe partition",
+            )
+        return dataset
 
     def client(self, client_id: int) -> ClientSplit:
         """Client ``client_id``'s split, or an :class:`InputError` naming the valid range."""
@@ -113,6 +157,33 @@ class LoadedPartition:
             )
         return self.clients[client_id]
 
+    def domain_counts(self, client_id: int) -> list[int]:
+        """Samples (train and test) of each domain at client ``client_id``, from the manifest.
+
+        Raises
+        ------
+        InputError
+            When there is no such client, or its ``domain_counts`` entry is malformed.
+        """
+        self.client(client_id)
+        where = f"{self.path} client {client_id}"
+        value = require(self.manifest["clients"][client_id], "domain_counts", where)
+        try:
+            counts = [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: 'domain_counts' must be a list of ints") from None
+        if len(counts) != self.num_domains:
+            raise InputError(
+                f"{where}: 'domain_counts' has {len(counts)} entries, the dataset has "
+                f"{self.num_domains} domains",
+                hint="re-create the file with fedmoe partition",
+            )
+        return counts
+
+    def dominant_domain(self, client_id: int) -> int:
+        """The domain id client ``client_id`` has most samples of (the lowest id on a tie)."""
+        return int(np.argmax(self.domain_counts(client_id)))
+
 
 def _indices(value: Any, n: int, where: str) -> np.ndarray:
     arr = np.asarray(value, dtype=np.int64)
@@ -121,8 +192,38 @@ def _indices(value: Any, n: int, where: str) -> np.ndarray:
     return arr
 
 
+def _shape_and_names(
+    rec: dict[str, Any], where: str
+) -> tuple[int, tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+    """``num_samples``, ``input_shape``, ``class_names`` and ``domain_names`` of the ``dataset``
+    entry, checked against ``num_classes`` / ``num_domains`` where those are recorded."""
+    try:
+        n = int(require(rec, "num_samples", where))
+        shape = tuple(int(s) for s in require(rec, "input_shape", where))
+        classes = tuple(str(c) for c in require(rec, "class_names", where))
+        domains = tuple(str(d) for d in require(rec, "domain_names", where))
+    except (TypeError, ValueError):
+        raise InputError(
+            f"{where}: malformed dataset entry (num_samples, input_shape, class_names, "
+            "domain_names)",
+            hint="re-create the file with fedmoe partition",
+        ) from None
+    for key, names in (("num_classes", classes), ("num_domains", domains)):
+        if key in rec and rec[key] != len(names):
+            raise InputError(
+                f"{where}: dataset '{key}' is {rec[key]} but it lists {len(names)} names",
+                hint="re-create the file with fedmoe partition",
+            )
+    return n, shape, classes, domains
+
+
 def load_partition(source: str | Path) -> LoadedPartition:
-    """Read a partition manifest (or ``-``), reload its dataset and verify the fingerprint."""
+    """Read and validate a partition manifest (or ``-``) without loading its dataset.
+
+    A user data file must still be where the manifest says and unchanged (its sha256 is
+    checked); the dataset itself is loaded, and its fingerprint verified, on first use of
+    :attr:`LoadedPartition.dataset`.
+    """
     manifest, base, digest = read_manifest(source, KIND)
     name = str(source)
     rec = require(manifest, "dataset", name)
@@ -142,13 +243,7 @@ def load_partition(source: str | Path) -> LoadedPartition:
         spec = DataSpec(str(path), rec.get("label_column") or "label", rec.get("domain_column"))
     else:
         spec = DataSpec(require(rec, "name", name))
-    dataset = load_dataset(spec)
-    if dataset.fingerprint() != rec.get("sha256"):
-        raise InputError(
-            f"{name}: dataset '{spec.source}' no longer matches the manifest's fingerprint",
-            hint="re-run fedmoe partition with this installation",
-        )
-    n = dataset.num_samples
+    n, shape, class_names, domain_names = _shape_and_names(rec, name)
     clients = tuple(
         ClientSplit(
             train=_indices(require(c, "train", name), n, f"{name} client {i}"),
@@ -160,8 +255,12 @@ def load_partition(source: str | Path) -> LoadedPartition:
         path=name,
         sha256=digest,
         dataset_spec=spec,
-        dataset=dataset,
         clients=clients,
         global_test=_indices(manifest.get("global_test", []), n, f"{name} global_test"),
         manifest=manifest,
+        num_samples=n,
+        input_shape=shape,
+        class_names=class_names,
+        domain_names=domain_names,
+        fingerprint=str(rec.get("sha256")),
     )

@@ -1,21 +1,24 @@
 """The sync plan (``kind: "sync-plan"``): what ``fedmoe plan-sync`` writes, the server sends each
 client (its rows), and ``fedmoe aggregate --plan`` applies.
 
-Layout (schema 1)::
+Layout (schema 2; schema 1, one MoE layer with ``targets`` at the top level, is still read)::
 
     schema_version, kind, fedmoe_version
-    round, matrix_round, refreshed, top_p, tau, refresh_interval, gate ("per-client" | "shared")
+    round, matrix_round, refreshed, merges_experts, top_p, tau, refresh_interval, gate
+    params:    every FedMoE-DA parameter (P, τ, I, gate, candidates, stale, interval, reduce, ...)
     affinity: {path, sha256} | null (null when the matrix was reused)
     previous_plan: {path, sha256, reused} | null                model_config, sizes
-    clients: [ids], num_experts
-    targets:   [{client, expert, sources: [{client, expert, weight, similarity}]}]  weights sum to 1
-    transfers: [{from, to, experts: [j'], bytes}]
+    clients:      [ids] every client the matrices cover (participants and held stale proxies)
+    participants: [ids] clients whose rows apply this round
+    layers: [{layer, num_experts,
+              targets: [{client, expert, sources: [{client, expert, weight, similarity}]}]}]
+              (Eq. 9–10 over every covered client; weights sum to 1)
+    transfers: [{from, to, layer, experts: [j'], bytes}]   (the applied rows' fetches)
     ledger:    {server_up, server_down, plan_down, server_total, p2p, fedavg_equivalent, ...}
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +27,18 @@ from typing import Any
 import numpy as np
 
 from fedmoe.affinity import ExpertIndex
-from fedmoe.errors import InputError
+from fedmoe.aggregate.fedmoe_da import FedMoEDA
+from fedmoe.errors import FedMoeError, InputError, UsageError
+from fedmoe.io.affinity_file import json_config
 from fedmoe.io.manifest import header, read_manifest, require
 from fedmoe.model.config import MoEConfig
-from fedmoe.plan import (
-    AggregationMatrix,
-    Ledger,
-    TensorSizes,
-    Transfer,
-    traffic_ledger,
-    transfer_list,
-)
+from fedmoe.model.schema import PartSizes
+from fedmoe.params import params_dict as method_params
+from fedmoe.plan import AggregationMatrix, Ledger, Transfer
+from fedmoe.round.sync import SyncPlan
 
 KIND = "sync-plan"
+VERSION = 2
 WEIGHT_TOLERANCE = 1e-6
 
 
@@ -63,72 +65,48 @@ def target_rows(matrix: AggregationMatrix) -> list[dict[str, Any]]:
     return rows
 
 
-def plan_bytes_per_client(rows: list[dict[str, Any]]) -> dict[int, int]:
-    """Bytes of each client's rows as compact JSON: what the server sends that client."""
-    by_client: dict[int, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_client.setdefault(row["client"], []).append(row)
-    return {c: len(json.dumps(r, separators=(",", ":")).encode()) for c, r in by_client.items()}
-
-
-def transfer_rows(transfers: list[Transfer]) -> list[dict[str, Any]]:
-    """The ``transfers`` entries."""
-    return [
-        {"from": t.source, "to": t.target, "experts": list(t.experts), "bytes": t.bytes}
-        for t in transfers
-    ]
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """How a plan's matrix was made and is used (the plan's scalar fields)."""
-
-    round: int  # the round this plan is for
-    matrix_round: int  # the round whose affinity built the matrix (< round when reused)
-    top_p: int  # P
-    tau: float  # τ
-    refresh_interval: int  # I
-    gate: str  # "per-client" or "shared"
-
-
-def build_plan(
-    matrix: AggregationMatrix,
-    settings: PlanSettings,
+def plan_to_manifest(
+    plan: SyncPlan,
     config: MoEConfig,
-    sizes: TensorSizes,
+    sizes: PartSizes,
     affinity: dict[str, Any] | None = None,
     previous_plan: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], Ledger]:
-    """The sync-plan manifest of ``matrix``: targets, transfers and the traffic ledger."""
-    rows = target_rows(matrix)
-    transfers = transfer_list(matrix, sizes.expert)
-    ledger = traffic_ledger(
-        sizes,
-        list(matrix.index.clients),
-        transfers,
-        plan_bytes_per_client(rows),
-        settings.gate == "shared",
-    )
-    plan = {
-        **header(KIND),
-        "round": settings.round,
-        "matrix_round": settings.matrix_round,
-        "refreshed": settings.matrix_round == settings.round,
-        "top_p": settings.top_p,
-        "tau": settings.tau,
-        "refresh_interval": settings.refresh_interval,
-        "gate": settings.gate,
+) -> dict[str, Any]:
+    """The sync-plan manifest of ``plan``."""
+    m = plan.method
+    return {
+        **header(KIND, VERSION),
+        "round": plan.round,
+        "matrix_round": plan.matrix_round,
+        "refreshed": plan.refreshed,
+        "merges_experts": plan.merges_experts,
+        "top_p": m.top_p,
+        "tau": m.tau,
+        "refresh_interval": m.refresh_interval,
+        "gate": m.gate.value,
+        "params": method_params(m),
         "affinity": affinity,
         "previous_plan": previous_plan,
-        "model_config": json.loads(config.to_json()),
-        "sizes": {**sizes.__dict__, "model": sizes.model},
-        "clients": list(matrix.index.clients),
-        "num_experts": matrix.index.num_experts,
-        "targets": rows,
-        "transfers": transfer_rows(transfers),
-        "ledger": ledger.to_dict(),
+        "model_config": json_config(config),
+        "sizes": sizes.to_dict(),
+        "clients": list(plan.matrices[0].index.clients),
+        "participants": list(plan.participants),
+        "layers": [
+            {"layer": layer, "num_experts": mat.index.num_experts, "targets": target_rows(mat)}
+            for layer, mat in enumerate(plan.matrices)
+        ],
+        "transfers": [
+            {
+                "from": t.source,
+                "to": t.target,
+                "layer": t.layer,
+                "experts": list(t.experts),
+                "bytes": t.bytes,
+            }
+            for t in plan.transfers
+        ],
+        "ledger": plan.ledger.to_dict(),
     }
-    return plan, ledger
 
 
 def matrix_from_rows(
@@ -197,33 +175,87 @@ def matrix_from_rows(
 class LoadedPlan:
     """A validated sync plan."""
 
-    matrix: AggregationMatrix  # A
+    plan: SyncPlan  # matrices, participants, method, transfers, ledger
+    config: MoEConfig  # the model it was made for
+    sizes: PartSizes
     manifest: dict[str, Any]  # the raw plan
     sha256: str  # of the bytes read
+    where: str  # how errors name this plan
 
-    def field(self, key: str) -> Any:
-        """``manifest[key]``, or an :class:`InputError` naming the missing key."""
-        return require(self.manifest, key, self.where)
 
-    @property
-    def where(self) -> str:
-        """How errors name this plan."""
-        return str(self.manifest.get("_where", "sync plan"))
+def _method(manifest: dict[str, Any], where: str) -> FedMoEDA:
+    params = manifest.get("params")
+    if params is None:  # schema 1 recorded P, τ, I and the gate only
+        params = {k: manifest[k] for k in ("top_p", "tau", "refresh_interval", "gate")}
+        params["candidates"] = max(16, int(params["top_p"]) + 1)
+    try:
+        return FedMoEDA(**params)
+    except (FedMoeError, TypeError) as exc:
+        raise InputError(f"{where}: bad FedMoE-DA parameters ({exc})") from None
 
 
 def load_plan(source: str | Path) -> LoadedPlan:
     """Read and validate a sync plan (or ``-``)."""
-    manifest, _, digest = read_manifest(source, KIND)
+    manifest, _, digest = read_manifest(source, KIND, versions=(1, VERSION))
     where = "<stdin>" if str(source) == "-" else str(source)
     try:
+        return _parse(manifest, digest, where)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise InputError(
+            f"{where}: malformed sync plan ({type(exc).__name__}: {exc})",
+            hint="re-create it with fedmoe plan-sync",
+        ) from None
+
+
+def _parse(manifest: dict[str, Any], digest: str, where: str) -> LoadedPlan:
+    try:
         clients = tuple(int(c) for c in require(manifest, "clients", where))
-        num_experts = int(require(manifest, "num_experts", where))
     except (TypeError, ValueError):
-        raise InputError(f"{where}: 'clients' and 'num_experts' must be integers") from None
+        raise InputError(f"{where}: 'clients' must be integers") from None
     if list(clients) != sorted(set(clients)):
         raise InputError(f"{where}: 'clients' must be increasing and distinct")
-    index = ExpertIndex(clients, num_experts)
-    matrix = matrix_from_rows(require(manifest, "targets", where), index, where)
-    for key in ("round", "matrix_round", "top_p", "tau", "model_config", "sizes", "gate"):
-        require(manifest, key, where)
-    return LoadedPlan(matrix, {**manifest, "_where": where}, digest)
+    if manifest["schema_version"] == 1:
+        layers = [{"num_experts": require(manifest, "num_experts", where), "targets": manifest["targets"]}]
+        participants = clients
+    else:
+        layers = require(manifest, "layers", where)
+        participants = tuple(int(c) for c in require(manifest, "participants", where))
+        if list(participants) != sorted(set(participants)):
+            raise InputError(f"{where}: 'participants' must be increasing and distinct")
+    matrices = tuple(
+        matrix_from_rows(
+            require(layer, "targets", where),
+            ExpertIndex(clients, int(require(layer, "num_experts", where))),
+            where,
+        )
+        for layer in layers
+    )
+    try:
+        config = MoEConfig.from_dict(require(manifest, "model_config", where), where)
+    except UsageError as exc:
+        raise InputError(f"{where}: bad model_config ({exc.message})") from None
+    sizes = PartSizes.from_dict(require(manifest, "sizes", where))
+    transfers = tuple(
+        Transfer(
+            int(t["from"]), int(t["to"]), int(t.get("layer", 0)),
+            tuple(int(x) for x in t["experts"]), int(t["bytes"]),
+        )
+        for t in manifest.get("transfers", [])
+    )
+    led = manifest.get("ledger", {})
+    ledger = Ledger(
+        *(int(led.get(k, 0)) for k in (
+            "clients", "server_up", "server_down", "plan_down", "p2p", "fedavg_equivalent",
+            "max_client_p2p_in",
+        ))
+    )
+    plan = SyncPlan(
+        int(require(manifest, "round", where)),
+        int(require(manifest, "matrix_round", where)),
+        _method(manifest, where),
+        matrices,
+        participants,
+        transfers,
+        ledger,
+    )
+    return LoadedPlan(plan, config, sizes, manifest, digest, where)

@@ -1,14 +1,21 @@
 """The MoE classifier of FedMoE-DA (arXiv 2411.02115, Sec. III): embedding φ → gate G (top-k) →
 experts θ, whose class logits are combined with the gate weights.
 
-Tensor names (the checkpoint format): ``embed.*`` (φ), ``gate.weight`` (and ``gate.bias``) (G),
-``experts.w1 / b1 / w2 / b2`` (θ, leading dimension E).
+With ``moe_layers`` L > 1 (our extension: real MoE models stack many MoE layers), L − 1 hidden MoE
+blocks sit between the embedding and the classifying MoE layer; block l computes
+``h ← LayerNorm(h + Σ_k g_k · expert_k(h))`` with its own gate and E experts mapping H → H.
+
+Tensor names (the checkpoint format, declared in :data:`fedmoe.model.schema.FEDMOE_LAYOUT`):
+``embed.*`` (φ); ``blocks.{l}.gate.weight`` and ``blocks.{l}.experts.*`` (hidden MoE layer l);
+``gate.weight`` (and ``gate.bias``) (G) and ``experts.w1 / b1 / w2 / b2`` (θ, leading dimension
+E) of the classifying layer, which is MoE layer L − 1.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -18,6 +25,16 @@ from fedmoe.model.config import MoEConfig
 from fedmoe.model.embed import make_embed
 from fedmoe.model.experts import Experts
 from fedmoe.model.router import Router
+from fedmoe.model.schema import FEDMOE_LAYOUT, ModelSchema
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one MoE layer routed a batch."""
+
+    probs: torch.Tensor  # (B, E) fp32 router probabilities
+    weights: torch.Tensor  # (B, k) combine weights of the chosen experts
+    experts: torch.Tensor  # (B, k) chosen expert ids
 
 
 @dataclass(frozen=True)
@@ -25,32 +42,96 @@ class MoEOutput:
     """What one forward pass returns."""
 
     logits: torch.Tensor  # (B, C) class logits
-    probs: torch.Tensor  # (B, E) fp32 router probabilities
-    weights: torch.Tensor  # (B, k) combine weights of the chosen experts
-    experts: torch.Tensor  # (B, k) chosen expert ids
+    routes: tuple[Route, ...]  # one per MoE layer, in order (the classifying layer last)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """(B, E) router probabilities of the classifying (last) MoE layer."""
+        return self.routes[-1].probs
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(B, k) combine weights of the classifying (last) MoE layer."""
+        return self.routes[-1].weights
+
+    @property
+    def experts(self) -> torch.Tensor:
+        """(B, k) expert ids chosen by the classifying (last) MoE layer."""
+        return self.routes[-1].experts
 
     def balance_loss(self) -> torch.Tensor:
-        """Switch-Transformer load-balancing loss of this batch's routing."""
-        return load_balance_loss(self.probs, self.experts, self.probs.shape[1])
+        """Switch-Transformer load-balancing loss, averaged over the MoE layers."""
+        losses = [load_balance_loss(r.probs, r.experts, r.probs.shape[1]) for r in self.routes]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+class MoEBlock(nn.Module):
+    """A hidden MoE layer: ``h ← LayerNorm(h + Σ_k g_k · expert_k(h))``, experts H → F → H."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.gate = Router(cfg.embed_dim, cfg.num_experts, cfg.top_k, cfg.gate_bias)
+        self.experts = Experts(cfg.num_experts, cfg.embed_dim, cfg.expert_hidden, cfg.embed_dim)
+
+    def forward(self, h: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, Route]:
+        """(B, H) → (B, H) and the layer's routing."""
+        probs, weights, experts = self.gate(h)  # (B, E), (B, k), (B, k)
+        run = self.experts.forward_dense if dense else self.experts
+        out = h + run(h, weights, experts)  # (B, H)
+        return nn.functional.layer_norm(out, (out.shape[1],)), Route(probs, weights, experts)
 
 
 class MoEClassifier(nn.Module):
-    """Embedding, gate and stacked experts; only the top-k experts run per sample."""
+    """Embedding, L − 1 hidden MoE blocks, then the classifying gate and stacked experts; only the
+    top-k experts of each layer run per sample."""
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = make_embed(cfg)
+        if cfg.moe_layers > 1:
+            self.blocks = nn.ModuleList(MoEBlock(cfg) for _ in range(cfg.moe_layers - 1))
         self.gate = Router(cfg.embed_dim, cfg.num_experts, cfg.top_k, cfg.gate_bias)
         self.experts = Experts(cfg.num_experts, cfg.embed_dim, cfg.expert_hidden, cfg.num_classes)
 
+    def hidden(self, x: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, list[Route]]:
+        """The embedding and the hidden MoE blocks: (B, H) features and their routes."""
+        h = self.embed(x)  # (B, H)
+        routes: list[Route] = []
+        for block in getattr(self, "blocks", ()):
+            h, route = block(h, dense)
+            routes.append(route)
+        return h, routes
+
     def forward(self, x: torch.Tensor, dense: bool = False) -> MoEOutput:
         """Classify ``x`` (B, *input_shape); ``dense`` runs the all-experts masked reference."""
-        h = self.embed(x)  # (B, H)
+        h, routes = self.hidden(x, dense)  # (B, H)
         probs, weights, experts = self.gate(h)  # (B, E), (B, k), (B, k)
         run = self.experts.forward_dense if dense else self.experts
         logits = run(h, weights, experts)  # (B, C)
-        return MoEOutput(logits, probs, weights, experts)
+        return MoEOutput(logits, (*routes, Route(probs, weights, experts)))
+
+    def routers(self) -> list[Router]:
+        """The gate of every MoE layer, in layer order."""
+        return [*(b.gate for b in getattr(self, "blocks", ())), self.gate]
+
+    def expert_modules(self) -> list[Experts]:
+        """The experts of every MoE layer, in layer order."""
+        return [*(b.experts for b in getattr(self, "blocks", ())), self.experts]
+
+
+@lru_cache(maxsize=64)
+def expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor a model of ``cfg`` has (built on the meta device)."""
+    with torch.device("meta"):
+        model = MoEClassifier(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@lru_cache(maxsize=64)
+def schema_for(cfg: MoEConfig) -> ModelSchema:
+    """The :class:`ModelSchema` of the built-in classifier of ``cfg`` (float32 tensors)."""
+    return FEDMOE_LAYOUT.resolve(expected_shapes(cfg))
 
 
 def init_model(cfg: MoEConfig, seed: int) -> MoEClassifier:
@@ -71,6 +152,11 @@ def init_model(cfg: MoEConfig, seed: int) -> MoEClassifier:
                 module.weight.uniform_(-bound, bound, generator=generator)
                 if module.bias is not None:
                     module.bias.uniform_(-bound, bound, generator=generator)
+        for block in getattr(model, "blocks", ()):  # hidden MoE layers, in order
+            block.gate.weight.normal_(0.0, cfg.embed_dim**-0.5, generator=generator)
+            if block.gate.bias is not None:
+                block.gate.bias.zero_()
+            block.experts.reset_parameters(generator)
         model.gate.weight.normal_(0.0, cfg.embed_dim**-0.5, generator=generator)
         if model.gate.bias is not None:
             model.gate.bias.zero_()

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fedmoe.errors import InputError, UsageError
+from fedmoe.errors import InputError, ParamError, UsageError
 
 EMBEDDINGS = ("mlp", "cnn")
 
@@ -26,39 +26,47 @@ class MoEConfig:
     top_k: int = 2  # experts run per sample
     expert_hidden: int = 64  # F: hidden width of each expert's two-layer MLP
     gate_bias: bool = False  # a bias on the gate (the proxies of Eq. 8 are the weight rows)
+    moe_layers: int = 1  # L: MoE layers; the first L-1 map H → H (residual), the last classifies
 
     def __post_init__(self) -> None:
-        ints = ("num_classes", "embed_hidden", "embed_dim", "num_experts", "top_k", "expert_hidden")
+        ints = (
+            "num_classes",
+            "embed_hidden",
+            "embed_dim",
+            "num_experts",
+            "top_k",
+            "expert_hidden",
+            "moe_layers",
+        )
         for key in ints:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise UsageError(f"model config: {key} must be an integer, got {value!r}")
+                raise ParamError(key, value, "must be an integer")
         if not isinstance(self.gate_bias, bool):
-            raise UsageError(
-                f"model config: gate_bias must be true or false, got {self.gate_bias!r}"
-            )
+            raise ParamError("gate_bias", self.gate_bias, "must be true or false")
         shape = self.input_shape
         if not isinstance(shape, tuple) or not all(
-            isinstance(s, int) and not isinstance(s, bool) for s in shape
-        ):
-            raise UsageError(f"model config: input_shape must be a list of integers, got {shape!r}")
-        checks = [
-            (len(self.input_shape) >= 1 and all(s > 0 for s in self.input_shape), "input_shape"),
-            (self.num_classes >= 2, "num_classes"),
-            (self.embed_hidden >= 1, "embed_hidden"),
-            (self.embed_dim >= 1, "embed_dim"),
-            (self.num_experts >= 1, "num_experts"),
-            (1 <= self.top_k <= self.num_experts, "top_k"),
-            (self.expert_hidden >= 1, "expert_hidden"),
-        ]
-        for ok, key in checks:
-            if not ok:
-                raise UsageError(
-                    f"model config: invalid {key} = {getattr(self, key)!r}",
-                    hint="top_k must be in 1..num_experts; sizes must be positive",
-                )
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+        ) or not shape:
+            raise ParamError("input_shape", shape, "must be a list of positive integers")
+        minimum = {
+            "num_classes": 2,
+            "embed_hidden": 1,
+            "embed_dim": 1,
+            "num_experts": 1,
+            "top_k": 1,
+            "expert_hidden": 1,
+            "moe_layers": 1,
+        }
+        for key, low in minimum.items():
+            if getattr(self, key) < low:
+                raise ParamError(key, getattr(self, key), f"must be >= {low}")
+        if self.top_k > self.num_experts:
+            raise ParamError(
+                "top_k", self.top_k, f"must be at most num_experts = {self.num_experts}"
+            )
         if self.embed not in EMBEDDINGS:
-            raise UsageError(f"model config: embed must be one of {', '.join(EMBEDDINGS)}")
+            raise ParamError("embed", self.embed, f"must be one of {', '.join(EMBEDDINGS)}")
         if self.embed == "cnn" and (len(self.input_shape) != 3 or min(self.input_shape[1:]) < 2):
             raise UsageError(
                 f"model config: embed 'cnn' needs image inputs (channels, height ≥ 2, width ≥ 2), "
@@ -96,7 +104,8 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model config") -> MoEConfig:
-        """Validate a mapping into a config; unknown keys are errors naming the key."""
+        """Validate a mapping into a config; unknown keys are errors naming the key. Keys absent
+        from ``data`` take the defaults declared above (the one source of model defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in names:
@@ -123,3 +132,9 @@ class MoEConfig:
             return cls.from_dict(data, where)
         except (UsageError, TypeError, ValueError) as exc:
             raise InputError(f"{where}: bad model_config ({exc})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (``input_shape`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedmoe.errors import UsageError
+from fedmoe.errors import ParamError, UsageError
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Partitioner(ABC):
         """Raise :class:`UsageError` when the request cannot be met on this pool."""
         min_size = getattr(self, "min_size", 1)
         if min_size < 0:
-            raise UsageError(f"--min-size must be >= 0, got {min_size}", hint="for example 2")
+            raise ParamError("min_size", min_size, "must be >= 0", hint="for example 2")
         if num_clients * min_size > pool.num_samples:
             raise UsageError(
                 f"{num_clients} clients × min size {min_size} needs {num_clients * min_size} "
@@ -109,9 +109,11 @@ class Partitioner(ABC):
 
 
 def require_positive(value: float, flag: str, example: str) -> None:
-    """Refuse a non-positive concentration or count with a remedy."""
+    """Refuse a non-positive concentration or count with a remedy (``flag``: the option name;
+    the error names the parameter's key, which the CLI and the recipe loader word their way)."""
     if not value > 0:
-        raise UsageError(f"{flag} must be > 0, got {value}", hint=f"for example {flag} {example}")
+        key = flag.lstrip("-").replace("-", "_")
+        raise ParamError(key, value, "must be > 0", hint=f"for example {example}")
 
 
 def nearest(name: str, choices: list[str]) -> str:

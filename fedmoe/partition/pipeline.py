@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe.errors import UsageError
+from fedmoe.errors import ParamError, UsageError
 from fedmoe.partition.allocate import small_uint
 from fedmoe.partition.base import Partitioner, PoolInfo
 from fedmoe.partition.metrics import skew_metrics
@@ -43,9 +43,9 @@ class Partition:
     metrics: dict[str, float]  # skew metrics, see fedmoe.partition.metrics
 
 
-def _check_fraction(value: float, flag: str) -> None:
+def _check_fraction(value: float, key: str) -> None:
     if not 0.0 <= value < 1.0:
-        raise UsageError(f"{flag} must be in [0, 1), got {value}", hint=f"for example {flag} 0.2")
+        raise ParamError(key, value, "must be in [0, 1)", hint="for example 0.2")
 
 
 def hold_out(
@@ -101,11 +101,11 @@ def make_partition(
     Partition
     """
     if seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {seed}", hint="for example --seed 0")
+        raise ParamError("seed", seed, "must be >= 0", hint="for example 0")
     if num_clients < 1:
-        raise UsageError(f"--clients must be >= 1, got {num_clients}")
-    _check_fraction(global_test_fraction, "--global-test")
-    _check_fraction(local_test_fraction, "--local-test")
+        raise ParamError("clients", num_clients, "must be >= 1")
+    _check_fraction(global_test_fraction, "global_test")
+    _check_fraction(local_test_fraction, "local_test")
     labels = np.asarray(labels, dtype=np.int64)
     domains = np.asarray(domains, dtype=np.int64)
     n = labels.shape[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmoe.plan.sizes import TensorSizes
+from fedmoe.model.schema import PartSizes
 from fedmoe.plan.transfers import Transfer
 
 
@@ -15,8 +15,8 @@ class Ledger:
     """Bytes moved in one round."""
 
     clients: int  # participating clients
-    server_up: int  # clients → server: φ and G of every client
-    server_down: int  # server → clients: averaged φ (and G when shared)
+    server_up: int  # clients → server: shared parts and gates of every participant
+    server_down: int  # server → clients: averaged shared parts (and gates when shared)
     plan_down: int  # server → clients: each client's rows of the sync plan
     p2p: int  # client → client: experts along the transfer list
     fedavg_equivalent: int  # whole model up and down for every client
@@ -45,7 +45,7 @@ class Ledger:
 
 
 def traffic_ledger(
-    sizes: TensorSizes,
+    sizes: PartSizes,
     clients: list[int],
     transfers: list[Transfer],
     plan_bytes: dict[int, int],
@@ -72,10 +72,17 @@ def traffic_ledger(
         per_in[t.target] = per_in.get(t.target, 0) + t.bytes
     return Ledger(
         clients=n,
-        server_up=n * (sizes.embed + sizes.gate),
-        server_down=n * (sizes.embed + (sizes.gate if gate_shared else 0)),
+        server_up=n * sizes.server_part,
+        server_down=n * (sizes.shared + (sizes.gate if gate_shared else 0)),
         plan_down=sum(plan_bytes.get(c, 0) for c in clients),
         p2p=sum(t.bytes for t in transfers),
         fedavg_equivalent=2 * n * sizes.model,
         max_client_p2p_in=max(per_in.values(), default=0),
     )
+
+
+def server_ledger(sizes: PartSizes, n: int, moves: bool) -> Ledger:
+    """Traffic of a server-mediated baseline: the whole model up and down for each of the ``n``
+    participants (nothing when ``moves`` is false: local training)."""
+    moved = 2 * n * sizes.model if moves else 0
+    return Ledger(n, moved // 2, moved // 2, 0, 0, 2 * n * sizes.model, 0)

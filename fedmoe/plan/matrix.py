@@ -15,7 +15,7 @@ import numpy as np
 
 from fedmoe.affinity.proxies import ExpertIndex
 from fedmoe.affinity.topk import Neighbours
-from fedmoe.errors import UsageError
+from fedmoe.errors import ParamError
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,20 @@ def aggregation_matrix(
         Softmax temperature τ > 0.
     """
     if top_p < 0:
-        raise UsageError(f"--top-p must be >= 0, got {top_p}")
+        raise ParamError("top_p", top_p, "must be >= 0")
     if not tau > 0:
-        raise UsageError(f"--tau must be > 0, got {tau}", hint="for example --tau 0.1")
+        raise ParamError("tau", tau, "must be > 0", hint="for example 0.1")
     num = index.size
     if top_p == 0:
         return identity_matrix(index)
     need = min(top_p + 1, num)
     if neighbours.k < need:
-        raise UsageError(
-            f"--top-p {top_p} needs {need} candidates per row but the affinity kept {neighbours.k}",
+        raise ParamError(
+            "top_p",
+            top_p,
+            f"{top_p} needs {need} candidates per row but the affinity kept {neighbours.k}",
             hint=f"re-run fedmoe affinity with --candidates {need} or more",
+            show=False,
         )
     indptr = neighbours.indptr.numpy()
     cols = neighbours.indices.numpy()
@@ -97,4 +100,61 @@ def aggregation_matrix(
     np.cumsum(counts, out=new_ptr[1:])
     return AggregationMatrix(
         index, new_ptr, kept_cols.astype(np.int64), expo / sums[row_of], kept_vals
+    )
+
+
+def restrict(matrix: AggregationMatrix, clients: tuple[int, ...] | list[int]) -> AggregationMatrix:
+    """The rows of ``matrix`` whose target client is in ``clients``, keeping only sources of those
+    clients, each row renormalised to sum to one: the rows applied in a round where only
+    ``clients`` take part. The result is numbered over ``clients`` (increasing). The target's own
+    entry is kept by Eq. 9–10; a row whose every source sat out (possible in a hand-edited plan)
+    becomes the identity. A client the matrix does not cover (it had not uploaded yet when the
+    matrix was built) gets identity rows: it keeps its experts until the next refresh covers it.
+    """
+    keep = tuple(sorted(int(c) for c in clients))
+    index = matrix.index
+    if keep == index.clients:
+        return matrix
+    e = index.num_experts
+    pos_old = {c: i for i, c in enumerate(index.clients)}
+    remap = np.full(index.size, -1, dtype=np.int64)  # old client-expert → new, or -1
+    for new_pos, c in enumerate(keep):
+        if c in pos_old:
+            old = pos_old[c]
+            remap[old * e : (old + 1) * e] = np.arange(new_pos * e, (new_pos + 1) * e)
+    srcs: list[np.ndarray] = []
+    wts: list[np.ndarray] = []
+    sims: list[np.ndarray] = []
+    counts: list[int] = []
+    for new_pos, c in enumerate(keep):
+        for j in range(e):
+            if c not in pos_old:  # not covered: identity row
+                srcs.append(np.array([new_pos * e + j], dtype=np.int64))
+                wts.append(np.ones(1))
+                sims.append(np.ones(1))
+                counts.append(1)
+                continue
+            m = pos_old[c] * e + j
+            lo, hi = int(matrix.indptr[m]), int(matrix.indptr[m + 1])
+            src = remap[matrix.sources[lo:hi]]
+            ok = src >= 0
+            w = matrix.weights[lo:hi][ok]
+            if not w.sum() > 0:  # every source sat out (a row without its own expert): keep it
+                srcs.append(np.array([new_pos * e + j], dtype=np.int64))
+                wts.append(np.ones(1))
+                sims.append(np.ones(1))
+                counts.append(1)
+                continue
+            srcs.append(src[ok])
+            wts.append(w / w.sum())
+            sims.append(matrix.similarity[lo:hi][ok])
+            counts.append(int(ok.sum()))
+    indptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return AggregationMatrix(
+        ExpertIndex(keep, e),
+        indptr,
+        np.concatenate(srcs) if srcs else np.zeros(0, np.int64),
+        np.concatenate(wts) if wts else np.zeros(0),
+        np.concatenate(sims) if sims else np.zeros(0),
     )

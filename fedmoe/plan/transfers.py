@@ -1,6 +1,6 @@
 """The peer-to-peer transfer list implied by A (FedMoE-DA, arXiv 2411.02115, Eq. 11): client
-i needs θ_{i',j'} for every kept source with i' ≠ i and fetches it directly from peer i', once,
-however many of its own experts use it."""
+i needs θ_{i',j'} of MoE layer l for every kept source with i' ≠ i and fetches it directly from
+peer i', once, however many of its own experts use it."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ from fedmoe.plan.matrix import AggregationMatrix
 
 @dataclass(frozen=True)
 class Transfer:
-    """Experts one client sends another."""
+    """Experts of one MoE layer that one client sends another."""
 
     source: int  # client that sends
     target: int  # client that fetches
+    layer: int  # MoE layer
     experts: tuple[int, ...]  # expert indices j' of the sender, increasing
-    bytes: int  # len(experts) × bytes per expert
+    bytes: int  # len(experts) × bytes per expert of this layer
 
 
-def transfer_list(matrix: AggregationMatrix, expert_bytes: int) -> list[Transfer]:
+def transfer_list(matrix: AggregationMatrix, expert_bytes: int, layer: int = 0) -> list[Transfer]:
     """Every (sender → receiver) pair with the experts it moves, ordered by (sender, receiver)."""
     index = matrix.index
     e = index.num_experts
@@ -38,5 +39,5 @@ def transfer_list(matrix: AggregationMatrix, expert_bytes: int) -> list[Transfer
     ends = np.append(starts[1:], triples.shape[0])
     for (s, t), lo, hi in zip(pairs, starts, ends, strict=True):
         experts = tuple(int(x) for x in triples[lo:hi, 2])
-        out.append(Transfer(int(s), int(t), experts, len(experts) * expert_bytes))
+        out.append(Transfer(int(s), int(t), layer, experts, len(experts) * expert_bytes))
     return out

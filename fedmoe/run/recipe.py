@@ -14,9 +14,11 @@ from typing import Any
 
 import yaml
 
-from fedmoe.aggregate import AGGREGATORS
-from fedmoe.errors import InputError, UsageError
-from fedmoe.partition import PARTITIONERS
+from fedmoe.aggregate import AGGREGATORS, Aggregator, FedMoEDA, make_method
+from fedmoe.errors import InputError, ParamError, UsageError
+from fedmoe.model.config import MoEConfig
+from fedmoe.params import params_dict
+from fedmoe.partition import PARTITIONERS, get_partitioner
 from fedmoe.train import TrainConfig
 
 METHODS = tuple(AGGREGATORS)
@@ -42,33 +44,15 @@ class PartitionSection:
     options: dict[str, Any] = field(default_factory=dict)  # scheme options (alpha, min_size, ...)
 
 
-@dataclass(frozen=True)
-class ModelSection:
-    """The MoE architecture (input shape and classes come from the data)."""
-
-    embed: str = "mlp"
-    embed_hidden: int = 64
-    embed_dim: int = 32
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden: int = 64
-    gate_bias: bool = False
-
-
-@dataclass(frozen=True)
-class FedMoESection:
-    """FedMoE-DA parameters (arXiv 2411.02115, Eq. 9–10 and Sec. III)."""
-
-    top_p: int = 4  # P: similar client-experts kept besides itself
-    tau: float = 0.1  # softmax temperature over the kept set
-    refresh_interval: int = 1  # I: recompute A every I rounds
-    gate: str = "per-client"  # "per-client" (measured better) or "shared"
-    candidates: int = 16  # neighbours kept by the affinity pass (≥ P + 1)
+MODEL_KEYS = tuple(
+    f.name for f in dataclasses.fields(MoEConfig) if f.name not in ("input_shape", "num_classes")
+)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole federation: data, split, model, training, FedMoE-DA, and the methods compared."""
+    """A whole federation: data, split, model, training, the methods compared and their
+    parameters."""
 
     seed: int = 0  # the one seed of the run
     rounds: int = 15  # federated rounds
@@ -77,23 +61,48 @@ class Recipe:
     eval_every: int = 1  # evaluate every k rounds (and always after the last)
     data: DataSection = DataSection()
     partition: PartitionSection = PartitionSection()
-    model: ModelSection = ModelSection()
+    model: dict[str, Any] = field(default_factory=dict)  # partial MoEConfig (MoEConfig's defaults)
     train: TrainConfig = TrainConfig()  # noqa: RUF009  (frozen, so sharing the default is safe)
-    fedmoe: FedMoESection = FedMoESection()
+    fedmoe: FedMoEDA = FedMoEDA()  # noqa: RUF009  FedMoE-DA's parameters
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # other methods'
+
+    def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> MoEConfig:
+        """The model of this recipe for data of ``input_shape`` and ``num_classes``."""
+        try:
+            return MoEConfig.from_dict(
+                {**self.model, "input_shape": list(input_shape), "num_classes": num_classes}
+            )
+        except ParamError as exc:
+            raise UsageError(f"recipe: model.{exc.worded(exc.key)}") from None
+
+    def method(self, name: str) -> Aggregator:
+        """The configured method ``name``."""
+        if name == FedMoEDA.name:
+            return self.fedmoe
+        return make_method(name, self.method_params.get(name, {}))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as written to the run folder's ``recipe.yaml``."""
-        out = dataclasses.asdict(self)
-        out["methods"] = list(self.methods)
-        return out
+        return {
+            "seed": self.seed,
+            "rounds": self.rounds,
+            "participation": self.participation,
+            "methods": list(self.methods),
+            "eval_every": self.eval_every,
+            "data": dataclasses.asdict(self.data),
+            "partition": dataclasses.asdict(self.partition),
+            "model": dict(self.model),
+            "train": self.train.to_dict(),
+            "fedmoe": params_dict(self.fedmoe),
+            "method_params": {k: dict(v) for k, v in self.method_params.items()},
+        }
 
 
 SECTIONS: dict[str, type] = {
     "data": DataSection,
     "partition": PartitionSection,
-    "model": ModelSection,
     "train": TrainConfig,
-    "fedmoe": FedMoESection,
+    "fedmoe": FedMoEDA,
 }
 
 
@@ -123,6 +132,8 @@ def _section(cls: type, data: Any, where: str) -> Any:
         kwargs["options"] = opts
     try:
         return cls(**kwargs)
+    except ParamError as exc:
+        raise UsageError(f"recipe: {where}.{exc.worded(exc.key)}", hint=exc.hint) from None
     except TypeError as exc:
         raise UsageError(f"recipe: bad value in '{where}' ({exc})") from None
 
@@ -138,6 +149,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     kwargs: dict[str, Any] = {
         name: _section(cls, data.get(name), name) for name, cls in SECTIONS.items()
     }
+    kwargs["model"] = _model_section(data.get("model"))
+    kwargs["method_params"] = _method_params(data.get("method_params"))
     for key in ("seed", "rounds", "participation", "eval_every"):
         if key in data:
             kwargs[key] = data[key]
@@ -150,7 +163,68 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     kwargs["methods"] = tuple(dict.fromkeys(methods))
     recipe = Recipe(**kwargs)
     _check(recipe)
+    _check_partition(recipe.partition)
     return recipe
+
+
+def _model_section(data: Any) -> dict[str, Any]:
+    """The recipe's ``model:``: a partial MoEConfig; keys and values are checked here (against a
+    placeholder input), the shape-specific checks when the data is known."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError("recipe: 'model' must be a mapping")
+    for key in data:
+        if key not in MODEL_KEYS:
+            near = _nearest(str(key), list(MODEL_KEYS))
+            raise UsageError(f"recipe: unknown key 'model.{key}'{near}")
+    try:
+        MoEConfig.from_dict({**data, "input_shape": [1, 8, 8], "num_classes": 2})
+    except ParamError as exc:
+        raise UsageError(f"recipe: model.{exc.worded(exc.key)}") from None
+    return dict(data)
+
+
+def _method_params(data: Any) -> dict[str, dict[str, Any]]:
+    """``method_params: {method: {parameter: value}}`` for the methods other than fedmoe-da
+    (whose parameters live in ``fedmoe:``)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError("recipe: 'method_params' must be a mapping of method → parameters")
+    out: dict[str, dict[str, Any]] = {}
+    for name, params in data.items():
+        valid = [m for m in METHODS if m != FedMoEDA.name]
+        if name not in valid:
+            raise UsageError(
+                f"recipe: unknown method 'method_params.{name}'{_nearest(str(name), valid)}",
+                hint="fedmoe-da's parameters go in the 'fedmoe:' section",
+            )
+        if not isinstance(params, dict):
+            raise UsageError(f"recipe: 'method_params.{name}' must be a mapping")
+        try:
+            make_method(str(name), params)
+        except ParamError as exc:
+            raise UsageError(f"recipe: method_params.{name}.{exc.worded(exc.key)}") from None
+        out[str(name)] = dict(params)
+    return out
+
+
+def _check_partition(p: PartitionSection) -> None:
+    """The split's options, checked now (not when the data is loaded), worded as recipe keys."""
+    try:
+        if isinstance(p.clients, bool) or not isinstance(p.clients, int) or p.clients < 1:
+            raise ParamError("clients", p.clients, "must be an integer >= 1")
+        for key in ("global_test", "local_test"):
+            value = getattr(p, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ParamError(key, value, "must be a number in [0, 1)")
+            if not 0.0 <= value < 1.0:
+                raise ParamError(key, value, "must be in [0, 1)")
+        if p.scheme in PARTITIONERS:
+            get_partitioner(p.scheme, dict(p.options))
+    except ParamError as exc:
+        raise UsageError(f"recipe: partition.{exc.worded(exc.key)}", hint=exc.hint) from None
 
 
 def _check(r: Recipe) -> None:
@@ -159,11 +233,6 @@ def _check(r: Recipe) -> None:
         (isinstance(r.rounds, int) and r.rounds >= 1, "rounds must be an integer >= 1"),
         (0 < r.participation <= 1, "participation must be in (0, 1]"),
         (isinstance(r.eval_every, int) and r.eval_every >= 1, "eval_every must be >= 1"),
-        (r.fedmoe.gate in ("per-client", "shared"), "fedmoe.gate must be per-client or shared"),
-        (r.fedmoe.top_p >= 0, "fedmoe.top_p must be >= 0"),
-        (r.fedmoe.tau > 0, "fedmoe.tau must be > 0"),
-        (r.fedmoe.refresh_interval >= 1, "fedmoe.refresh_interval must be >= 1"),
-        (r.fedmoe.candidates >= r.fedmoe.top_p + 1, "fedmoe.candidates must be >= top_p + 1"),
         (
             r.partition.scheme in PARTITIONERS,
             f"partition.scheme must be one of {list(PARTITIONERS)}",

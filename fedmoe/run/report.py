@@ -15,22 +15,40 @@ import numpy as np
 
 from fedmoe.errors import InputError
 from fedmoe.io.manifest import header
+from fedmoe.io.run_folder import RunFolder, read_lines, read_text
 
 SERIES = ("mean_local_acc", "worst_local_acc", "mean_global_acc", "server_bytes", "p2p_bytes")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl`` (torn lines skipped)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         raise InputError(f"{run_dir}: no metrics.jsonl; is this a fedmoe run folder?")
-    rows = []
-    for line in path.read_text("utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_lines(path)
+
+
+def _latest(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """The newest ``name`` (plan.json, affinity.json) among FedMoE-DA's round folders."""
+    folder = RunFolder(run_dir).method("fedmoe-da")
+    for rdir in sorted(folder.glob("round-*"), reverse=True) if folder.is_dir() else []:
+        text = read_text(rdir / name)
+        if text is not None:
+            loaded: dict[str, Any] = json.loads(text)
+            return loaded
+    return None
+
+
+def run_context(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """The run's resolved recipe and domain names (empty when absent)."""
+    import yaml
+
+    folder = RunFolder(run_dir)
+    text = read_text(folder.recipe)
+    recipe = yaml.safe_load(text) if text else {}
+    part = read_text(folder.partition)
+    names = json.loads(part)["dataset"]["domain_names"] if part else []
+    return recipe or {}, list(names)
 
 
 def build_report(
@@ -90,22 +108,21 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
     )
     write_atomic(run_dir / "traffic.png", png, force=True)
     written.append(run_dir / "traffic.png")
-    aff_path = run_dir / "affinity.json"
-    if aff_path.is_file():
-        aff = json.loads(aff_path.read_text("utf-8"))
-        e = aff["num_experts"]
+    aff = _latest(run_dir, "affinity.json")
+    if aff is not None:
+        last = aff["layers"][-1]
+        e = last["num_experts"]
         labels = [f"c{c}e{j}" for c in aff["clients"] for j in range(e)]
         png = plots.affinity_heatmap(
-            np.asarray(aff["by_domain"]),
+            np.asarray(last["expert_domain"]["shares"]),
             labels,
-            aff["domain_names"],
+            last["expert_domain"]["names"],
             f"expert-domain affinity (round {aff['round']})",
         )
         write_atomic(run_dir / "affinity.png", png, force=True)
         written.append(run_dir / "affinity.png")
-    plans = sorted((run_dir / "plans").glob("round-*.json")) if (run_dir / "plans").is_dir() else []
-    if plans:
-        plan = json.loads(plans[-1].read_text("utf-8"))
+    plan = _latest(run_dir, "plan.json")
+    if plan is not None:
         clients = plan["clients"]
         pos = {c: i for i, c in enumerate(clients)}
         edges = np.zeros((len(clients), len(clients)))

@@ -12,7 +12,7 @@ import torch
 from fedmoe.data import Dataset
 from fedmoe.model import MoEConfig, build_model
 from fedmoe.partition import ClientSplit
-from fedmoe.train.local import TrainConfig, TrainResult, train_local
+from fedmoe.train.local import TrainConfig, TrainResult, fit
 from fedmoe.train.routing import routing_stats
 
 
@@ -50,8 +50,8 @@ def train_client(
 ) -> ClientUpdate:
     """Train ``client`` for one round from ``state`` and measure its routing."""
     x, y = tensors(dataset, split.train)
-    result = train_local(config, state, x, y, cfg, client_seed(seed, round_, client))
-    model = build_model(config, result.state)
+    model = build_model(config, state)  # built once: trained, then measured
+    result = fit(model, x, y, cfg, client_seed(seed, round_, client))
     routing = routing_stats(
         model,
         x,

@@ -9,38 +9,42 @@ threads make small matmuls ~50× slower on a 2-core machine). Adam uses the fuse
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fedmoe.errors import UsageError
-from fedmoe.model import MoEConfig, build_model, state_of
+from fedmoe.model import MoEClassifier, MoEConfig, build_model, state_of
+from fedmoe.params import check_params, param
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+
+class Optimizer(str, enum.Enum):
+    """The local optimisers."""
+
+    ADAM = "adam"
+    ADAMW = "adamw"
+    SGD = "sgd"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training hyper-parameters."""
+    """Local training hyper-parameters (the one source of their defaults)."""
 
-    epochs: int = 2  # passes over the client's train split per round
-    batch_size: int = 32  # samples per step
-    lr: float = 3e-3  # learning rate
-    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (momentum 0.9)
-    weight_decay: float = 0.0  # L2 (adam, sgd) or decoupled (adamw) weight decay
-    balance_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer used 0.01)
+    epochs: int = param(2, "passes over the client's train split per round", ge=0)
+    batch_size: int = param(32, "samples per step", ge=1)
+    lr: float = param(3e-3, "learning rate", gt=0.0)
+    optimizer: Optimizer = param(Optimizer.ADAM, "adam, adamw or sgd (momentum 0.9)")
+    weight_decay: float = param(0.0, "L2 (adam, sgd) or decoupled (adamw) weight decay", ge=0.0)
+    balance_coef: float = param(0.01, "weight of the load-balancing loss (Switch: 0.01)", ge=0.0)
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1:
-            raise UsageError("epochs must be >= 0 and batch size >= 1")
-        if not self.lr > 0 or self.weight_decay < 0 or self.balance_coef < 0:
-            raise UsageError("lr must be > 0; weight decay and balance coef must be >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(
-                f"unknown optimizer '{self.optimizer}'", hint=f"use one of {', '.join(OPTIMIZERS)}"
-            )
+        check_params(self)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON values."""
+        return {**self.__dict__, "optimizer": self.optimizer.value}
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,9 @@ class TrainResult:
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimiser (fused Adam/AdamW on CPU)."""
-    if cfg.optimizer == "sgd":
+    if cfg.optimizer is Optimizer.SGD:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    cls = torch.optim.AdamW if cfg.optimizer is Optimizer.ADAMW else torch.optim.Adam
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -85,8 +89,14 @@ def train_local(
         Seeds the mini-batch order (a ``torch.Generator``); same inputs and seed give the same
         tensors, bit for bit, at a fixed thread count.
     """
+    return fit(build_model(config, state), x, y, cfg, seed)
+
+
+def fit(
+    model: MoEClassifier, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int
+) -> TrainResult:
+    """Train ``model`` in place on ``(x, y)`` (see :func:`train_local`); returns its new state."""
     start = time.perf_counter()
-    model = build_model(config, state)
     model.train()
     params = list(model.parameters())
     opt = make_optimizer(params, cfg)

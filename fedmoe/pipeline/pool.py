@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ from typing import Any
 
 import torch
 
-from fedmoe.data import Dataset, DataSpec, load_dataset
+from fedmoe.data import Dataset, DataSpec
 from fedmoe.errors import InputError
+from fedmoe.io.datasets import load_dataset
 from fedmoe.model import MoEConfig
 from fedmoe.partition import ClientSplit
 from fedmoe.train.client import ClientUpdate, train_client
@@ -42,7 +44,7 @@ class Job:
     client: int
 
 
-def _init(spec: DataSpec, fingerprint: str) -> None:
+def _init(spec: DataSpec, fingerprint: str) -> None:  # in each worker process
     global _DATASET
     torch.set_num_threads(1)
     dataset = load_dataset(spec)
@@ -80,9 +82,12 @@ class TrainPool:
     Use as a context manager; the worker processes live until it exits.
     """
 
-    def __init__(self, spec: DataSpec, dataset: Dataset, workers: int) -> None:
+    def __init__(
+        self, spec: DataSpec, fingerprint: str, dataset: Callable[[], Dataset], workers: int
+    ) -> None:
         self.spec = spec
-        self.dataset = dataset
+        self.fingerprint = fingerprint
+        self._dataset = dataset  # loads the data in this process, only if it trains here
         self.workers = max(1, workers)
         self._pool: ProcessPoolExecutor | None = None
         self.fallback: str | None = None  # why the pool trains in-process, if it had to
@@ -94,7 +99,7 @@ class TrainPool:
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init,
-                    initargs=(self.spec, self.dataset.fingerprint()),
+                    initargs=(self.spec, self.fingerprint),
                 )
                 # start every worker now, so their start-up is not charged to the first round
                 list(self._pool.map(_ready, range(self.workers)))
@@ -116,7 +121,8 @@ class TrainPool:
             previous = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                return [_train(job, self.dataset) for job in jobs]
+                dataset = self._dataset()
+                return [_train(job, dataset) for job in jobs]
             finally:
                 torch.set_num_threads(previous)
         chunk = max(1, -(-len(jobs) // (2 * self.workers)))  # few, balanced round trips

@@ -1,16 +1,63 @@
-"""User data files: ``.npz`` (arrays ``x``, ``y``, optional ``domain``) and ``.csv`` (a header row,
-one label column, an optional domain column, every other column a numeric feature)."""
+"""Reading datasets from disk: the built-ins' raw arrays and user files.
+
+:func:`load_dataset` turns a :class:`~fedmoe.data.DataSpec` (what a partition manifest records)
+into a :class:`~fedmoe.data.Dataset`. A built-in name reads its raw arrays here (the UCI digits
+from scikit-learn's packaged CSV) and applies its pure transform from :mod:`fedmoe.data`; a path
+reads a user file:
+
+- ``.npz``: arrays ``x`` (n, ...), ``y`` (n,) and an optional ``domain`` (n,);
+- ``.csv``: a header row, one label column, an optional domain column, every other column a
+  numeric feature.
+"""
 
 from __future__ import annotations
 
 import csv
+import gzip
+import importlib.util
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from fedmoe.data.base import Dataset, encode_labels
-from fedmoe.errors import InputError
+from fedmoe.data import BUILTIN, Dataset, DataSpec, encode_labels
+from fedmoe.errors import InputError, UsageError
+
+
+def raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (1797, 8, 8) in [0, 16] and int64 labels, read from scikit-learn's packaged CSV.
+
+    Raises
+    ------
+    InputError
+        When scikit-learn is not installed.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the built-in digits need scikit-learn, which is not installed",
+            hint="pip install scikit-learn",
+        )
+    csv_gz = (
+        Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    )
+    if csv_gz.is_file():  # read the file directly: importing sklearn costs about a second
+        with gzip.open(csv_gz, "rt") as handle:
+            table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
+        pixels, labels = table[:, :-1], table[:, -1]
+    else:  # pragma: no cover - layout of a future scikit-learn
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        pixels, labels = bunch.data, bunch.target
+    return pixels.reshape(-1, 8, 8), labels.astype(np.int64)
+
+
+# BuiltinSource.raw -> the reader of those raw (features, labels) arrays
+RAW_READERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
+    "uci-digits": raw_digits,
+}
 
 
 def _check_file(path: Path) -> None:
@@ -106,3 +153,39 @@ def load_csv(path: Path, label_column: str, domain_column: str | None) -> Datase
     else:
         domain, domain_names = np.zeros(len(labels), np.int64), ("all",)
     return Dataset(path.name, x, labels, domain, class_names, domain_names, di is not None)
+
+
+def load_dataset(spec: DataSpec) -> Dataset:
+    """Load the dataset that ``spec`` names.
+
+    Parameters
+    ----------
+    spec
+        A built-in name (see :data:`fedmoe.data.BUILTIN`) or a path ending in ``.npz`` or
+        ``.csv``, with the CSV's label and domain columns.
+
+    Returns
+    -------
+    Dataset
+        The data, arrays read-only.
+
+    Raises
+    ------
+    UsageError
+        When the name is neither a built-in source nor a path ending in ``.npz`` or ``.csv``.
+    InputError
+        When the file is missing, malformed, or lacks the required arrays or columns.
+    """
+    if spec.source in BUILTIN:
+        builtin = BUILTIN[spec.source]
+        return builtin.transform(*RAW_READERS[builtin.raw]())
+    path = Path(spec.source)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if path.suffix == ".csv":
+        return load_csv(path, spec.label_column, spec.domain_column)
+    names = ", ".join(sorted(BUILTIN))
+    raise UsageError(
+        f"unknown dataset '{spec.source}'",
+        hint=f"use a built-in name ({names}) or a path to a .npz or .csv file",
+    )

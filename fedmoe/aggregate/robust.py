@@ -1,0 +1,23 @@
+"""The reduce parameters a server-averaging method declares (shared by the methods that average)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmoe.aggregate.reduce import Reduce, ReduceKind
+from fedmoe.params import param
+
+
+@dataclass(frozen=True)
+class ReduceParams:
+    """How the server combines the clients of a group: the weighted mean, or a robust statistic."""
+
+    reduce: ReduceKind = param(
+        ReduceKind.MEAN, "mean, median, trimmed-mean or clipped-mean (robust kinds unweighted)"
+    )
+    trim: float = param(0.1, "trimmed-mean: share cut at each end per coordinate", ge=0.0, lt=0.5)
+    clip: float = param(1.0, "clipped-mean: L2 radius of a deviation from the median", gt=0.0)
+
+    def reducer(self) -> Reduce:
+        """The :class:`Reduce` these parameters describe."""
+        return Reduce(self.reduce, self.trim, self.clip)

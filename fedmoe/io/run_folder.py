@@ -1,0 +1,164 @@
+"""The run folder of ``fedmoe run``: where each artefact of a run lives, and the few writes that
+are not a manifest or a checkpoint (the metrics log, upload links, pruning old rounds).
+
+Layout::
+
+    recipe.yaml  partition.json  init.safetensors  metrics.jsonl  report.json  *.png
+    rounds/<method>/round-XXX/train/        train-round output (client-XXX.safetensors, manifest)
+    rounds/<method>/round-XXX/affinity.json FedMoE-DA, rounds where the matrices are recomputed
+    rounds/<method>/round-XXX/plan.json     FedMoE-DA's sync plan
+    rounds/<method>/round-XXX/models/       aggregate output: every client's next model
+    rounds/<method>/uploads/                FedMoE-DA: each client's latest upload (stale proxies)
+
+Every round folder is what the CLI writes when the round is run by hand with the same paths; the
+checkpoints of rounds before the latest are pruned, their JSON artefacts kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmoe.errors import OutputError
+
+RUN_FILES = (
+    "metrics.jsonl",
+    "report.json",
+    "recipe.yaml",
+    "partition.json",
+    "init.safetensors",
+    "accuracy.png",
+    "traffic.png",
+    "affinity.png",
+    "sync_graph.png",
+)
+RUN_DIRS = ("rounds",)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths inside one run folder."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        """The metrics log, one JSON line per method and round."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def partition(self) -> Path:
+        """The partition manifest."""
+        return self.root / "partition.json"
+
+    @property
+    def init(self) -> Path:
+        """The initial model."""
+        return self.root / "init.safetensors"
+
+    @property
+    def recipe(self) -> Path:
+        """The resolved recipe."""
+        return self.root / "recipe.yaml"
+
+    def method(self, method: str) -> Path:
+        """One method's folder."""
+        return self.root / "rounds" / method
+
+    def round(self, method: str, round_: int) -> Path:
+        """One round's folder."""
+        return self.method(method) / f"round-{round_:03d}"
+
+    def uploads(self, method: str) -> Path:
+        """Each client's latest upload (FedMoE-DA's stale proxies)."""
+        return self.method(method) / "uploads"
+
+    def started(self) -> bool:
+        """True when the folder already holds (part of) a run."""
+        return self.root.is_dir() and any(
+            (self.root / f).exists() for f in (*RUN_FILES, *RUN_DIRS)
+        )
+
+    def clear(self) -> None:
+        """Remove a previous run's files (``--force``); other files are left alone."""
+        for name in RUN_DIRS:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for name in RUN_FILES:
+            (self.root / name).unlink(missing_ok=True)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line; a fragment left by an interrupted write is cut off first."""
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_lines(path: Path) -> list[dict[str, object]]:
+    """The JSON objects of a JSON-lines file (lines torn by an interruption are skipped)."""
+    rows: list[dict[str, object]] = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def completed_rounds(path: Path) -> dict[str, int]:
+    """Method → last round recorded in the metrics log."""
+    done: dict[str, int] = {}
+    for row in read_lines(path):
+        try:
+            method, rnd = str(row["method"]), int(str(row["round"]))
+        except (KeyError, ValueError):
+            continue
+        done[method] = max(done.get(method, 0), rnd)
+    return done
+
+
+def publish_upload(source: Path, folder: Path) -> None:
+    """Make ``folder/<name>`` the same file as ``source`` (a hard link, else a copy), replacing an
+    older upload of the same client."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    tmp = folder / f".{source.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def prune_checkpoints(round_dir: Path) -> None:
+    """Remove a finished round's checkpoint folders (its JSON artefacts stay)."""
+    for name in ("train", "models"):
+        shutil.rmtree(round_dir / name, ignore_errors=True)
+
+
+def remove_round(round_dir: Path) -> None:
+    """Remove a round folder left by an interrupted round, before it is redone."""
+    if round_dir.exists():
+        try:
+            shutil.rmtree(round_dir)
+        except OSError as exc:
+            raise OutputError(f"cannot remove {round_dir}: {exc.strerror}") from None
+
+
+def read_text(path: Path) -> str | None:
+    """A small text file's content, or None when it is absent."""
+    return path.read_text("utf-8") if path.is_file() else None

@@ -1,0 +1,58 @@
+"""The affinity artefact of a round (FedMoE-DA, arXiv 2411.02115, Eq. 8): from the uploads the
+server holds — this round's checkpoints and, for clients that sat out, their latest earlier ones
+(stale, kept and marked) — to the per-layer neighbours and share tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedmoe.affinity import Affinity, compute_affinity
+from fedmoe.affinity.summary import summary
+from fedmoe.io.affinity_file import affinity_to_manifest
+from fedmoe.io.checkpoint import Checkpoint
+from fedmoe.io.manifest import relative
+
+
+def affinity_artefact(
+    fresh: dict[int, Checkpoint],
+    stale: dict[int, Checkpoint],
+    candidates: int,
+    base: Path,
+    domain_names: list[str] | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[Affinity, dict[str, Any]]:
+    """Compute the affinity of ``fresh`` plus the ``stale`` clients not in it.
+
+    Parameters
+    ----------
+    fresh
+        This round's client checkpoints.
+    stale
+        Latest earlier checkpoints of other clients (ignored for clients in ``fresh``).
+    candidates
+        Neighbours kept per client-expert.
+    base
+        The folder the artefact's input paths are written relative to.
+    """
+    held = {**{c: k for c, k in stale.items() if c not in fresh}, **fresh}
+    held = dict(sorted(held.items()))
+    config = next(iter(held.values())).config
+    schema = next(iter(held.values())).schema
+    aff = compute_affinity({c: k.upload() for c, k in held.items()}, candidates, config.num_classes)
+    inputs = [
+        {
+            "client": c,
+            "path": relative(k.path, base),
+            "sha256": k.sha256,
+            "num_samples": k.meta.num_samples,
+            "round": k.meta.round,
+            "stale": c in aff.stale,
+        }
+        for c, k in held.items()
+    ]
+    manifest = affinity_to_manifest(
+        aff, config, schema.sizes(), inputs, domain_names, class_names
+    )
+    manifest["summary"] = summary(aff)
+    return aff, manifest

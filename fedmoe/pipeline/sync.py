@@ -1,0 +1,93 @@
+"""The sync plan of a round (FedMoE-DA, arXiv 2411.02115, Eq. 9–11): fresh matrices from an
+affinity artefact, or the previous plan's matrices reused within the refresh interval I, then the
+rows applied to this round's participants, their transfers and the traffic ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from fedmoe.aggregate.fedmoe_da import FedMoEDA
+from fedmoe.errors import UsageError
+from fedmoe.io.affinity_file import LoadedAffinity
+from fedmoe.io.manifest import STDIO, relative
+from fedmoe.io.plan_file import LoadedPlan, plan_to_manifest
+from fedmoe.round import SyncPlan, build_matrices, plan_sync
+
+
+def _ref(source: str, base: Path) -> str:
+    return "<stdin>" if source == STDIO else relative(Path(source), base)
+
+
+def sync_artefact(
+    method: FedMoEDA,
+    round_: int | None,
+    participants: list[int] | None,
+    affinity: LoadedAffinity | None,
+    affinity_source: str | None,
+    previous: LoadedPlan | None,
+    previous_source: str | None,
+    base: Path,
+) -> tuple[SyncPlan, dict[str, Any]]:
+    """Build this round's sync plan and its manifest.
+
+    Parameters
+    ----------
+    method
+        FedMoE-DA's parameters (P, τ, I, gate, interval reading).
+    round_
+        This round (default: the affinity's round, else the previous plan's round + 1).
+    participants
+        Clients that trained this round (default: the affinity's fresh clients).
+    affinity, affinity_source
+        The affinity artefact (needed when the matrices are recomputed) and how it was named.
+    previous, previous_source
+        The previous round's plan, whose matrices are reused while ``round - matrix_round < I``.
+    base
+        The folder the plan's paths are written relative to.
+    """
+    if round_ is None:
+        if affinity is not None:
+            round_ = affinity.affinity.round
+        elif previous is not None:
+            round_ = previous.plan.round + 1
+        else:
+            raise UsageError("give --round, an affinity artefact or a previous plan")
+    reuse = previous is not None and not method.refresh_due(round_, previous.plan.matrix_round)
+    if reuse:  # the matrices were made with the previous plan's P, τ and candidates: keep them
+        assert previous is not None
+        method = previous.plan.method
+
+    if reuse:
+        assert previous is not None
+        matrices, matrix_round = previous.plan.matrices, previous.plan.matrix_round
+        config, sizes = previous.config, previous.sizes
+        aff_ref = None
+    else:
+        if affinity is None:
+            raise UsageError(
+                "an affinity artefact is needed to compute the matrix this round",
+                hint="fedmoe affinity CKPTS | fedmoe plan-sync -",
+            )
+        matrices = build_matrices(affinity.affinity, method.top_p, method.tau)
+        method = dataclasses.replace(method, candidates=affinity.affinity.layers[0].neighbours.k)
+        matrix_round, config, sizes = round_, affinity.config, affinity.sizes
+        aff_ref = {"path": _ref(str(affinity_source), base), "sha256": affinity.sha256}
+    if participants is None:
+        if affinity is None or reuse:
+            raise UsageError(
+                "say which clients take part in this round",
+                hint="pass --participants 0,3,5 (the clients whose checkpoints you aggregate)",
+            )
+        stale = set(affinity.affinity.stale)
+        participants = [c for c in affinity.affinity.clients if c not in stale]
+    plan = plan_sync(matrices, matrix_round, round_, participants, method, sizes)
+    prev_ref = None
+    if previous is not None:
+        prev_ref = {
+            "path": _ref(str(previous_source), base),
+            "sha256": previous.sha256,
+            "reused": reuse,
+        }
+    return plan, plan_to_manifest(plan, config, sizes, aff_ref, prev_ref)

@@ -1,0 +1,144 @@
+"""FedMoE-DA's side of a round (arXiv 2411.02115, Eq. 8–11 and Sec. III-C).
+
+The server holds the latest proxies of every client (stale ones of clients that sat rounds out are
+kept and marked, unless the method drops them). Every I rounds it recomputes each MoE layer's
+matrix A over all of them (Eq. 9–10); in between it reuses A. In a round, only the rows of
+participating clients are applied, with sources from participating clients, renormalised
+(:func:`fedmoe.plan.matrix.restrict`); those rows give the peer-to-peer transfers and the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fedmoe.affinity import Affinity, Upload
+from fedmoe.aggregate.fedmoe_da import FedMoEDA, GateMode, Interval, StaleProxies
+from fedmoe.errors import InputError
+from fedmoe.model.schema import PartSizes
+from fedmoe.plan import (
+    AggregationMatrix,
+    Ledger,
+    Transfer,
+    aggregation_matrix,
+    restrict,
+    traffic_ledger,
+    transfer_list,
+)
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """The plan of one FedMoE-DA round: what ``plan-sync`` writes and the server sends."""
+
+    round: int  # the round it is for
+    matrix_round: int  # the round whose affinity built the matrices (< round when reused)
+    method: FedMoEDA  # P, τ, I, gate mode, interval reading
+    matrices: tuple[AggregationMatrix, ...]  # A of each MoE layer over every held client
+    participants: tuple[int, ...]  # clients whose rows apply this round, increasing
+    transfers: tuple[Transfer, ...]  # expert fetches of the applied rows
+    ledger: Ledger  # the round's traffic
+
+    @property
+    def refreshed(self) -> bool:
+        """True when the matrices were recomputed for this round."""
+        return self.matrix_round == self.round
+
+    @property
+    def merges_experts(self) -> bool:
+        """Whether experts are synchronised this round (always, unless ``interval: sync``)."""
+        return self.method.interval is Interval.MATRIX or self.refreshed
+
+    def applied(self) -> tuple[AggregationMatrix, ...]:
+        """The rows applied this round (participating targets and sources), per layer."""
+        return tuple(restrict(m, self.participants) for m in self.matrices)
+
+
+def held_uploads(
+    previous: Mapping[int, Upload], fresh: Mapping[int, Upload], stale: StaleProxies
+) -> dict[int, Upload]:
+    """The uploads the server holds after a round: each client's latest by round (``fresh`` wins a
+    tie); with ``drop``, only the fresh ones."""
+    if stale is StaleProxies.DROP:
+        return dict(sorted(fresh.items()))
+    held = dict(previous)
+    for c, up in fresh.items():
+        old = held.get(c)
+        if old is None or up.round >= old.round:
+            held[c] = up
+    return dict(sorted(held.items()))
+
+
+def build_matrices(affinity: Affinity, top_p: int, tau: float) -> tuple[AggregationMatrix, ...]:
+    """Eq. 9–10 for each MoE layer of ``affinity``."""
+    return tuple(
+        aggregation_matrix(layer.neighbours, layer.index, top_p, tau) for layer in affinity.layers
+    )
+
+
+def _plan_bytes(applied: tuple[AggregationMatrix, ...], participants: tuple[int, ...]) -> dict[int, int]:
+    """Bytes of each participant's plan rows as compact JSON (what the server sends it)."""
+    rows: dict[int, list[list[float]]] = {c: [] for c in participants}
+    for layer, m in enumerate(applied):
+        index = m.index
+        for t in range(index.size):
+            client, expert = index.key(t)
+            lo, hi = int(m.indptr[t]), int(m.indptr[t + 1])
+            for p in range(lo, hi):
+                sc, se = index.key(int(m.sources[p]))
+                rows[client].append([layer, expert, sc, se, float(m.weights[p])])
+    return {c: len(json.dumps(r, separators=(",", ":"))) for c, r in rows.items()}
+
+
+def plan_sync(
+    matrices: tuple[AggregationMatrix, ...],
+    matrix_round: int,
+    round_: int,
+    participants: tuple[int, ...] | list[int],
+    method: FedMoEDA,
+    sizes: PartSizes,
+) -> SyncPlan:
+    """The sync plan of ``round_`` from the matrices in force.
+
+    Parameters
+    ----------
+    matrices
+        A of each MoE layer (fresh for this round, or reused within the refresh interval).
+    matrix_round
+        The round whose affinity built ``matrices``.
+    round_
+        This round.
+    participants
+        Clients that trained this round; one the matrices do not cover (it had not uploaded when
+        they were built) keeps its experts until the next refresh.
+    method
+        FedMoE-DA's parameters.
+    sizes
+        Byte sizes of the model's parts.
+    """
+    present = tuple(sorted(int(c) for c in participants))
+    if not present:
+        raise InputError("the round has no participant to plan for")
+    if len(matrices) != len(sizes.expert):
+        raise InputError(
+            f"{len(matrices)} matrices for a model with {len(sizes.expert)} MoE layers"
+        )
+    plan = SyncPlan(round_, matrix_round, method, tuple(matrices), present, (), _EMPTY)
+    applied = plan.applied()
+    transfers: list[Transfer] = []
+    if plan.merges_experts:
+        for layer, m in enumerate(applied):
+            transfers.extend(transfer_list(m, sizes.expert[layer], layer))
+    transfers.sort(key=lambda t: (t.source, t.target, t.layer))
+    ledger = traffic_ledger(
+        sizes,
+        list(present),
+        transfers,
+        _plan_bytes(applied, present) if plan.merges_experts else {},
+        method.gate is GateMode.SHARED,
+    )
+    return SyncPlan(round_, matrix_round, method, tuple(matrices), present, tuple(transfers), ledger)
+
+
+_EMPTY = Ledger(0, 0, 0, 0, 0, 0, 0)
