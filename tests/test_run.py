@@ -443,3 +443,22 @@ def test_report_counts_a_redone_round_once(work: Path, run_cli: Run) -> None:
 def test_report_of_a_folder_that_is_not_a_run(tmp_path: Path, run_cli: Run) -> None:
     r = run_cli("report", str(tmp_path))
     assert f"{tmp_path}: no metrics.jsonl; is this a fedmoe run folder?" in clean_failure(r, 3)
+
+
+def test_two_moe_layers_end_to_end(work: Path, run_cli: Run) -> None:
+    """``-c model.moe_layers=2``: the whole run works, each plan carries one matrix per MoE layer,
+    transfers name their layer, and both layers' experts are merged by their own matrix."""
+    r = run_cli(*RUN, "--out", "two", "-c", "model.moe_layers=2", "-c", "methods=[fedmoe-da]")
+    assert r.code == 0, r.err
+    rounds = work / "two" / "rounds" / "fedmoe-da"
+    for rnd in (1, 2):
+        plan = json.loads((rounds / f"round-{rnd:03d}" / "plan.json").read_text())
+        assert [layer["layer"] for layer in plan["layers"]] == [0, 1]
+        assert {t["layer"] for t in plan["transfers"]} <= {0, 1}
+        aff = json.loads((rounds / f"round-{rnd:03d}" / "affinity.json").read_text())
+        assert len(aff["layers"]) == 2
+    ck = open_checkpoint(rounds / "round-002" / "models" / "client-000.safetensors")
+    assert ck.config.moe_layers == 2 and ck.schema.num_layers == 2
+    assert "blocks.0.experts.w1" in ck.names and "experts.w1" in ck.names
+    report = json.loads((work / "two" / "report.json").read_text())
+    assert report["methods"]["fedmoe-da"]["mean_local_acc"] is not None
