@@ -54,5 +54,6 @@ class Upload:
     client: int  # client id
     num_samples: int  # training samples (FedAvg weight)
     round: int  # the round it trained in (older than the current round: a stale upload)
-    proxies: tuple[torch.Tensor, ...]  # (E, H) gate weight of each MoE layer (Eq. 8 proxies)
+    proxies: tuple[torch.Tensor, ...]  # (E, H) gate weight of each MoE layer (Eq. 8 proxies);
+    # empty when the consumer needs none (a merge)
     routing: dict[str, Any] | None = None  # routing statistics of that training

@@ -34,6 +34,10 @@ class TensorSource(Protocol):
         """Slice ``[index]`` (along axis 0) of stacked expert tensor ``name`` of ``client``."""
         ...
 
+    def experts(self, client: int, name: str, indices: list[int]) -> torch.Tensor:
+        """Slices ``[indices]`` (along axis 0) of stacked expert tensor ``name``, stacked."""
+        ...
+
 
 class MemorySource:
     """A :class:`TensorSource` over in-memory state dicts."""
@@ -46,6 +50,9 @@ class MemorySource:
 
     def expert(self, client: int, name: str, index: int) -> torch.Tensor:
         return self.states[client][name][index]
+
+    def experts(self, client: int, name: str, indices: list[int]) -> torch.Tensor:
+        return self.states[client][name][indices]
 
 
 class Merger:
@@ -152,7 +159,14 @@ class Merger:
         )
         dtype = self.dtypes[entry.name]
         if entry.stacked:
-            stacked = torch.stack([self.source.expert(c, entry.name, j) for c, j in keys])
+            # one read per source client for all the experts it contributes (keys are sorted by
+            # client, then expert, so the concatenation keeps the order of ``uniq``)
+            by_client: dict[int, list[int]] = {}
+            for c, j in keys:
+                by_client.setdefault(c, []).append(j)
+            stacked = torch.cat(
+                [self.source.experts(c, entry.name, js) for c, js in by_client.items()]
+            )  # (u, ...)
             flat = stacked.to(torch.float64).reshape(len(uniq), -1)  # (u, ·)
             return (weights @ flat).reshape(e, *stacked.shape[1:]).to(dtype)
         assert entry.expert is not None

@@ -160,15 +160,18 @@ class Checkpoint:
         """The roles of the model's tensors."""
         return schema_for(self.meta.config)
 
-    def upload(self) -> Upload:
+    def upload(self, proxies: bool = True) -> Upload:
         """What this client checkpoint sends the server: its gates' proxies (read alone, no
-        expert byte), routing statistics and sample count."""
+        expert byte; left out with ``proxies=False``, for a merge that does not need them),
+        routing statistics and sample count."""
         if self.meta.client_id is None:
             raise InputError(f"{self.path} is a global model, not a client's upload")
         schema = self.schema
-        proxies = tuple(self.tensor(schema.proxy(layer)) for layer in range(schema.num_layers))
+        rows = tuple(
+            self.tensor(schema.proxy(layer)) for layer in range(schema.num_layers if proxies else 0)
+        )
         return Upload(
-            self.meta.client_id, self.meta.num_samples, self.meta.round, proxies, self.meta.routing
+            self.meta.client_id, self.meta.num_samples, self.meta.round, rows, self.meta.routing
         )
 
     @property
@@ -207,6 +210,14 @@ class Checkpoint:
         t = self._handle.get_slice(name)[index]
         check_finite(t, f"{self.path}: tensor {name} expert {index}")
         return t
+
+    def experts(self, name: str, indices: list[int]) -> torch.Tensor:
+        """Slices ``[indices]`` of stacked expert tensor ``name``, stacked (k, ...): the whole
+        tensor is read once when at least half of its experts are wanted, else one slice each."""
+        total = self.shape(name)[0]
+        if 2 * len(indices) >= total:
+            return self.tensor(name)[indices]
+        return torch.stack([self.expert(name, j) for j in indices])
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every tensor, by name."""

@@ -106,6 +106,9 @@ class CheckpointSource:
     def expert(self, client: int, name: str, index: int) -> Any:
         return self.checkpoints[client].expert(name, index)
 
+    def experts(self, client: int, name: str, indices: list[int]) -> Any:
+        return self.checkpoints[client].experts(name, indices)
+
 
 def client_checkpoints(inputs: list[str], what: str) -> dict[int, Checkpoint]:
     """The client checkpoints the inputs name (a global model is refused), by client id."""

@@ -75,7 +75,7 @@ def merge_round(
     round_ = max(k.meta.round for k in fresh.values())
     ids = tuple(models)
     inputs = RoundInputs(
-        round_, schema, ids, {c: k.upload() for c, k in fresh.items()}, groups
+        round_, schema, ids, {c: k.upload(proxies=False) for c, k in fresh.items()}, groups
     )
     rplan = plan_round(inputs, method, plan.plan if plan is not None else None)
     spec = rplan.spec

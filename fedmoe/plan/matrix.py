@@ -128,18 +128,15 @@ def restrict(matrix: AggregationMatrix, clients: tuple[int, ...] | list[int]) ->
     counts: list[int] = []
     for new_pos, c in enumerate(keep):
         for j in range(e):
-            if c not in pos_old:  # not covered: identity row
-                srcs.append(np.array([new_pos * e + j], dtype=np.int64))
-                wts.append(np.ones(1))
-                sims.append(np.ones(1))
-                counts.append(1)
-                continue
-            m = pos_old[c] * e + j
-            lo, hi = int(matrix.indptr[m]), int(matrix.indptr[m + 1])
-            src = remap[matrix.sources[lo:hi]]
-            ok = src >= 0
-            w = matrix.weights[lo:hi][ok]
-            if not w.sum() > 0:  # every source sat out (a row without its own expert): keep it
+            ok = np.zeros(0, dtype=bool)
+            if c in pos_old:
+                m = pos_old[c] * e + j
+                lo, hi = int(matrix.indptr[m]), int(matrix.indptr[m + 1])
+                src = remap[matrix.sources[lo:hi]]
+                ok = src >= 0
+                w = matrix.weights[lo:hi][ok]
+            if not ok.any() or not w.sum() > 0:
+                # not covered, or every source sat out (a row without its own expert): identity
                 srcs.append(np.array([new_pos * e + j], dtype=np.int64))
                 wts.append(np.ones(1))
                 sims.append(np.ones(1))

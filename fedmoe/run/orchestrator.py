@@ -30,7 +30,6 @@ from fedmoe.io.atomic import OutputSet, write_atomic
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, open_checkpoint, save_checkpoint
 from fedmoe.io.checkpoint_set import client_checkpoints
 from fedmoe.io.datasets import load_dataset
-from fedmoe.io.digest import sha256_file
 from fedmoe.io.manifest import dumps
 from fedmoe.io.partition_file import LoadedPartition, load_partition, partition_to_manifest
 from fedmoe.io.plan_file import LoadedPlan, load_plan
@@ -312,8 +311,3 @@ def check_resume(out: Path, recipe_data: dict[str, Any]) -> None:
             f"{out}: was started from a different recipe; resuming would mix two runs",
             hint="resume with the same recipe and -c overrides, or use a new --out",
         )
-
-
-def init_sha(folder: RunFolder) -> str:
-    """sha256 of the run's initial model."""
-    return sha256_file(folder.init)
