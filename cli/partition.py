@@ -16,6 +16,7 @@ from fedmoe.io.datasets import load_dataset
 from fedmoe.io.manifest import STDIO, base_dir, dumps
 from fedmoe.io.partition_file import partition_to_manifest
 from fedmoe.partition import PARTITIONERS, Partition, get_partitioner, make_partition
+from fedmoe.partition.pipeline import GLOBAL_TEST, LOCAL_TEST, NUM_CLIENTS
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -41,7 +42,9 @@ Examples:
 
 def partition(
     dataset: Annotated[str, typer.Option(help="Built-in name or a .npz/.csv path.")] = "digits-rot",
-    clients: Annotated[int, typer.Option("--clients", "-n", help="Number of clients N.")] = 20,
+    clients: Annotated[
+        int, typer.Option("--clients", "-n", help="Number of clients N.")
+    ] = NUM_CLIENTS,
     scheme: Annotated[str, typer.Option(help=f"One of: {', '.join(PARTITIONERS)}.")] = "domain",
     alpha: Annotated[
         float | None, typer.Option(help="Dirichlet concentration (labels; domains for 'domain').")
@@ -69,10 +72,10 @@ def partition(
     ] = None,
     global_test: Annotated[
         float, typer.Option(help="Share held out as the global test set.")
-    ] = 0.2,
+    ] = GLOBAL_TEST,
     local_test: Annotated[
         float, typer.Option(help="Share of each client kept as local test.")
-    ] = 0.2,
+    ] = LOCAL_TEST,
     label_column: Annotated[str, typer.Option(help="CSV: the label column.")] = "label",
     domain_column: Annotated[str | None, typer.Option(help="CSV: the domain column.")] = None,
     plot: Annotated[

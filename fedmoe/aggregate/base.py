@@ -21,6 +21,7 @@ import numpy as np
 
 from fedmoe.affinity.proxies import Upload
 from fedmoe.aggregate.reduce import Reduce
+from fedmoe.errors import InputError
 from fedmoe.model.schema import ModelSchema
 from fedmoe.params import check_params, help_of
 from fedmoe.plan.matrix import AggregationMatrix
@@ -37,6 +38,15 @@ class RoundInputs:
     groups: Mapping[int, int] = dataclasses.field(default_factory=dict)  # true domains (oracle)
     matrices: tuple[AggregationMatrix, ...] | None = None  # FedMoE-DA: A of each MoE layer
     matrix_round: int | None = None  # FedMoE-DA: the round whose affinity built ``matrices``
+
+    def __post_init__(self) -> None:
+        if list(self.clients) != sorted(set(self.clients)):
+            raise InputError("the round's clients must be increasing and distinct")
+        strangers = sorted(set(self.uploads) - set(self.clients))
+        if strangers:
+            raise InputError(
+                f"client {strangers[0]} uploaded but is not among the round's clients"
+            )
 
     @property
     def participants(self) -> tuple[int, ...]:

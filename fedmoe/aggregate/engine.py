@@ -186,7 +186,8 @@ def merge_states(
     spec: MergeSpec, schema: ModelSchema, states: Mapping[int, Mapping[str, torch.Tensor]]
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Apply ``spec`` to in-memory models (every client of the spec): client id → output tensors.
-    Members of one group share the group's tensors (the same objects)."""
+    Members of one group share the group's tensors (the same objects), and a part a client keeps is
+    its input tensor itself: copy before changing an output in place."""
     first = states[spec.clients[0]]
     dtypes = {k: v.dtype for k, v in first.items()}
     merger = Merger(spec, schema, MemorySource(states), dtypes)

@@ -21,7 +21,7 @@ from fedmoe.aggregate.base import (
 from fedmoe.aggregate.robust import ReduceParams
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FedAvg(ReduceParams, Aggregator):
     """Everything averaged with sample weights; one group of every client."""
 

@@ -50,7 +50,7 @@ class Interval(str, enum.Enum):
     SYNC = "sync"  # experts synchronised (and A recomputed) only every I rounds
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FedMoEDA(ReduceParams, Aggregator):
     """Eq. 11 over each MoE layer's matrix; FedAvg of the shared parts."""
 

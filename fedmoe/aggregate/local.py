@@ -8,7 +8,7 @@ from typing import ClassVar
 from fedmoe.aggregate.base import Aggregator, MergeSpec, RoundInputs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Local(Aggregator):
     """Nothing moves: no group, so every client keeps every part."""
 

@@ -23,7 +23,7 @@ from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.train.routing import layer_stats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NaiveMoE(ReduceParams, Aggregator):
     """Shared parts averaged; expert j with expert j, weighted by routed samples."""
 

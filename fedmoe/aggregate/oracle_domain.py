@@ -22,7 +22,7 @@ from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.errors import UsageError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OracleDomain(ReduceParams, Aggregator):
     """FedAvg of everything within each true domain group."""
 

@@ -8,7 +8,7 @@ from fedmoe.aggregate.reduce import Reduce, ReduceKind
 from fedmoe.params import param
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReduceParams:
     """How the server combines the clients of a group: the weighted mean, or a robust statistic."""
 

@@ -43,6 +43,11 @@ class Partition:
     metrics: dict[str, float]  # skew metrics, see fedmoe.partition.metrics
 
 
+GLOBAL_TEST = 0.2  # default share held out as the global test set (the CLI and recipes read it)
+LOCAL_TEST = 0.2  # default share of each client kept as its local test split
+NUM_CLIENTS = 20  # default number of clients
+
+
 def _check_fraction(value: float, key: str) -> None:
     if not 0.0 <= value < 1.0:
         raise ParamError(key, value, "must be in [0, 1)", hint="for example 0.2")
@@ -73,8 +78,8 @@ def make_partition(
     num_clients: int,
     partitioner: Partitioner,
     seed: int,
-    global_test_fraction: float = 0.2,
-    local_test_fraction: float = 0.2,
+    global_test_fraction: float = GLOBAL_TEST,
+    local_test_fraction: float = LOCAL_TEST,
     has_domains: bool = True,
 ) -> Partition:
     """Split a dataset into ``num_clients`` clients with ``partitioner``.

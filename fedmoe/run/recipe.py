@@ -19,6 +19,7 @@ from fedmoe.errors import InputError, ParamError, UsageError
 from fedmoe.model.config import MoEConfig
 from fedmoe.params import params_dict
 from fedmoe.partition import PARTITIONERS, get_partitioner
+from fedmoe.partition.pipeline import GLOBAL_TEST, LOCAL_TEST, NUM_CLIENTS
 from fedmoe.train import TrainConfig
 
 METHODS = tuple(AGGREGATORS)
@@ -38,9 +39,9 @@ class PartitionSection:
     """How the data is split into clients (``fedmoe partition`` options)."""
 
     scheme: str = "domain"  # a partition scheme name
-    clients: int = 20  # N
-    global_test: float = 0.2  # share held out as the global test set
-    local_test: float = 0.2  # share of each client kept as its local test split
+    clients: int = NUM_CLIENTS  # N
+    global_test: float = GLOBAL_TEST  # share held out as the global test set
+    local_test: float = LOCAL_TEST  # share of each client kept as its local test split
     options: dict[str, Any] = field(default_factory=dict)  # scheme options (alpha, min_size, ...)
 
 
