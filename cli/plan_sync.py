@@ -100,6 +100,8 @@ def plan_sync(
             ids = sorted({int(x) for x in participants.split(",") if x.strip()})
         except ValueError:
             raise UsageError(f"--participants {participants!r}: expected ids like 0,3,5") from None
+        if ids and ids[0] < 0:
+            raise UsageError(f"--participants {participants!r}: client ids are >= 0")
     prev = load_plan(previous_plan) if previous_plan is not None else None
     aff = load_affinity(affinity) if affinity is not None else None
     _, manifest = sync_artefact(

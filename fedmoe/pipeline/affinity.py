@@ -9,6 +9,7 @@ from typing import Any
 
 from fedmoe.affinity import Affinity, compute_affinity
 from fedmoe.affinity.summary import summary
+from fedmoe.errors import InputError
 from fedmoe.io.affinity_file import affinity_to_manifest
 from fedmoe.io.checkpoint import Checkpoint
 from fedmoe.io.manifest import relative
@@ -35,9 +36,25 @@ def affinity_artefact(
     base
         The folder the artefact's input paths are written relative to.
     """
-    held = {**{c: k for c, k in stale.items() if c not in fresh}, **fresh}
-    held = dict(sorted(held.items()))
-    config = next(iter(held.values())).config
+    if not fresh:
+        raise InputError("no checkpoint of this round to compute affinity over")
+    current = max(k.meta.round for k in fresh.values())
+    first = next(iter(fresh.values()))
+    older = {c: k for c, k in stale.items() if c not in fresh}
+    for c, k in older.items():
+        if k.config != first.config:
+            raise InputError(
+                f"{k.path} has a different model_config than {first.path}",
+                hint="every checkpoint of a federation must share one architecture",
+            )
+        if k.meta.round >= current:
+            raise InputError(
+                f"{k.path}: the earlier upload of client {c} is from round {k.meta.round}, "
+                f"not before this round ({current})",
+                hint="give this round's checkpoints as arguments and older ones with --stale",
+            )
+    held = dict(sorted({**older, **fresh}.items()))
+    config = first.config
     schema = next(iter(held.values())).schema
     aff = compute_affinity({c: k.upload() for c, k in held.items()}, candidates, config.num_classes)
     inputs = [

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
-from fedmoe.errors import UsageError
+from fedmoe.errors import ParamError, UsageError
 from fedmoe.io.affinity_file import LoadedAffinity
 from fedmoe.io.manifest import STDIO, relative
 from fedmoe.io.plan_file import LoadedPlan, plan_to_manifest
@@ -54,6 +54,15 @@ def sync_artefact(
             round_ = previous.plan.round + 1
         else:
             raise UsageError("give --round, an affinity artefact or a previous plan")
+    if round_ < 1:
+        raise ParamError("round", round_, "must be >= 1")
+    if previous is not None and round_ <= previous.plan.round:
+        raise ParamError(
+            "round",
+            round_,
+            f"must come after the previous plan's round {previous.plan.round}",
+            hint=f"for example {previous.plan.round + 1}",
+        )
     reuse = previous is not None and not method.refresh_due(round_, previous.plan.matrix_round)
     if reuse:  # the matrices were made with the previous plan's P, τ and candidates: keep them
         assert previous is not None
