@@ -6,7 +6,9 @@ plan, every affinity artefact, every client checkpoint — for FedMoE-DA with a 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -224,3 +226,28 @@ def test_init_config_builds_the_model_run_builds(tmp_path: Path, recipe: str | N
     else:
         model = yaml.safe_load(path.read_text())["model"]
         assert all(getattr(config, k) == v for k, v in model.items())
+
+
+def test_hand_rounds_refuse_out_of_order_inputs(
+    both: Path, run_cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning a round that is not after the previous plan's, naming a negative participant, or
+    passing as "stale" an upload that is not older than the round: clean refusals, nothing
+    written."""
+    from helpers import clean_failure
+
+    monkeypatch.chdir(both)
+    m = "hand/rounds/fedmoe-da"
+    r = run_cli("plan-sync", "--previous-plan", f"{m}/round-002/plan.json", "--round", "2",
+                "--participants", "0", "--out", "x.json")  # fmt: skip
+    assert (
+        clean_failure(r, 2) == "Error: --round must come after the previous plan's round 2, got 2"
+    )
+    r = run_cli("plan-sync", "--previous-plan", f"{m}/round-002/plan.json", "--round", "3",
+                "--participants", "-1", "--out", "x.json")  # fmt: skip
+    assert clean_failure(r, 2) == "Error: --participants '-1': client ids are >= 0"
+    r = run_cli("affinity", f"{m}/round-001/train/train-round.json", "--stale",
+                f"{m}/round-003/train", "--out", "x.json")  # fmt: skip
+    line = clean_failure(r, 3)
+    assert "the earlier upload of client" in line and "not before this round (1)" in line
+    assert not (both / "x.json").exists()
