@@ -14,10 +14,19 @@ from pathlib import Path
 
 import torch
 
-from bench import merge_bench, moe_bench, partition_bench, round_bench, run_bench, topk_bench
+from bench import (
+    merge_bench,
+    moe_bench,
+    partition_bench,
+    round_bench,
+    run_bench,
+    startup_bench,
+    topk_bench,
+)
 from bench.common import Row, copy_bandwidth, fmt, threads
 
 SUITES = {
+    "startup": startup_bench.run,
     "partition": partition_bench.run,
     "moe": moe_bench.run,
     "topk": topk_bench.run,

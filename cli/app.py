@@ -1,33 +1,75 @@
-"""The ``fedmoe`` Typer app: wiring only. Each command lives in its own module."""
+"""The ``fedmoe`` Typer app: wiring only. Each command lives in its own module, imported only when
+that command runs or shows its own help (as the ``hf`` CLI does), so ``fedmoe --help`` and
+``fedmoe --version`` never import torch or the library."""
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from fedmoe import __version__
 
-from . import affinity as affinity_cmd
-from . import aggregate as aggregate_cmd
-from . import evaluate as evaluate_cmd
-from . import init as init_cmd
-from . import partition as partition_cmd
-from . import plan_sync as plan_sync_cmd
-from . import report as report_cmd
-from . import run as run_cmd
-from . import train_round as train_round_cmd
 from .common import EXIT_CODES_HELP, print_error
+
+# name → (module in this package, one-line help for `fedmoe --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "Run a whole federation from a YAML recipe; all methods side by side."),
+    "partition": ("partition", "Split a dataset into clients with domain and label skew."),
+    "init": ("init", "Create the initial MoE checkpoint from a config."),
+    "train-round": ("train_round", "Train one local round for one client, some or all clients."),
+    "affinity": ("affinity", "Expert-expert similarity of gate rows and expert-domain affinity."),
+    "plan-sync": ("plan_sync", "Sparse aggregation matrices and the peer-to-peer sync plan."),
+    "aggregate": ("aggregate", "Merge experts by a sync plan or a baseline; or merge any files."),
+    "evaluate": ("evaluate", "Personalised and global accuracy of client checkpoints."),
+    "report": ("report", "Comparison table and plots of a run folder."),
+}
+SETTINGS: dict[str, Any] = {
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": "rich",
+}
+
+
+def load_command(name: str) -> Any:
+    """The real command ``name``: its module imported and wired into a one-command Typer app."""
+    module_name, short = COMMANDS[name]
+    module = importlib.import_module(f"{__package__}.{module_name}")
+    single = typer.Typer(**SETTINGS)
+    single.command(name, help=module.HELP, short_help=short)(module.command)
+    return typer.main.get_command(single)
+
+
+class LazyGroup(TyperGroup):
+    """Lists the commands from :data:`COMMANDS` without importing them; a command's module is
+    imported when it is resolved to run (or to show its own ``--help``)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        if cmd_name in COMMANDS:  # a stand-in with the one-line help, for the command list
+            return TyperCommand(cmd_name, short_help=COMMANDS[cmd_name][1], help="")
+        return None
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] in COMMANDS and args[0] not in self.commands:
+            self.commands[args[0]] = load_command(args[0])
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     name="fedmoe",
+    cls=LazyGroup,
     help="Federated Mixture-of-Experts with domain-aware, fine-grained expert aggregation "
     f"(FedMoE-DA, arXiv 2411.02115). {EXIT_CODES_HELP}",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    **SETTINGS,
 )
 
 
@@ -45,21 +87,6 @@ def _root(
     ] = False,
 ) -> None:
     """fedmoe: federated MoE training with domain-aware expert aggregation."""
-
-
-COMMANDS = [
-    ("run", run_cmd, "Run a whole federation from a YAML recipe; all methods side by side."),
-    ("partition", partition_cmd, "Split a dataset into clients with domain and label skew."),
-    ("init", init_cmd, "Create the initial MoE checkpoint from a config."),
-    ("train-round", train_round_cmd, "Train one local round for one client or all clients."),
-    ("affinity", affinity_cmd, "Expert-expert similarity of gate rows and expert-domain affinity."),
-    ("plan-sync", plan_sync_cmd, "Sparse aggregation matrix and the peer-to-peer sync plan."),
-    ("aggregate", aggregate_cmd, "Merge experts by a sync plan or a baseline; or merge any files."),
-    ("evaluate", evaluate_cmd, "Personalised and global accuracy of client checkpoints."),
-    ("report", report_cmd, "Comparison table and plots of a run folder."),
-]
-for _name, _module, _short in COMMANDS:
-    app.command(_name, help=_module.HELP, short_help=_short)(_module.command)
 
 
 def main(argv: list[str] | None = None) -> None:

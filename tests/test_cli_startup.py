@@ -1,0 +1,48 @@
+"""Start-up: ``fedmoe --help`` and ``--version`` import neither torch nor any command module; a
+command's module is imported only when that command runs or shows its help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, sys
+from fedmoe_cli.app import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+mods = [m for m in ("torch", "numpy", "fedmoe_cli.run", "fedmoe_cli.partition",
+                    "fedmoe_cli.aggregate") if m in sys.modules]
+sys.stderr.write("\\n" + json.dumps(mods) + "\\n")
+"""
+
+
+def loaded(*argv: str) -> tuple[str, list[str]]:
+    """Run the CLI in a fresh interpreter; its stdout and which heavy modules it imported."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, check=True
+    )
+    return done.stdout, json.loads(done.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [("--version",), ("--help",)])
+def test_help_and_version_import_no_command_and_no_torch(argv: tuple[str, ...]) -> None:
+    out, mods = loaded(*argv)
+    assert mods == []
+    if argv == ("--help",):  # every command is listed, with its one-line help
+        for name in ("run", "partition", "train-round", "plan-sync", "aggregate", "report"):
+            assert name in out
+    else:
+        assert out.startswith("fedmoe ")
+
+
+def test_a_command_imports_only_its_own_module() -> None:
+    out, mods = loaded("partition", "--help")
+    assert "Split a dataset into federated clients" in out
+    assert "fedmoe_cli.partition" in mods
+    assert "torch" not in mods and "fedmoe_cli.run" not in mods
