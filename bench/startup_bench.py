@@ -16,6 +16,7 @@ COMMANDS = (
     ("fedmoe --help", ["--help"]),
     ("fedmoe partition --help", ["partition", "--help"]),
     ("fedmoe plan-sync --help", ["plan-sync", "--help"]),
+    ("fedmoe report --help", ["report", "--help"]),
     ("fedmoe run --help", ["run", "--help"]),
 )
 

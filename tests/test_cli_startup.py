@@ -46,3 +46,9 @@ def test_a_command_imports_only_its_own_module() -> None:
     assert "Split a dataset into federated clients" in out
     assert "fedmoe_cli.partition" in mods
     assert "torch" not in mods and "fedmoe_cli.run" not in mods
+
+
+def test_report_needs_no_torch() -> None:
+    out, mods = loaded("report", "--help")
+    assert "Rebuild report.json" in out
+    assert "torch" not in mods
