@@ -30,10 +30,6 @@ class TensorSource(Protocol):
         """The whole tensor ``name`` of ``client``."""
         ...
 
-    def expert(self, client: int, name: str, index: int) -> torch.Tensor:
-        """Slice ``[index]`` (along axis 0) of stacked expert tensor ``name`` of ``client``."""
-        ...
-
     def experts(self, client: int, name: str, indices: list[int]) -> torch.Tensor:
         """Slices ``[indices]`` (along axis 0) of stacked expert tensor ``name``, stacked."""
         ...
@@ -47,9 +43,6 @@ class MemorySource:
 
     def tensor(self, client: int, name: str) -> torch.Tensor:
         return self.states[client][name]
-
-    def expert(self, client: int, name: str, index: int) -> torch.Tensor:
-        return self.states[client][name][index]
 
     def experts(self, client: int, name: str, indices: list[int]) -> torch.Tensor:
         return self.states[client][name][indices]

@@ -95,16 +95,14 @@ def load_checkpoint_set(inputs: list[str]) -> dict[int | None, Checkpoint]:
 
 
 class CheckpointSource:
-    """A merge-engine source over opened checkpoints (reads one tensor or expert slice at a time)."""
+    """A merge-engine source over opened checkpoints (reads one tensor, or some experts of one
+    stacked tensor, at a time)."""
 
     def __init__(self, checkpoints: dict[int, Checkpoint]) -> None:
         self.checkpoints = checkpoints
 
     def tensor(self, client: int, name: str) -> Any:
         return self.checkpoints[client].tensor(name)
-
-    def expert(self, client: int, name: str, index: int) -> Any:
-        return self.checkpoints[client].expert(name, index)
 
     def experts(self, client: int, name: str, indices: list[int]) -> Any:
         return self.checkpoints[client].experts(name, indices)
