@@ -85,8 +85,8 @@ def check_params(obj: Any) -> None:
     hints = _resolved_types(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        kind = hints.get(f.name)
-        if kind is not None:
+        kind, optional = hints.get(f.name, (None, False))
+        if kind is not None and not (optional and value is None):
             new = coerce(kind, f.name, value)
             if new is not value:
                 object.__setattr__(obj, f.name, new)
@@ -103,23 +103,46 @@ def check_params(obj: Any) -> None:
                 raise ParamError(f.name, value, f"must be {word} {b:g}")
 
 
-_TYPES: dict[type, dict[str, Any]] = {}
+_TYPES: dict[type, dict[str, tuple[Any, bool]]] = {}
 
 
-def _resolved_types(cls: type) -> dict[str, Any]:
-    """Field name → declared scalar type (int, float, bool, str, or an Enum), cached per class."""
+def _resolved_types(cls: type) -> dict[str, tuple[Any, bool]]:
+    """Field name → (declared scalar type: int, float, bool, str or an Enum; whether None is
+    allowed), cached per class."""
     if cls not in _TYPES:
         import typing
 
         hints = typing.get_type_hints(cls)
         out: dict[str, Any] = {}
         for name, hint in hints.items():
-            if hint in (int, float, bool, str) or (
-                isinstance(hint, type) and issubclass(hint, enum.Enum)
-            ):
-                out[name] = hint
+            args = typing.get_args(hint)
+            if args and type(None) in args and len(args) == 2:  # X | None
+                inner = next(a for a in args if a is not type(None))
+                if _scalar(inner):
+                    out[name] = (inner, True)
+            elif _scalar(hint):
+                out[name] = (hint, False)
         _TYPES[cls] = out
     return _TYPES[cls]
+
+
+def _scalar(hint: Any) -> bool:
+    return hint in (int, float, bool, str) or (
+        isinstance(hint, type) and issubclass(hint, enum.Enum)
+    )
+
+
+def check_types(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` checked against ``cls``'s declared field types (ParamError naming the key);
+    numbers normalised (an int where a float is declared), enums parsed."""
+    kinds = _resolved_types(cls)
+    out = dict(values)
+    for key, value in values.items():
+        if key in kinds:
+            kind, optional = kinds[key]
+            if not (optional and value is None):
+                out[key] = coerce(kind, key, value)
+    return out
 
 
 def from_mapping(cls: type, data: dict[str, Any], where: str = "") -> Any:

@@ -331,6 +331,11 @@ def test_plain_safetensors_without_metadata(tmp_path: Path) -> None:
         ({"routing": "{oops"}, "malformed client_id/round/num_samples/routing metadata"),
         ({"model_config": "{"}, "model_config metadata is not valid JSON"),
         ({"model_config": '{"input_shape":[16],"num_classes":3,"x":1}'}, "unknown key 'x'"),
+        ({"num_samples": "-10"}, "metadata num_samples = -10 is out of range"),
+        ({"num_samples": str(2**60)}, "metadata num_samples = 1152921504606846976 is out of range"),
+        ({"client_id": "-1"}, "metadata client_id = -1 is out of range"),
+        ({"round": "-2"}, "metadata round = -2 is out of range"),
+        ({"routing": "[1, 2]"}, "routing metadata must be a JSON object"),
     ],
 )
 def test_bad_metadata(tmp_path: Path, change: dict[str, str | None], message: str) -> None:

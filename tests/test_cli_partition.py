@@ -334,3 +334,43 @@ def test_help_lists_builtin_datasets() -> None:
 def test_version(invoke: Callable[..., Any]) -> None:
     r = invoke("--version")
     assert r.exit_code == 0 and r.stdout == f"fedmoe {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["clients"][0]["train"].append(m["clients"][1]["train"][0]),
+         "is in both client 0 train and client 1 train"),
+        (lambda m: m["clients"][0]["test"].append(m["clients"][0]["train"][0]),
+         "is in both client 0 train and client 0 test"),
+        (lambda m: m["global_test"].append(m["clients"][2]["test"][0]),
+         "is in both client 2 test and global_test"),
+        (lambda m: m["clients"][1]["train"].append(m["clients"][1]["train"][0]),
+         "an index appears twice"),
+        (lambda m: m["clients"][0]["train"].__setitem__(0, 1.5),
+         "indices must be a list of integers"),
+        (lambda m: m["clients"][0]["train"].__setitem__(0, True),
+         "indices must be a list of integers"),
+    ],
+)  # fmt: skip
+def test_leaky_or_malformed_splits_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Any, edit: Any, message: str
+) -> None:
+    """A manifest whose splits overlap (evaluation on training data) or whose indices are not
+    distinct integers is refused before anything reads it, naming the sample and the splits."""
+    import json
+
+    from helpers import clean_failure
+
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("partition", "--dataset", "digits-rot", "--clients", "4", "--scheme", "iid",
+                "--out", "p.json", "-q")  # fmt: skip
+    assert r.code == 0, r.err
+    manifest = json.loads((tmp_path / "p.json").read_text())
+    edit(manifest)
+    (tmp_path / "bad.json").write_text(json.dumps(manifest))
+    before = (tmp_path / "bad.json").read_bytes()
+    r = run_cli("init", "--partition", "bad.json", "--out", "i.safetensors")
+    assert message in clean_failure(r, 3)
+    assert not (tmp_path / "i.safetensors").exists()
+    assert (tmp_path / "bad.json").read_bytes() == before

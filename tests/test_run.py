@@ -355,6 +355,14 @@ def test_resume_needs_the_same_recipe(work: Path, run_cli: Run) -> None:
         ("rounds: 2\n", ("-c", "rounds.x=1"), "-c rounds.x: 'rounds' is not a section"),
         ("rounds: 2\n", ("-c", "rounds"), "-c 'rounds': expected key=value"),
         ("- a\n- b\n", (), "recipe: the top level must be a mapping"),
+        ('participation: "half"\n', (), "recipe: participation must be a number in (0, 1]"),
+        ("eval_every: true\n", (), "recipe: eval_every must be an integer >= 1, got True"),
+        ("data:\n  dataset: 5\n", (), "recipe: data.dataset must be a name or a path, got 5"),
+        ('partition:\n  alpha: "abc"\n', (), "recipe: partition.alpha must be a number, got 'abc'"),
+        ('partition:\n  min_size: "a"\n', (),
+         "recipe: partition.min_size must be an integer, got 'a'"),
+        ("partition:\n  alpha: -1\n", (), "recipe: partition.alpha must be > 0, got -1"),
+        ("train:\n  epochs: 2.5\n", (), "recipe: train.epochs must be an integer, got 2.5"),
     ],
 )  # fmt: skip
 def test_bad_recipes(

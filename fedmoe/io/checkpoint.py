@@ -95,6 +95,15 @@ def parse_meta(meta: Mapping[str, str], where: str) -> CheckpointMeta:
         raise InputError(
             f"{where}: malformed client_id/round/num_samples/routing metadata"
         ) from None
+    limit = 2**53  # beyond what a float64 FedAvg weight represents exactly
+    for key, value in (("client_id", client), ("round", rnd), ("num_samples", num), ("seed", seed)):
+        if value is not None and not 0 <= value < limit:
+            raise InputError(
+                f"{where}: metadata {key} = {value} is out of range (0 ≤ {key} < 2^53)",
+                hint="re-create the checkpoint with fedmoe",
+            )
+    if routing is not None and not isinstance(routing, dict):
+        raise InputError(f"{where}: routing metadata must be a JSON object")
     known = {*REQUIRED_META, "fedmoe_version", "parent_sha256", "seed", "method", "routing"}
     extra = {k: v for k, v in meta.items() if k not in known}
     return CheckpointMeta(

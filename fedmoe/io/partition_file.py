@@ -186,10 +186,41 @@ class LoadedPartition:
 
 
 def _indices(value: Any, n: int, where: str) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.int64)
-    if arr.ndim != 1 or (arr.size and (arr.min() < 0 or arr.max() >= n)):
-        raise InputError(f"{where}: indices must be a list of ints in [0, {n})")
+    """A list of distinct integer sample indices in [0, n), refused otherwise (floats, booleans,
+    repeats and out-of-range values would silently select other samples)."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise InputError(f"{where}: indices must be a list of integers in [0, {n})")
+    arr = np.asarray(value, dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise InputError(f"{where}: indices must be a list of integers in [0, {n})")
+    if np.unique(arr).size != arr.size:
+        raise InputError(f"{where}: an index appears twice", hint="re-run fedmoe partition")
     return arr
+
+
+def _disjoint(
+    clients: tuple[ClientSplit, ...], global_test: np.ndarray, n: int, where: str
+) -> None:
+    """Every sample belongs to at most one split: one client's train or test, or the global test
+    set. Overlaps would let a model be evaluated on data it trained on."""
+    owner = np.full(n, -1, dtype=np.int64)
+    parts = [
+        (f"client {i} {kind}", arr)
+        for i, c in enumerate(clients)
+        for kind, arr in (("train", c.train), ("test", c.test))
+    ]
+    parts.append(("global_test", global_test))
+    for pos, (name, arr) in enumerate(parts):
+        taken = owner[arr] >= 0
+        if taken.any():
+            first = parts[int(owner[arr][taken][0])][0]
+            raise InputError(
+                f"{where}: sample {int(arr[taken][0])} is in both {first} and {name}",
+                hint="re-run fedmoe partition; a partition's splits never overlap",
+            )
+        owner[arr] = pos
 
 
 def _shape_and_names(
@@ -251,12 +282,14 @@ def load_partition(source: str | Path) -> LoadedPartition:
         )
         for i, c in enumerate(require(manifest, "clients", name))
     )
+    global_test = _indices(manifest.get("global_test", []), n, f"{name} global_test")
+    _disjoint(clients, global_test, n, name)
     return LoadedPartition(
         path=name,
         sha256=digest,
         dataset_spec=spec,
         clients=clients,
-        global_test=_indices(manifest.get("global_test", []), n, f"{name} global_test"),
+        global_test=global_test,
         manifest=manifest,
         num_samples=n,
         input_shape=shape,

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedmoe.errors import ParamError, UsageError
+from fedmoe.params import check_types
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Partitioner(ABC):
                 raise UsageError(
                     f"option {flag} is not used by scheme '{cls.name}' (its options: {valid})"
                 )
-        return cls(**options)
+        return cls(**check_types(cls, options))
 
     @classmethod
     def ignored_options(cls, options: dict[str, Any]) -> list[str]:

@@ -163,6 +163,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
             raise UsageError(f"recipe: unknown method '{m}'{_nearest(str(m), list(METHODS))}")
     kwargs["methods"] = tuple(dict.fromkeys(methods))
     recipe = Recipe(**kwargs)
+    _check_types(recipe)
     _check(recipe)
     _check_partition(recipe.partition)
     return recipe
@@ -226,6 +227,45 @@ def _check_partition(p: PartitionSection) -> None:
             get_partitioner(p.scheme, dict(p.options))
     except ParamError as exc:
         raise UsageError(f"recipe: partition.{exc.worded(exc.key)}", hint=exc.hint) from None
+
+
+def _check_types(r: Recipe) -> None:
+    """The top-level scalars and the data section, by type (before any comparison)."""
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = [
+        (integer(r.seed), f"seed must be an integer >= 0, got {r.seed!r}"),
+        (integer(r.rounds), f"rounds must be an integer >= 1, got {r.rounds!r}"),
+        (
+            number(r.participation),
+            f"participation must be a number in (0, 1], got {r.participation!r}",
+        ),
+        (integer(r.eval_every), f"eval_every must be an integer >= 1, got {r.eval_every!r}"),
+        (
+            isinstance(r.data.dataset, str),
+            f"data.dataset must be a name or a path, got {r.data.dataset!r}",
+        ),
+        (
+            isinstance(r.data.label_column, str),
+            f"data.label_column must be a column name, got {r.data.label_column!r}",
+        ),
+        (
+            r.data.domain_column is None or isinstance(r.data.domain_column, str),
+            f"data.domain_column must be a column name or null, got {r.data.domain_column!r}",
+        ),
+        (
+            isinstance(r.partition.scheme, str),
+            f"partition.scheme must be a scheme name, got {r.partition.scheme!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"recipe: {message}")
 
 
 def _check(r: Recipe) -> None:
