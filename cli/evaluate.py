@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from fedmoe.errors import InputError
+from fedmoe.io.atomic import check_writable
 from fedmoe.io.checkpoint_set import load_checkpoint_set
 from fedmoe.io.manifest import STDIO, header, write_manifest
 from fedmoe.io.partition_file import load_partition
@@ -40,6 +41,8 @@ def evaluate(
     quiet: Quiet = False,
 ) -> None:
     console = stderr_console(quiet)
+    if out != STDIO:
+        check_writable(Path(out), force)  # refuse before any work, not after printing the table
     part = load_partition(partition)
     ckpts = load_checkpoint_set(models)
     config = next(iter(ckpts.values())).config
@@ -56,11 +59,12 @@ def evaluate(
         states = {cid: c.state() for cid, c in ckpts.items() if cid is not None}
     result = evaluate_models(config, states, part.dataset, part.clients, part.global_test)
     report = {**header("evaluation"), **result, "domain_names": list(part.dataset.domain_names)}
+    if out != STDIO:
+        write_manifest(report, Path(out), force=force)
     _summary(console, report)
     if out == STDIO:
         write_manifest(report, STDIO) if not json_ else emit(None, report, True)
     else:
-        write_manifest(report, Path(out), force=force)
         emit(out, report, json_)
 
 

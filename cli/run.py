@@ -70,10 +70,8 @@ def run(
         raise OutputError(
             f"{out} already holds a run; pass --resume to continue it or --force to start over",
         )
-    elif folder.started():
-        folder.clear()
-    if not resume:
-        write_setup(rec, folder, resolved)
+    if not resume:  # with --force, the old run is cleared only once the new one could start
+        write_setup(rec, folder, resolved, folder.clear if folder.started() else None)
     ctx = prepare(rec, out)
     done = completed_rounds(folder.metrics) if resume else {}
     progress = Progress(

@@ -104,9 +104,40 @@ class OutputSet:
         raise KeyError(f"{path} is not staged")
 
     def commit(self) -> None:
-        """Rename every staged file onto its destination."""
-        for tmp, dest in self._staged:
-            os.replace(tmp, dest)
+        """Publish every staged file onto its destination.
+
+        With ``force`` a destination is replaced (``os.replace``). Without it, each file is
+        published by a hard link that fails if the destination exists, so refusing an existing
+        output and publishing the new one are one atomic step: of two writers, one wins and the
+        other gets an :class:`OutputError` (and its files already published are taken back).
+        """
+        published: list[Path] = []
+        try:
+            for tmp, dest in self._staged:
+                if self.force:
+                    os.replace(tmp, dest)
+                    continue
+                try:
+                    os.link(tmp, dest)
+                except FileExistsError:
+                    raise OutputError(
+                        f"{dest} exists; pass --force to replace it or choose another --out",
+                    ) from None
+                except OSError:  # no hard links on this filesystem: check, then rename
+                    if dest.exists():
+                        raise OutputError(
+                            f"{dest} exists; pass --force to replace it or choose another --out"
+                        ) from None
+                    os.replace(tmp, dest)
+                    published.append(dest)
+                    continue
+                published.append(dest)
+                tmp.unlink(missing_ok=True)
+        except OutputError:
+            for dest in published:
+                dest.unlink(missing_ok=True)
+            self.abort()
+            raise
         if self._staged:
             _fsync_dir(self._staged[-1][1].parent)
         self._staged.clear()

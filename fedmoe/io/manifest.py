@@ -99,6 +99,8 @@ def read_manifest(
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{name}: JSON nested too deeply to be a fedmoe manifest") from None
     if not isinstance(obj, dict) or "kind" not in obj or "schema_version" not in obj:
         raise InputError(f"{name}: not a fedmoe manifest (no 'kind' / 'schema_version')")
     if obj["kind"] not in kinds:

@@ -158,8 +158,8 @@ def read_header(buffer: memoryview | bytes, where: str) -> tuple[dict[str, objec
         raise ValueError(f"{where}: header length {size} exceeds the file")
     try:
         header = json.loads(bytes(buffer[8 : 8 + size]))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{where}: header is not JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{where}: header is not JSON (or is nested too deeply)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{where}: header is not a JSON object")
     return header, 8 + size

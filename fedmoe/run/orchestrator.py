@@ -79,9 +79,18 @@ def participants(recipe: Recipe, round_: int, num_clients: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
-def write_setup(recipe: Recipe, folder: RunFolder, resolved: dict[str, Any]) -> None:
+def write_setup(
+    recipe: Recipe,
+    folder: RunFolder,
+    resolved: dict[str, Any],
+    before_publish: Callable[[], None] | None = None,
+) -> None:
     """The run folder's recipe, partition manifest and initial checkpoint (as ``fedmoe
-    partition`` and ``fedmoe init --partition`` write them)."""
+    partition`` and ``fedmoe init --partition`` write them).
+
+    Everything is computed and staged first; ``before_publish`` (e.g. clearing a previous run
+    for ``--force``) runs only once that has succeeded, so a run that cannot start (a missing
+    dataset, a bad split) leaves the previous run as it was."""
     import yaml
 
     spec = DataSpec(recipe.data.dataset, recipe.data.label_column, recipe.data.domain_column)
@@ -109,6 +118,8 @@ def write_setup(recipe: Recipe, folder: RunFolder, resolved: dict[str, Any]) -> 
         )
         state = state_of(init_model(config, recipe.seed))
         save_checkpoint(outputs, folder.init, state, meta)
+        if before_publish is not None:
+            before_publish()
 
 
 def prepare(recipe: Recipe, out: Path) -> RunContext:

@@ -295,12 +295,35 @@ def yaml_problem(exc: BaseException) -> str:
     return text
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; anything larger is refused
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """A safe loader that refuses YAML aliases (``*name``): a recipe has no use for them, and
+    nested aliases expand exponentially (the "billion laughs")."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(
+                f"aliases are not allowed in a recipe (alias at line {event.start_mark.line + 1})"
+            )
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse a recipe's YAML safely and within bounds."""
+    if len(text.encode("utf-8")) > MAX_RECIPE_BYTES:
+        raise yaml.YAMLError(f"larger than {MAX_RECIPE_BYTES // 1024} KiB")
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
     """Return a copy of ``data`` with dotted ``key=value`` overrides applied (values read as YAML)."""
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     for dotted, raw in overrides.items():
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = out
@@ -318,7 +341,7 @@ def load_recipe(
 ) -> tuple[Recipe, dict[str, Any]]:
     """Read, override and validate a recipe; returns it and the effective plain data."""
     try:
-        data = yaml.safe_load(Path(path).read_text("utf-8")) or {}
+        data = _load_yaml(Path(path).read_text("utf-8")) or {}
     except FileNotFoundError:
         raise InputError(f"{path}: no such recipe file") from None
     except (OSError, yaml.YAMLError) as exc:

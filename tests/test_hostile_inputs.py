@@ -1,0 +1,94 @@
+"""Hostile or unlucky inputs get a clean refusal: alias bombs in recipes, JSON nested past any
+manifest's depth, an output created by another writer between the check and the publish, an
+``evaluate --out`` that exists, and a ``run --force`` that cannot start (the old run is kept)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import clean_failure
+
+from fedmoe.errors import OutputError
+from fedmoe.io.atomic import OutputSet
+
+Run = Callable[..., Any]
+
+BOMB = "\n".join(
+    ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    + [f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefg", "bcdefgh", strict=True)]
+)
+TINY = (
+    "rounds: 1\nmethods: [local]\npartition: {clients: 4}\n"
+    "model: {embed_hidden: 8, embed_dim: 8, num_experts: 2, expert_hidden: 8}\n"
+)
+
+
+def test_a_recipe_with_aliases_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bomb.yaml").write_text(BOMB + "\n")
+    r = run_cli("run", "bomb.yaml", "--out", "out")
+    assert "aliases are not allowed in a recipe (alias at line 2)" in clean_failure(r, 3)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["plan-sync", "aggregate"])
+def test_json_nested_too_deeply_is_an_input_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run, command: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    args = ("deep.json",) if command == "plan-sync" else ("deep.json", "--method", "fedavg")
+    r = run_cli(command, *args, "--out", "o" if command == "aggregate" else "o.json")
+    assert "deep.json: JSON nested too deeply to be a fedmoe manifest" in clean_failure(r, 3)
+
+
+def test_an_output_created_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    """The existence check and the publish are one step: a file that appears between them wins,
+    and this writer fails without touching it (and without leaving its temp files)."""
+    target = tmp_path / "a.json"
+    other = tmp_path / "b.json"
+    with pytest.raises(OutputError, match=r"a\.json exists"), OutputSet() as outputs:
+        outputs.write_bytes(other, b"mine")
+        outputs.write_bytes(target, b"mine")
+        target.write_bytes(b"theirs")  # another writer publishes first
+    assert target.read_bytes() == b"theirs"
+    assert not other.exists()  # what this writer had published is taken back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_evaluate_refuses_an_existing_out_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert (
+        run_cli("partition", "--clients", "4", "--scheme", "iid", "--out", "p.json", "-q").code == 0
+    )
+    assert run_cli("init", "--partition", "p.json", "--out", "i.safetensors", "-q").code == 0
+    (tmp_path / "e.json").write_text("keep")
+    r = run_cli("evaluate", "--partition", "p.json", "i.safetensors", "--out", "e.json")
+    assert "e.json exists; pass --force" in clean_failure(r, 4)  # and no table before it
+    assert (tmp_path / "e.json").read_text() == "keep"
+
+
+def test_a_failing_run_force_keeps_the_previous_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.yaml").write_text(TINY)
+    (tmp_path / "bad.yaml").write_text(TINY + "data: {dataset: missing.csv}\n")
+    assert run_cli("run", "ok.yaml", "--out", "run", "-q", "--threads", "1").code == 0
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*")
+              if p.is_file()}  # fmt: skip
+    r = run_cli("run", "bad.yaml", "--out", "run", "--force")
+    assert "missing.csv: no such file" in clean_failure(r, 3)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "run").rglob("*")
+             if p.is_file()}  # fmt: skip
+    assert after == before
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert list(report["methods"]) == ["local"]
