@@ -75,7 +75,7 @@ def handle_errors(fn: F) -> F:
             raise
         except KeyboardInterrupt:
             print_error("interrupted; outputs were left as they were")
-            raise typer.Exit(130) from None
+            raise typer.Exit(130) from None  # (fedmoe run says what it kept: Interrupted)
         except BrokenPipeError:
             raise typer.Exit(EXIT_INTERNAL) from None
         except Exception as exc:  # a bug: say so, keep the traceback behind FEDMOE_DEBUG

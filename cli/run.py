@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmoe.errors import OutputError
+from fedmoe.errors import Interrupted, OutputError
 from fedmoe.io.run_folder import RunFolder, completed_rounds
 from fedmoe.pipeline.pool import TrainPool, default_workers
 from fedmoe.run import load_recipe
@@ -83,6 +83,32 @@ def run(
         console=console,
         disable=quiet or not console.is_terminal,
     )
+    part = ctx.partition
+    pool = TrainPool(
+        part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
+    )
+    try:
+        _run_methods(rec, ctx, pool, progress, console, done, quiet)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; the rounds completed so far are kept in {out}",
+            hint=f"continue with: fedmoe run {recipe} --out {out} --resume"
+            + "".join(f" -c {c}" for c in config or []),
+        ) from None
+    path, report = make_report(out, console)
+    emit(path, report, json_)
+
+
+def _run_methods(
+    rec: Any,
+    ctx: Any,
+    pool: TrainPool,
+    progress: Progress,
+    console: Any,
+    done: dict[str, int],
+    quiet: bool,
+) -> None:
+    """Every method's remaining rounds, with a live progress bar on a terminal."""
     tasks: dict[str, Any] = {}
 
     def update(method: str, rnd: int, total: int, row: dict[str, Any]) -> None:
@@ -91,10 +117,6 @@ def run(
             tasks[method], completed=rnd, acc="" if acc is None else f"local acc {100 * acc:.1f}%"
         )
 
-    part = ctx.partition
-    pool = TrainPool(
-        part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
-    )
     with pool, progress:
         if pool.fallback:
             console.print(f"[yellow]note: {pool.fallback}[/yellow]")
@@ -108,8 +130,6 @@ def run(
                 run_method(ctx, method, start, pool, update)
             if progress.disable and not quiet:  # no live bar (not a terminal): one line each
                 console.print(f"{method}: {rec.rounds} rounds done")
-    path, report = make_report(out, console)
-    emit(path, report, json_)
 
 
 command = handle_errors(run)

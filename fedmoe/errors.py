@@ -85,3 +85,9 @@ class ParamError(UsageError):
     def as_option(self) -> str:
         """The message as the CLI says it (``--top-p must be >= 0, got -1``)."""
         return self.worded("--" + self.key.replace("_", "-"))
+
+
+class Interrupted(FedMoeError):
+    """The user interrupted a long command (Ctrl-C); the message says what was kept (exit 130)."""
+
+    exit_code = 130

@@ -92,3 +92,48 @@ def test_a_failing_run_force_keeps_the_previous_run(
     assert after == before
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert list(report["methods"]) == ["local"]
+
+
+def test_workers_die_with_a_killed_run(tmp_path: Path) -> None:
+    """SIGKILL of ``fedmoe run`` (a crash, an OOM kill) takes its worker processes with it, so a
+    pipe reading its output closes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "r.yaml").write_text(TINY.replace("rounds: 1", "rounds: 50"))
+    env = {k: v for k, v in os.environ.items() if k != "FEDMOE_WORKERS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmoe_cli.app", "run", "r.yaml", "--out", "o", "--workers", "2",
+         "-q"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def children() -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                             text=True, check=False).stdout  # fmt: skip
+        return [int(x) for x in out.split()]
+
+    deadline = time.monotonic() + 60
+    while len(children()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    workers = children()
+    assert len(workers) >= 2, "the run never started its workers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and _not_zombie(w)]
+    assert alive == []
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

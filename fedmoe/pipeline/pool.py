@@ -44,8 +44,34 @@ class Job:
     client: int
 
 
-def _init(spec: DataSpec, fingerprint: str) -> None:  # in each worker process
+def _die_with_parent(parent: int) -> None:
+    """Make this worker end when the process that started it ends, however it ends (SIGKILL
+    included): the kernel's parent-death signal where there is one (Linux), and a watchdog thread
+    that notices the parent is gone everywhere else."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, not ours
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            threading.Event().wait(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _init(spec: DataSpec, fingerprint: str, parent: int) -> None:  # in each worker process
     global _DATASET
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     dataset = load_dataset(spec)
     if dataset.fingerprint() != fingerprint:
@@ -99,7 +125,7 @@ class TrainPool:
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init,
-                    initargs=(self.spec, self.fingerprint),
+                    initargs=(self.spec, self.fingerprint, os.getpid()),
                 )
                 # start every worker now, so their start-up is not charged to the first round
                 list(self._pool.map(_ready, range(self.workers)))
