@@ -137,3 +137,52 @@ def _not_zombie(pid: int) -> bool:
             return handle.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_plan_is_not_applied_to_other_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    """A plan computed from one set of uploads names their sha256; aggregating other checkpoints
+    of the same clients with it is refused. An affinity artefact whose similarities are not
+    cosines (NaN) is refused too."""
+    monkeypatch.chdir(tmp_path)
+    steps = [
+        ("partition", "--clients", "3", "--scheme", "iid", "--out", "p.json", "-q"),
+        ("init", "--partition", "p.json", "--embed-hidden", "8", "--embed-dim", "4",
+         "--experts", "2", "--expert-hidden", "8", "--out", "i.safetensors", "-q"),
+        ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
+         "--out", "r1", "-q"),
+        ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
+         "--seed", "9", "--out", "other", "-q"),
+        ("affinity", "r1/train-round.json", "--out", "aff.json", "-q"),
+        ("plan-sync", "aff.json", "--top-p", "1", "--out", "plan.json", "-q"),
+    ]  # fmt: skip
+    for argv in steps:
+        assert run_cli(*argv).code == 0, argv
+    r = run_cli("aggregate", "--plan", "plan.json", "other/train-round.json", "--out", "agg")
+    assert "is not the checkpoint of client 0 that plan.json was computed from" in clean_failure(
+        r, 3
+    )
+    assert not (tmp_path / "agg").exists()
+    assert run_cli("aggregate", "--plan", "plan.json", "r1", "--out", "ok", "-q").code == 0
+    aff = json.loads((tmp_path / "aff.json").read_text())
+    aff["layers"][0]["neighbours"][0][0][1] = float("nan")
+    (tmp_path / "nan.json").write_text(json.dumps(aff))
+    r = run_cli("plan-sync", "nan.json", "--top-p", "1", "--out", "x.json")
+    assert "neighbour row 0 has similarity nan, not a cosine" in clean_failure(r, 3)
+
+
+def test_report_survives_a_damaged_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    """Damaged metrics lines are left out, a damaged plan or affinity file costs only its plot."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(TINY.replace("methods: [local]", "methods: [fedmoe-da]"))
+    assert run_cli("run", "r.yaml", "--out", "run", "-q", "--threads", "1").code == 0
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
+        handle.write('{"method": "fedmoe-da"}\n{"method": 3, "round": "x"}\n[1, 2]\n')
+    (tmp_path / "run" / "rounds" / "fedmoe-da" / "round-001" / "plan.json").write_text('{"a": 1}')
+    r = run_cli("report", "run")
+    assert r.code == 0, r.err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["methods"]["fedmoe-da"]["rounds"] == 1

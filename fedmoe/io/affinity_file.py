@@ -132,6 +132,11 @@ def _parse_layer(
                 raise InputError(f"{where}: neighbour row {m} has a malformed entry {entry!r}")
             cols.append(int(entry[0]))
             vals.append(float(entry[1]))
+            if not -1.0001 <= vals[-1] <= 1.0001:  # NaN fails too: a cosine is in [-1, 1]
+                raise InputError(
+                    f"{where}: neighbour row {m} has similarity {entry[1]!r}, not a cosine",
+                    hint="re-create it with fedmoe affinity",
+                )
         counts.append(len(row))
         if any(row[i][1] < row[i + 1][1] for i in range(len(row) - 1)):
             raise InputError(f"{where}: neighbour row {m} is not sorted by decreasing similarity")

@@ -72,6 +72,15 @@ def merge_round(
             f"{plan.where}: the sync plan was made for a different model_config than the "
             "checkpoints"
         )
+    if plan is not None:  # a plan made from this round's uploads names them: refuse others
+        for c, digest in dict(plan.manifest.get("uploads") or {}).items():
+            got = fresh.get(int(c))
+            if got is not None and got.sha256 != digest:
+                raise InputError(
+                    f"{got.path}: is not the checkpoint of client {c} that {plan.where} was "
+                    "computed from (sha256 differs)",
+                    hint="aggregate the checkpoints the plan was made from, or re-plan",
+                )
     round_ = max(k.meta.round for k in fresh.values())
     ids = tuple(models)
     inputs = RoundInputs(

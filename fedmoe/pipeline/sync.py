@@ -99,4 +99,11 @@ def sync_artefact(
             "sha256": previous.sha256,
             "reused": reuse,
         }
-    return plan, plan_to_manifest(plan, config, sizes, aff_ref, prev_ref)
+    manifest = plan_to_manifest(plan, config, sizes, aff_ref, prev_ref)
+    if not reuse and affinity is not None:  # the uploads the fresh matrices were computed from
+        manifest["uploads"] = {
+            str(i["client"]): i["sha256"]
+            for i in affinity.manifest.get("inputs", [])
+            if not i.get("stale") and int(i["client"]) in plan.participants
+        }
+    return plan, manifest

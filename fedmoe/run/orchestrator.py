@@ -230,7 +230,7 @@ def run_method(
         rplan, _ = merge_round(
             fresh,
             carried,
-            method,
+            plan.plan.method if plan else method,  # as `aggregate --plan`: the plan's parameters
             plan,
             str(rdir / "plan.json") if plan else None,
             groups,

@@ -28,13 +28,35 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return read_lines(path)
 
 
+def _usable(row: dict[str, Any]) -> bool:
+    """A metrics row with the fields of the right types that the report reads."""
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (
+        isinstance(row.get("method"), str)
+        and isinstance(row.get("round"), int)
+        and all(
+            number(row.get(k)) for k in ("server_bytes", "p2p_bytes", "fedavg_bytes", "seconds")
+        )
+        and all(row.get(k) is None or number(row.get(k)) for k in SERIES)
+    )
+
+
 def _latest(run_dir: Path, name: str) -> dict[str, Any] | None:
-    """The newest ``name`` (plan.json, affinity.json) among FedMoE-DA's round folders."""
+    """The newest readable ``name`` (plan.json, affinity.json) among FedMoE-DA's round folders
+    (a damaged file is passed over)."""
     folder = RunFolder(run_dir).method("fedmoe-da")
     for rdir in sorted(folder.glob("round-*"), reverse=True) if folder.is_dir() else []:
         text = read_text(rdir / name)
-        if text is not None:
-            loaded: dict[str, Any] = json.loads(text)
+        if text is None:
+            continue
+        try:
+            loaded = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(loaded, dict):
             return loaded
     return None
 
@@ -54,7 +76,9 @@ def run_context(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
 def build_report(
     rows: list[dict[str, Any]], recipe: dict[str, Any], domain_names: list[str]
 ) -> dict[str, Any]:
-    """Summarise the metrics of every method."""
+    """Summarise the metrics of every method (rows missing a field the report needs, e.g. a line
+    damaged on disk, are left out)."""
+    rows = [r for r in rows if _usable(r)]
     methods: dict[str, Any] = {}
     order = list(dict.fromkeys(r["method"] for r in rows))
     for m in order:
@@ -108,27 +132,43 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
     )
     write_atomic(run_dir / "traffic.png", png, force=True)
     written.append(run_dir / "traffic.png")
-    aff = _latest(run_dir, "affinity.json")
-    if aff is not None:
-        last = aff["layers"][-1]
-        e = last["num_experts"]
-        labels = [f"c{c}e{j}" for c in aff["clients"] for j in range(e)]
-        png = plots.affinity_heatmap(
-            np.asarray(last["expert_domain"]["shares"]),
-            labels,
-            last["expert_domain"]["names"],
-            f"expert-domain affinity (round {aff['round']})",
-        )
-        write_atomic(run_dir / "affinity.png", png, force=True)
-        written.append(run_dir / "affinity.png")
-    plan = _latest(run_dir, "plan.json")
-    if plan is not None:
-        clients = plan["clients"]
-        pos = {c: i for i, c in enumerate(clients)}
-        edges = np.zeros((len(clients), len(clients)))
-        for t in plan["transfers"]:
-            edges[pos[t["from"]], pos[t["to"]]] += len(t["experts"])
-        png = plots.sync_graph(edges, f"who pulls experts from whom (round {plan['round']})")
-        write_atomic(run_dir / "sync_graph.png", png, force=True)
-        written.append(run_dir / "sync_graph.png")
+    for name, draw in (("affinity.png", _affinity_png), ("sync_graph.png", _sync_png)):
+        try:
+            png_or_none = draw(run_dir, plots)
+        except (KeyError, TypeError, ValueError, IndexError):  # a damaged artefact: no plot
+            png_or_none = None
+        if png_or_none is not None:
+            write_atomic(run_dir / name, png_or_none, force=True)
+            written.append(run_dir / name)
     return written
+
+
+def _affinity_png(run_dir: Path, plots: Any) -> bytes | None:
+    """The expert × domain heatmap of the latest affinity artefact (None without one)."""
+    aff = _latest(run_dir, "affinity.json")
+    if aff is None:
+        return None
+    last = aff["layers"][-1]
+    e = last["num_experts"]
+    labels = [f"c{c}e{j}" for c in aff["clients"] for j in range(e)]
+    png: bytes = plots.affinity_heatmap(
+        np.asarray(last["expert_domain"]["shares"], dtype=np.float64),
+        labels,
+        last["expert_domain"]["names"],
+        f"expert-domain affinity (round {aff['round']})",
+    )
+    return png
+
+
+def _sync_png(run_dir: Path, plots: Any) -> bytes | None:
+    """Who pulls experts from whom in the latest plan (None without one)."""
+    plan = _latest(run_dir, "plan.json")
+    if plan is None:
+        return None
+    clients = plan["clients"]
+    pos = {c: i for i, c in enumerate(clients)}
+    edges = np.zeros((len(clients), len(clients)))
+    for t in plan["transfers"]:
+        edges[pos[t["from"]], pos[t["to"]]] += len(t["experts"])
+    png: bytes = plots.sync_graph(edges, f"who pulls experts from whom (round {plan['round']})")
+    return png
