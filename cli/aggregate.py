@@ -230,12 +230,18 @@ def _plain(
             raise UsageError("--method linear needs --weights")
         elif method == "fedavg":
             try:
-                counts = [float(f.metadata["num_samples"]) for f in files]
+                counts = [int(f.metadata["num_samples"]) for f in files]
             except (KeyError, ValueError):
                 raise InputError(
-                    "fedavg needs a num_samples metadata entry in every file",
+                    "fedavg needs an integer num_samples metadata entry in every file",
                     hint="use --method mean or --weights",
                 ) from None
+            for f, c in zip(files, counts, strict=True):
+                if not 0 <= c < 2**53:
+                    raise InputError(
+                        f"{f.path}: num_samples = {c} is not a sample count",
+                        hint="use --method mean or --weights",
+                    )
             total = sum(counts)
             if total <= 0:
                 raise InputError("fedavg: num_samples sum to 0")

@@ -897,8 +897,41 @@ def test_fedavg_and_mean_weights(files: dict[str, Any], tmp_path: Path, run_cli:
     write(tmp_path / "C.safetensors", files["A"])
     r = run_cli("aggregate", "A.safetensors", "C.safetensors", "--method", "fedavg",
                 "--out", "g.safetensors")  # fmt: skip
-    assert "fedavg needs a num_samples metadata entry in every file" in clean_failure(r, 3)
+    assert "fedavg needs an integer num_samples metadata entry in every file" in clean_failure(r, 3)
     assert not (tmp_path / "g.safetensors").exists()
+    # a negative count would become a negative weight (-10 and 30 → -0.5 and 1.5): refused
+    write(tmp_path / "N.safetensors", files["A"], num_samples="-10")
+    r = run_cli("aggregate", "N.safetensors", "B.safetensors", "--method", "fedavg",
+                "--out", "g.safetensors")  # fmt: skip
+    assert "N.safetensors: num_samples = -10 is not a sample count" in clean_failure(r, 3)
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_the_plain_merge_refuses_what_safetensors_refuses(
+    files: dict[str, Any], tmp_path: Path, run_cli: Run
+) -> None:
+    """Non-string metadata values and overlapping tensor byte ranges are not safetensors: the
+    plain merge refuses them like the reference reader does."""
+    import struct
+
+    def craft(path: Path, header: dict[str, Any], data: bytes) -> None:
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+    blob = bytes(range(16))
+    craft(tmp_path / "meta.safetensors",
+          {"__metadata__": {"num_samples": 3}, "w": {"dtype": "F32", "shape": [4],
+                                                    "data_offsets": [0, 16]}}, blob)  # fmt: skip
+    craft(tmp_path / "overlap.safetensors",
+          {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+           "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, blob)  # fmt: skip
+    for name, message in (("meta", "__metadata__ must map strings to strings"),
+                          ("overlap", "tensor b's byte range overlaps the tensor before it")):  # fmt: skip
+        r = run_cli("aggregate", f"{name}.safetensors", f"{name}.safetensors", "--out",
+                    "m.safetensors")  # fmt: skip
+        assert message in clean_failure(r, 3)
+        assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize(

@@ -285,7 +285,7 @@ def test_csv_ragged_row_names_the_line(tmp_path: Path) -> None:
 
 def test_csv_nan_feature(tmp_path: Path) -> None:
     path = _csv(tmp_path / "n.csv", "label,a\n0,1\n1,nan\n")
-    with pytest.raises(InputError, match="NaN or Inf"):
+    with pytest.raises(InputError, match="features contain NaN, Inf or values beyond"):
         load_csv(path, "label", None)
 
 

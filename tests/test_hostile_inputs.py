@@ -186,3 +186,41 @@ def test_report_survives_a_damaged_run_folder(
     assert r.code == 0, r.err
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["methods"]["fedmoe-da"]["rounds"] == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nanlab.npz", "'y' contains NaN or Inf"),
+        ("cplx.npz", "'x' must be a real numeric array"),
+        ("zero.npz", "at least one feature, got float64 (10, 0)"),
+        ("one.npz", "the labels hold 1 class; a classifier needs at least 2"),
+        ("ovf.csv", "features contain NaN, Inf or values beyond float32's range"),
+        ("nanlab.csv", "column 'label' has empty or NaN labels"),
+    ],
+)
+def test_user_data_that_cannot_train_a_classifier_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run, name: str, message: str
+) -> None:
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    ys = np.arange(10) % 2
+    if name == "nanlab.npz":
+        np.savez(name, x=rng.random((10, 3)), y=np.where(ys == 0, np.nan, 1.0))
+    elif name == "cplx.npz":
+        np.savez(name, x=rng.random((10, 3)) + 1j, y=ys)
+    elif name == "zero.npz":
+        np.savez(name, x=np.zeros((10, 0)), y=ys)
+    elif name == "one.npz":
+        np.savez(name, x=rng.random((10, 3)), y=np.zeros(10))
+    elif name == "ovf.csv":
+        (tmp_path / name).write_text("a,b,label\n1,2,0\n1e40,3,1\n2,2,0\n")
+    else:
+        (tmp_path / name).write_text("a,b,label\n1,2,0\n1,3,nan\n2,2,1\n")
+    r = run_cli("partition", "--dataset", name, "--clients", "2", "--scheme", "iid",
+                "--out", "p.json")  # fmt: skip
+    line = clean_failure(r, 3)
+    assert message in line, line
+    assert "Warning" not in r.err and not (tmp_path / "p.json").exists()

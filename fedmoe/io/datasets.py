@@ -81,10 +81,20 @@ def load_npz(path: Path) -> Dataset:
                 hint="save with np.savez(path, x=features, y=labels, domain=domains)",
             )
     x, y = arrays["x"], arrays["y"]
-    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2 or x.shape[0] == 0:
+    if (
+        not np.issubdtype(x.dtype, np.number)
+        or np.issubdtype(x.dtype, np.complexfloating)
+        or x.ndim < 2
+        or x.shape[0] == 0
+        or int(np.prod(x.shape[1:])) == 0
+    ):
         raise InputError(
-            f"{path}: 'x' must be a numeric array of shape (n, ...) with n ≥ 1, got {x.shape}"
+            f"{path}: 'x' must be a real numeric array of shape (n, ...) with n ≥ 1 and at least "
+            f"one feature, got {x.dtype} {x.shape}"
         )
+    for key, arr in (("y", y), ("domain", arrays.get("domain"))):
+        if arr is not None and arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise InputError(f"{path}: '{key}' contains NaN or Inf", hint="drop those samples")
     if y.ndim != 1:
         raise InputError(f"{path}: 'y' must be one-dimensional (n,), got shape {y.shape}")
     if y.shape[0] != x.shape[0]:
@@ -100,7 +110,9 @@ def load_npz(path: Path) -> Dataset:
         domain, domain_names = encode_labels(dom, "domain", str(path))
     else:
         domain, domain_names = np.zeros(len(labels), np.int64), ("all",)
-    xf = x.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+        xf = x.astype(np.float32)
+    _two_classes(class_names, path)
     if not np.isfinite(xf).all():
         raise InputError(f"{path}: 'x' contains NaN or Inf", hint="clean or impute the features")
     return Dataset(path.name, xf, labels, domain, class_names, domain_names, has_domains)
@@ -134,7 +146,8 @@ def load_csv(path: Path, label_column: str, domain_column: str | None) -> Datase
     if not feat_idx:
         raise InputError(f"{path}: no feature columns besides the label and domain columns")
     try:
-        x = np.array([cols[i] for i in feat_idx], dtype=np.float32).T  # (n, F)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+            x = np.array([cols[i] for i in feat_idx], dtype=np.float32).T  # (n, F)
     except ValueError:
         for i in feat_idx:
             try:
@@ -146,8 +159,17 @@ def load_csv(path: Path, label_column: str, domain_column: str | None) -> Datase
                 ) from None
         raise
     if not np.isfinite(x).all():
-        raise InputError(f"{path}: features contain NaN or Inf", hint="clean or impute them")
-    labels, class_names = encode_labels(np.array(cols[li]), label_column, str(path))
+        raise InputError(
+            f"{path}: features contain NaN, Inf or values beyond float32's range",
+            hint="clean, impute or rescale them",
+        )
+    raw_labels = np.array(cols[li])
+    if any(v.strip().lower() in ("", "nan", "inf", "-inf", "+inf") for v in raw_labels):
+        raise InputError(
+            f"{path}: column '{label_column}' has empty or NaN labels", hint="drop those rows"
+        )
+    labels, class_names = encode_labels(raw_labels, label_column, str(path))
+    _two_classes(class_names, path)
     if di is not None:
         domain, domain_names = encode_labels(np.array(cols[di]), domain_column or "", str(path))
     else:
@@ -189,3 +211,12 @@ def load_dataset(spec: DataSpec) -> Dataset:
         f"unknown dataset '{spec.source}'",
         hint=f"use a built-in name ({names}) or a path to a .npz or .csv file",
     )
+
+
+def _two_classes(class_names: tuple[str, ...], path: Path) -> None:
+    """A classifier needs at least two classes."""
+    if len(class_names) < 2:
+        raise InputError(
+            f"{path}: the labels hold {len(class_names)} class; a classifier needs at least 2",
+            hint="check the label column",
+        )

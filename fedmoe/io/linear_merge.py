@@ -68,7 +68,14 @@ class MappedFile:
                 hint="the file may be truncated; re-create it",
             ) from None
         meta: Any = header.pop("__metadata__", {}) or {}
-        self.metadata: dict[str, str] = {str(k): str(v) for k, v in dict(meta).items()}
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise InputError(
+                f"{path}: __metadata__ must map strings to strings (the safetensors format)",
+                hint="re-save the file with a safetensors writer",
+            )
+        self.metadata: dict[str, str] = dict(meta)
         self.tensors: dict[str, MappedTensor] = {}
         entries: dict[str, Any] = header
         for name, info in entries.items():
@@ -87,6 +94,17 @@ class MappedFile:
             if TensorSpec(name, dtype, shape).nbytes != hi - lo:
                 raise InputError(f"{path}: tensor {name} byte range does not match its shape")
             self.tensors[name] = MappedTensor(dtype, shape, data_start + lo, data_start + hi)
+        # the format lays tensors out back to back: byte ranges may neither overlap nor leave gaps
+        spans = sorted((t.start, t.end, n) for n, t in self.tensors.items())
+        expected = data_start
+        for lo_b, hi_b, name in spans:
+            if lo_b != expected:
+                what = "overlaps the tensor before it" if lo_b < expected else "leaves a gap"
+                raise InputError(
+                    f"{path}: tensor {name}'s byte range {what}",
+                    hint="the file is not valid safetensors; re-save it",
+                )
+            expected = hi_b
 
     def read_into(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (a flat tensor of the tensor's dtype) from element ``offset`` of ``name``.
