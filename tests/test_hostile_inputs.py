@@ -224,3 +224,22 @@ def test_user_data_that_cannot_train_a_classifier_is_refused(
     line = clean_failure(r, 3)
     assert message in line, line
     assert "Warning" not in r.err and not (tmp_path / "p.json").exists()
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next(tmp_path: Path) -> None:
+    """A writer killed mid-write (SIGKILL) leaves its temp file; the next writer of the same output
+    removes it (its pid is no longer running), and leaves a live writer's temp file alone."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    orphan = tmp_path / f".out.bin.{dead}-abc123.tmp"
+    orphan.write_bytes(b"x" * 1000)
+    live = tmp_path / f".out.bin.{os.getppid()}-def456.tmp"
+    live.write_bytes(b"y")
+    with OutputSet() as outputs:
+        outputs.write_bytes(tmp_path / "out.bin", b"new")
+    assert (tmp_path / "out.bin").read_bytes() == b"new"
+    assert not orphan.exists() and live.exists()

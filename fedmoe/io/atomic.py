@@ -77,7 +77,10 @@ class OutputSet:
             missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.extend(reversed(missing))
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            _remove_orphans(path)
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent
+            )
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         except OSError as exc:
             raise OutputError(f"cannot write in {path.parent}: {exc.strerror}") from exc
@@ -170,3 +173,20 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove temp files that a killed writer of ``path`` left beside it (``SIGKILL`` leaves no
+    chance to clean up): their names carry the writer's pid, and a pid no longer running cannot
+    still be writing."""
+    for tmp in path.parent.glob(f".{path.name}.*-*.tmp"):
+        pid_text = tmp.name[len(path.name) + 2 :].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:  # the writer is gone
+            with suppress(OSError):
+                tmp.unlink()
+        except OSError:  # alive (another user's process): leave it
+            continue
