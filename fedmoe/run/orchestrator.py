@@ -202,12 +202,12 @@ def run_method(
     method: Aggregator = recipe.method(name)
     groups = _groups(ctx.partition)
     n = ctx.num_clients
+    models = _models(ctx, name, resume_from)  # every client's current model, opened once a round
     for rnd in range(resume_from + 1, recipe.rounds + 1):
         start = time.perf_counter()
         rdir = ctx.folder.round(name, rnd)
         remove_round(rdir)  # what an interrupted attempt at this round left
         active = participants(recipe, rnd, n)
-        models = _models(ctx, name, rnd - 1)
         train_dir = rdir / "train"
         train_clients(
             ctx.partition,
@@ -237,6 +237,7 @@ def run_method(
             rdir / "models",
             force=True,
         )
+        models = _models(ctx, name, rnd)
         if isinstance(method, FedMoEDA) and method.stale is StaleProxies.KEEP:
             for k in fresh.values():
                 publish_upload(k.path, ctx.folder.uploads(name))
@@ -255,7 +256,7 @@ def run_method(
             row["sources_other_client"] = _remote_share(applied)
             row["remote_same_domain"] = _same_domain_share(applied, groups)
         if rnd % recipe.eval_every == 0 or rnd == recipe.rounds:
-            states = {c: k.state() for c, k in _models(ctx, name, rnd).items()}
+            states = {c: k.state() for c, k in models.items()}
             part = ctx.partition
             ev = evaluate_models(
                 ctx.config, states, part.dataset, part.clients, part.global_test
