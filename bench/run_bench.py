@@ -28,7 +28,7 @@ def run(quick: bool) -> list[Row]:
             part.dataset_spec, part.fingerprint, lambda: part.dataset, default_workers()
         )
         with pool:
-            for method in recipe.methods:
+            for method in recipe.arms:
                 run_method(ctx, method, 0, pool)
         seconds = time.perf_counter() - start
     target = "" if quick else "≤ 60 s"

@@ -64,9 +64,9 @@ def plan_sync(
     tau: Annotated[float, typer.Option(help=_h("tau"))] = _o("tau"),
     gate: Annotated[str, typer.Option(help=_h("gate"))] = _o("gate").value,
     round_: Annotated[int | None, typer.Option("--round", help="This round's number.")] = None,
-    refresh_interval: Annotated[
-        int, typer.Option(help=_h("refresh_interval"))
-    ] = _o("refresh_interval"),
+    refresh_interval: Annotated[int, typer.Option(help=_h("refresh_interval"))] = _o(
+        "refresh_interval"
+    ),
     interval: Annotated[str, typer.Option(help=_h("interval"))] = _o("interval").value,
     participants: Annotated[
         str | None,
@@ -149,7 +149,9 @@ def _table(console: Any, plan: dict[str, Any]) -> None:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_row("client-experts (all layers)", str(len(rows)))
-    table.add_row("participants / clients covered", f"{len(plan['participants'])} / {len(plan['clients'])}")
+    table.add_row(
+        "participants / clients covered", f"{len(plan['participants'])} / {len(plan['clients'])}"
+    )
     table.add_row("sources per target (mean)", f"{sum(n_src) / max(len(rows), 1):.2f}")
     table.add_row("sources from other clients", f"{100 * remote / total:.0f}%")
     table.add_row("sources with another expert index", f"{100 * cross / total:.0f}%")

@@ -49,15 +49,22 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
         title="fedmoe run: accuracy % (local = each client on its own test split), MiB per round",
         title_justify="left",
     )
-    for col in ("method", "local", "worst", "global", "server", "p2p", "÷FedAvg", "s"):
+    attacked = any(d.get("attack") for d in report["methods"].values())
+    cols = ["method", "local", "worst", "global", "server", "p2p", "÷FedAvg", "s"]
+    if attacked:
+        cols[4:4] = ["drop"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for m, d in report["methods"].items():
         fedavg = d["fedavg_bytes_per_round"] or 1
+        drop = d.get("drop_vs_clean")
+        extra = [pct(drop) if drop is not None else "-"] if attacked else []
         table.add_row(
             m,
             pct(d["mean_local_acc"]),
             pct(d["worst_local_acc"]),
             pct(d["mean_global_acc"]),
+            *extra,
             f"{d['server_bytes_per_round'] / 2**20:.3f}",
             f"{d['p2p_bytes_per_round'] / 2**20:.3f}",
             f"{d['server_bytes_per_round'] / fedavg:.2f}",

@@ -39,6 +39,7 @@ Examples:
   fedmoe run recipes/quickstart.yaml --out runs/quickstart --resume
 """
 
+
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
@@ -120,11 +121,11 @@ def _run_methods(
     with pool, progress:
         if pool.fallback:
             console.print(f"[yellow]note: {pool.fallback}[/yellow]")
-        for method in rec.methods:
+        for method in rec.arms:
             tasks[method] = progress.add_task(
                 method, total=rec.rounds, acc="", completed=done.get(method, 0)
             )
-        for method in rec.methods:
+        for method in rec.arms:
             start = done.get(method, 0)
             if start < rec.rounds:
                 run_method(ctx, method, start, pool, update)

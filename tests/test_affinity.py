@@ -328,8 +328,7 @@ def test_compute_affinity_marks_stale_uploads_and_reads_layered_routing() -> Non
 
 def test_compute_affinity_one_result_per_moe_layer() -> None:
     ups = {
-        c: Upload(c, 5, 1, (torch.eye(3) + c, torch.eye(3) * (c + 1) - 0.5), None)
-        for c in (0, 1)
+        c: Upload(c, 5, 1, (torch.eye(3) + c, torch.eye(3) * (c + 1) - 0.5), None) for c in (0, 1)
     }
     full = compute_affinity(ups, 2, 2)
     assert [la.layer for la in full.layers] == [0, 1]

@@ -221,5 +221,3 @@ def test_sha256_helpers_are_still_importable_from_manifest() -> None:
 
     assert manifest.sha256_file is digest.sha256_file
     assert manifest.sha256_bytes is digest.sha256_bytes
-
-

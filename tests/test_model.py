@@ -432,7 +432,10 @@ def test_from_dict_names_the_unknown_key() -> None:
     [
         ("{not json", "model_config metadata is not valid JSON"),
         ('{"input_shape":[4],"num_classes":2,"bogus":1}', "bad model_config .*unknown key 'bogus'"),
-        ('{"input_shape":[4],"num_classes":2,"top_k":9}', "bad model_config .*top_k must be at most"),
+        (
+            '{"input_shape":[4],"num_classes":2,"top_k":9}',
+            "bad model_config .*top_k must be at most",
+        ),
         ('{"input_shape":[4]}', "bad model_config"),
     ],
 )

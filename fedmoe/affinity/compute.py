@@ -39,9 +39,7 @@ class Affinity:
         return self.layers[0].index.clients
 
 
-def compute_affinity(
-    uploads: Mapping[int, Upload], candidates: int, num_classes: int
-) -> Affinity:
+def compute_affinity(uploads: Mapping[int, Upload], candidates: int, num_classes: int) -> Affinity:
     """Neighbours and share tables of every MoE layer for the clients in ``uploads``.
 
     Parameters
@@ -66,7 +64,9 @@ def compute_affinity(
         gates = {c: u.proxies[layer] for c, u in uploads.items()}
         shapes = {tuple(g.shape) for g in gates.values()}
         if len(shapes) != 1:
-            raise InputError(f"MoE layer {layer}: gate weights of different shapes {sorted(shapes)}")
+            raise InputError(
+                f"MoE layer {layer}: gate weights of different shapes {sorted(shapes)}"
+            )
         proxies, index = stack_proxies(gates)
         neighbours = topk_cosine(proxies, candidates)
         stats = {c: layer_stats(u.routing, layer) for c, u in uploads.items()}

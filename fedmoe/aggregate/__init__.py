@@ -31,9 +31,7 @@ def make_method(name: str, params: dict[str, object] | None = None) -> Aggregato
     from fedmoe.params import from_mapping
 
     if name not in AGGREGATORS:
-        raise UsageError(
-            f"unknown method '{name}'", hint=f"use one of {', '.join(AGGREGATORS)}"
-        )
+        raise UsageError(f"unknown method '{name}'", hint=f"use one of {', '.join(AGGREGATORS)}")
     instance: Aggregator = from_mapping(AGGREGATORS[name], dict(params or {}))
     return instance
 

@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedmoe.affinity.proxies import Upload
+from fedmoe.aggregate.defence import ExpertDefence
 from fedmoe.aggregate.reduce import Reduce
 from fedmoe.errors import InputError
 from fedmoe.model.schema import ModelSchema
@@ -44,9 +45,7 @@ class RoundInputs:
             raise InputError("the round's clients must be increasing and distinct")
         strangers = sorted(set(self.uploads) - set(self.clients))
         if strangers:
-            raise InputError(
-                f"client {strangers[0]} uploaded but is not among the round's clients"
-            )
+            raise InputError(f"client {strangers[0]} uploaded but is not among the round's clients")
 
     @property
     def participants(self) -> tuple[int, ...]:
@@ -86,6 +85,7 @@ class CrossExpert:
     rows of ``matrix`` (targets not in the matrix keep their experts)."""
 
     matrix: AggregationMatrix  # the applied rows: present targets, present sources
+    defence: ExpertDefence = ExpertDefence()  # noqa: RUF009  frozen; default: Eq. 11 itself
 
 
 LayerMerge = SameIndex | CrossExpert | None  # None: every client keeps its experts of this layer

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedmoe.aggregate.base import CrossExpert, Group, MergeSpec, SameIndex
+from fedmoe.aggregate.defence import defend_row
 from fedmoe.aggregate.reduce import reduce_tensors
 from fedmoe.model.schema import ModelSchema, Role, TensorEntry
 
@@ -81,9 +82,7 @@ class Merger:
         if entry.role is Role.EXPERT:
             assert entry.layer is not None
             return self._expert(client, entry, self.spec.experts[entry.layer])
-        part, which = (
-            (self.spec.shared, 0) if entry.role is Role.SHARED else (self.spec.gate, 1)
-        )
+        part, which = (self.spec.shared, 0) if entry.role is Role.SHARED else (self.spec.gate, 1)
         g = self._group(part, which, client)
         if g is None:
             return self.source.tensor(client, name)
@@ -161,15 +160,40 @@ class Merger:
                 [self.source.experts(c, entry.name, js) for c, js in by_client.items()]
             )  # (u, ...)
             flat = stacked.to(torch.float64).reshape(len(uniq), -1)  # (u, ·)
-            return (weights @ flat).reshape(e, *stacked.shape[1:]).to(dtype)
+            if merge.defence.plain:
+                out = weights @ flat
+            else:
+                out = torch.stack(
+                    [self._defended(weights[j], flat, keys, (client, j), merge) for j in range(e)]
+                )
+            return out.reshape(e, *stacked.shape[1:]).to(dtype)
         assert entry.expert is not None
-        pieces = [
-            self.source.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys
-        ]
+        pieces = [self.source.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys]
         flat = torch.stack(pieces).to(torch.float64).reshape(len(uniq), -1)
-        return (weights[entry.expert] @ flat).reshape(entry.shape).to(dtype)
+        if merge.defence.plain:
+            out = weights[entry.expert] @ flat
+        else:
+            row = weights[entry.expert]
+            out = self._defended(row, flat, keys, (client, entry.expert), merge)
+        return out.reshape(entry.shape).to(dtype)
 
-    def client(self, client: int, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    @staticmethod
+    def _defended(
+        row: torch.Tensor,
+        flat: torch.Tensor,
+        keys: list[tuple[int, int]],
+        target: tuple[int, int],
+        merge: CrossExpert,
+    ) -> torch.Tensor:
+        """One target expert's tensor under the spec's defence (:mod:`fedmoe.aggregate.defence`):
+        only the sources its row names."""
+        used = torch.nonzero(row).flatten().tolist()
+        own = next((p for p, u in enumerate(used) if keys[u] == target), None)
+        return defend_row(flat[used], row[used], own, merge.defence)
+
+    def client(
+        self, client: int, names: list[str] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` of ``client``'s output model, in the order of ``names``."""
         for name in names if names is not None else self.schema.names:
             yield name, self.tensor(client, name)

@@ -8,6 +8,11 @@ took part (an absent client is not contacted), renormalised over those sources. 
 parts go to every client, so a client that sat out starts its next round from the latest server
 parts plus its own experts. With ``interval: sync`` (the paper's other reading of I), experts are
 merged only in rounds where A is recomputed.
+
+Against malicious peers (beyond the paper, which trusts every peer): the shared parts may use a
+robust reduce kind (``reduce``), and each target may defend its own row of A
+(``expert_reduce``, ``expert_bound``, ``expert_outlier``; :mod:`fedmoe.aggregate.defence`). All
+off by default: the paper's method.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from fedmoe.aggregate.base import (
     RoundInputs,
     fedavg_group,
 )
+from fedmoe.aggregate.defence import ExpertDefence
+from fedmoe.aggregate.reduce import Reduce, ReduceKind
 from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.errors import InputError
 from fedmoe.params import param
@@ -69,6 +76,28 @@ class FedMoEDA(ReduceParams, Aggregator):
     interval: Interval = param(
         Interval.MATRIX, "matrix: reuse A between refreshes; sync: merge experts only on refresh"
     )
+    expert_reduce: ReduceKind = param(
+        ReduceKind.MEAN,
+        "how a target combines its sources: mean (Eq. 11), median, trimmed-mean or clipped-mean",
+    )
+    expert_bound: float = param(
+        0.0,
+        "bound each source's difference from the target's own expert to this share of its"
+        " norm (0: off)",
+        ge=0.0,
+    )
+    expert_outlier: float = param(
+        0.0,
+        "down-weight sources farther than this many median distances from the row's"
+        " coordinate-wise median (0: off)",
+        ge=0.0,
+    )
+
+    def defence(self) -> ExpertDefence:
+        """How each target combines its row of A (:mod:`fedmoe.aggregate.defence`)."""
+        return ExpertDefence(
+            Reduce(self.expert_reduce, self.trim, self.clip), self.expert_bound, self.expert_outlier
+        )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,7 +127,8 @@ class FedMoEDA(ReduceParams, Aggregator):
         group = fedavg_group(inputs.clients, [inputs.uploads[c] for c in present])
         merge = self.interval is Interval.MATRIX or inputs.matrix_round == inputs.round
         experts = tuple(
-            CrossExpert(restrict(m, present)) if merge else None for m in inputs.matrices
+            CrossExpert(restrict(m, present), self.defence()) if merge else None
+            for m in inputs.matrices
         )
         return MergeSpec(
             self.name,

@@ -39,8 +39,10 @@ class NaiveMoE(ReduceParams, Aggregator):
             for pos, up in enumerate(uploads):
                 stats = layer_stats(up.routing, layer)
                 counts = None if stats is None else stats.get("topk_count")
-                load[pos] = counts if counts is not None and len(counts) == num_experts else (
-                    up.num_samples
+                load[pos] = (
+                    counts
+                    if counts is not None and len(counts) == num_experts
+                    else (up.num_samples)
                 )
             rows = []
             for j in range(num_experts):

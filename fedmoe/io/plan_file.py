@@ -215,7 +215,9 @@ def _parse(manifest: dict[str, Any], digest: str, where: str) -> LoadedPlan:
     if list(clients) != sorted(set(clients)):
         raise InputError(f"{where}: 'clients' must be increasing and distinct")
     if manifest["schema_version"] == 1:
-        layers = [{"num_experts": require(manifest, "num_experts", where), "targets": manifest["targets"]}]
+        layers = [
+            {"num_experts": require(manifest, "num_experts", where), "targets": manifest["targets"]}
+        ]
         participants = clients
     else:
         layers = require(manifest, "layers", where)
@@ -237,17 +239,28 @@ def _parse(manifest: dict[str, Any], digest: str, where: str) -> LoadedPlan:
     sizes = PartSizes.from_dict(require(manifest, "sizes", where))
     transfers = tuple(
         Transfer(
-            int(t["from"]), int(t["to"]), int(t.get("layer", 0)),
-            tuple(int(x) for x in t["experts"]), int(t["bytes"]),
+            int(t["from"]),
+            int(t["to"]),
+            int(t.get("layer", 0)),
+            tuple(int(x) for x in t["experts"]),
+            int(t["bytes"]),
         )
         for t in manifest.get("transfers", [])
     )
     led = manifest.get("ledger", {})
     ledger = Ledger(
-        *(int(led.get(k, 0)) for k in (
-            "clients", "server_up", "server_down", "plan_down", "p2p", "fedavg_equivalent",
-            "max_client_p2p_in",
-        ))
+        *(
+            int(led.get(k, 0))
+            for k in (
+                "clients",
+                "server_up",
+                "server_down",
+                "plan_down",
+                "p2p",
+                "fedavg_equivalent",
+                "max_client_p2p_in",
+            )
+        )
     )
     plan = SyncPlan(
         int(require(manifest, "round", where)),

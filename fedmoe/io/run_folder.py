@@ -78,9 +78,7 @@ class RunFolder:
 
     def started(self) -> bool:
         """True when the folder already holds (part of) a run."""
-        return self.root.is_dir() and any(
-            (self.root / f).exists() for f in (*RUN_FILES, *RUN_DIRS)
-        )
+        return self.root.is_dir() and any((self.root / f).exists() for f in (*RUN_FILES, *RUN_DIRS))
 
     def clear(self) -> None:
         """Remove a previous run's files (``--force``); other files are left alone."""
@@ -146,7 +144,7 @@ def publish_upload(source: Path, folder: Path) -> None:
 
 def prune_checkpoints(round_dir: Path) -> None:
     """Remove a finished round's checkpoint folders (its JSON artefacts stay)."""
-    for name in ("train", "models"):
+    for name in ("train", "attack", "models"):
         shutil.rmtree(round_dir / name, ignore_errors=True)
 
 

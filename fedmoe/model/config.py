@@ -45,9 +45,11 @@ class MoEConfig:
         if not isinstance(self.gate_bias, bool):
             raise ParamError("gate_bias", self.gate_bias, "must be true or false")
         shape = self.input_shape
-        if not isinstance(shape, tuple) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
-        ) or not shape:
+        if (
+            not isinstance(shape, tuple)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+            or not shape
+        ):
             raise ParamError("input_shape", shape, "must be a list of positive integers")
         minimum = {
             "num_classes": 2,

@@ -140,7 +140,9 @@ class PartSizes:
         nums = tuple(num) if isinstance(num, list) else (num,)
         shared = data["shared"] if "shared" in data else data["embed"]
         return cls(
-            _int(shared), _int(data["gate"]), tuple(_int(x) for x in experts),
+            _int(shared),
+            _int(data["gate"]),
+            tuple(_int(x) for x in experts),
             tuple(_int(x) for x in nums),
         )
 
@@ -187,9 +189,7 @@ class ModelSchema:
 
     def gates(self, layer: int | None = None) -> tuple[TensorEntry, ...]:
         """The gate tensors (of one MoE layer, or of all)."""
-        return tuple(
-            e for e in self.entries if e.role is Role.GATE and layer in (None, e.layer)
-        )
+        return tuple(e for e in self.entries if e.role is Role.GATE and layer in (None, e.layer))
 
     def proxy(self, layer: int) -> str:
         """The name of MoE layer ``layer``'s proxy tensor (its gate weight, (E, H))."""
@@ -200,9 +200,7 @@ class ModelSchema:
 
     def experts(self, layer: int | None = None) -> tuple[TensorEntry, ...]:
         """The expert tensors (of one MoE layer, or of all)."""
-        return tuple(
-            e for e in self.entries if e.role is Role.EXPERT and layer in (None, e.layer)
-        )
+        return tuple(e for e in self.entries if e.role is Role.EXPERT and layer in (None, e.layer))
 
     def expert_name(self, slot: str, expert: int) -> str:
         """The per-expert tensor of ``slot`` for expert ``expert``."""

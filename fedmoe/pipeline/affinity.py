@@ -68,8 +68,6 @@ def affinity_artefact(
         }
         for c, k in held.items()
     ]
-    manifest = affinity_to_manifest(
-        aff, config, schema.sizes(), inputs, domain_names, class_names
-    )
+    manifest = affinity_to_manifest(aff, config, schema.sizes(), inputs, domain_names, class_names)
     manifest["summary"] = summary(aff)
     return aff, manifest

@@ -110,7 +110,9 @@ def merge_round(
     ]
     one_group = len(spec.shared) == 1 and set(spec.shared[0].members) == set(ids)
 
-    def write_model(path: Path, tensors: list[TensorSpec], metadata: dict[str, str], c: int) -> None:
+    def write_model(
+        path: Path, tensors: list[TensorSpec], metadata: dict[str, str], c: int
+    ) -> None:
         with outputs.open(path) as handle:
             writer = StreamWriter(handle, tensors, metadata)
             for spec_t in writer.order:
@@ -172,7 +174,9 @@ def merge_round(
             "plan": None
             if plan is None
             else {
-                "path": plan_source if plan_source == STDIO else relative(Path(str(plan_source)), out),
+                "path": plan_source
+                if plan_source == STDIO
+                else relative(Path(str(plan_source)), out),
                 "sha256": plan_sha,
             },
             "inputs": [

@@ -18,9 +18,7 @@ from fedmoe.train import TrainConfig
 BATCH = 64  # clients in flight at once: bounded memory however many clients train
 
 
-def start_states(
-    models: dict[int | None, Checkpoint], clients: list[int]
-) -> dict[int, Checkpoint]:
+def start_states(models: dict[int | None, Checkpoint], clients: list[int]) -> dict[int, Checkpoint]:
     """Which checkpoint each client starts from: its own, else the single global model."""
     out = {}
     for cid in clients:

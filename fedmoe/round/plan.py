@@ -44,12 +44,8 @@ def plan_round(inputs: RoundInputs, method: Aggregator, sync: SyncPlan | None = 
                 f"the sync plan was made with other {method.name} parameters than the merge's",
                 hint="merge with the plan's own parameters (re-plan to change them)",
             )
-        inputs = dataclasses.replace(
-            inputs, matrices=sync.matrices, matrix_round=sync.matrix_round
-        )
+        inputs = dataclasses.replace(inputs, matrices=sync.matrices, matrix_round=sync.matrix_round)
         ledger = sync.ledger
     else:
-        ledger = server_ledger(
-            inputs.schema.sizes(), len(inputs.participants), method.moves_models
-        )
+        ledger = server_ledger(inputs.schema.sizes(), len(inputs.participants), method.moves_models)
     return RoundPlan(method.spec(inputs), ledger, sync)

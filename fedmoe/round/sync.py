@@ -77,7 +77,9 @@ def build_matrices(affinity: Affinity, top_p: int, tau: float) -> tuple[Aggregat
     )
 
 
-def _plan_bytes(applied: tuple[AggregationMatrix, ...], participants: tuple[int, ...]) -> dict[int, int]:
+def _plan_bytes(
+    applied: tuple[AggregationMatrix, ...], participants: tuple[int, ...]
+) -> dict[int, int]:
     """Bytes of each participant's plan rows as compact JSON (what the server sends it)."""
     rows: dict[int, list[list[float]]] = {c: [] for c in participants}
     for layer, m in enumerate(applied):
@@ -138,7 +140,9 @@ def plan_sync(
         _plan_bytes(applied, present) if plan.merges_experts else {},
         method.gate is GateMode.SHARED,
     )
-    return SyncPlan(round_, matrix_round, method, tuple(matrices), present, tuple(transfers), ledger)
+    return SyncPlan(
+        round_, matrix_round, method, tuple(matrices), present, tuple(transfers), ledger
+    )
 
 
 _EMPTY = Ledger(0, 0, 0, 0, 0, 0, 0)

@@ -23,6 +23,7 @@ import numpy as np
 
 from fedmoe.aggregate import Aggregator, StaleProxies
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
+from fedmoe.attack import AttackContext, AttackKind, malicious_clients, poison_upload
 from fedmoe.data import DataSpec
 from fedmoe.errors import InputError
 from fedmoe.io.affinity_file import load_affinity
@@ -30,7 +31,7 @@ from fedmoe.io.atomic import OutputSet, write_atomic
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, open_checkpoint, save_checkpoint
 from fedmoe.io.checkpoint_set import client_checkpoints
 from fedmoe.io.datasets import load_dataset
-from fedmoe.io.manifest import dumps
+from fedmoe.io.manifest import dumps, header
 from fedmoe.io.partition_file import LoadedPartition, load_partition, partition_to_manifest
 from fedmoe.io.plan_file import LoadedPlan, load_plan
 from fedmoe.io.run_folder import (
@@ -200,6 +201,8 @@ def run_method(
     """All rounds of one method, appending to ``metrics.jsonl`` after each."""
     recipe = ctx.recipe
     method: Aggregator = recipe.method(name)
+    attack = recipe.attack_of(name)
+    bad = malicious_clients(recipe.seed, ctx.num_clients, recipe.attack.fraction) if attack else ()
     groups = _groups(ctx.partition)
     n = ctx.num_clients
     models = _models(ctx, name, resume_from)  # every client's current model, opened once a round
@@ -223,6 +226,8 @@ def run_method(
         )
         train_s = time.perf_counter() - start
         fresh = client_checkpoints([str(train_dir / "train-round.json")], "run")
+        if attack is not None and rnd >= recipe.attack.start_round:
+            fresh = _attack(ctx, attack, bad, rnd, models, fresh, rdir / "attack")
         plan = None
         if isinstance(method, FedMoEDA):
             plan = _sync(ctx, method, name, rnd, active, fresh)
@@ -255,12 +260,16 @@ def run_method(
             row["matrix_round"] = rplan.sync.matrix_round
             row["sources_other_client"] = _remote_share(applied)
             row["remote_same_domain"] = _same_domain_share(applied, groups)
+            if bad:
+                row["sources_malicious"] = _malicious_share(applied, set(bad))
+        if attack is not None:
+            row["attack"] = attack.value
+            row["malicious"] = list(bad)
         if rnd % recipe.eval_every == 0 or rnd == recipe.rounds:
-            states = {c: k.state() for c, k in models.items()}
+            # the malicious clients' own accuracy is not counted
+            states = {c: k.state() for c, k in models.items() if c not in bad}
             part = ctx.partition
-            ev = evaluate_models(
-                ctx.config, states, part.dataset, part.clients, part.global_test
-            )
+            ev = evaluate_models(ctx.config, states, part.dataset, part.clients, part.global_test)
             for key in (
                 "mean_local_acc",
                 "worst_local_acc",
@@ -276,6 +285,84 @@ def run_method(
             prune_checkpoints(ctx.folder.round(name, rnd - 1))
         if progress is not None:
             progress(name, rnd, recipe.rounds, row)
+
+
+def _attack(
+    ctx: RunContext,
+    kind: AttackKind,
+    bad: tuple[int, ...],
+    rnd: int,
+    starts: dict[int, Checkpoint],
+    fresh: dict[int, Checkpoint],
+    out: Path,
+) -> dict[int, Checkpoint]:
+    """Replace the malicious participants' trained checkpoints by what they send instead
+    (written to ``out/client-XXX.safetensors`` with ``attack.json``; the honest training output
+    is kept beside). Returns the round's checkpoints as the server and the peers see them."""
+    present = [c for c in sorted(fresh) if c in bad]
+    if not present:
+        return fresh
+    benign = tuple(fresh[c].state() for c in sorted(fresh) if c not in bad)
+    first = fresh[present[0]]
+    schema = first.schema
+    paths = {c: out / f"client-{c:03d}.safetensors" for c in present}
+    rows = []
+    cfg = ctx.recipe.attack
+    with OutputSet(force=True) as outputs:
+        for rank, c in enumerate(present):
+            trained = fresh[c]
+            context = AttackContext(
+                schema,
+                starts[c].state(),
+                trained.state(),
+                benign,
+                cfg.scale,
+                rank,
+                len(present),
+                len(fresh),
+                int(
+                    np.random.SeedSequence([ctx.recipe.seed, rnd, c, 0xA77AC]).generate_state(1)[0]
+                ),
+            )
+            state = poison_upload(kind, context, cfg.poison)
+            meta = CheckpointMeta(
+                trained.config,
+                c,
+                rnd,
+                trained.meta.num_samples,
+                trained.meta.seed,
+                f"attack:{kind.value}",
+                parent_sha256=trained.sha256,
+                routing=trained.meta.routing,
+            )
+            save_checkpoint(outputs, paths[c], state, meta)
+            rows.append(
+                {
+                    "client": c,
+                    "path": paths[c].name,
+                    "sha256": outputs.staged_sha256(paths[c]),
+                    "honest_sha256": trained.sha256,
+                }
+            )
+        manifest = {**header("attack"), "round": rnd, "attack": cfg.to_dict(), "kind": kind.value,
+                    "checkpoints": rows}  # fmt: skip
+        outputs.write_bytes(out / "attack.json", dumps(manifest).encode())
+    return {c: open_checkpoint(paths[c]) if c in paths else k for c, k in fresh.items()}
+
+
+def _malicious_share(applied: tuple[AggregationMatrix, ...], bad: set[int]) -> float | None:
+    """Weight share of the applied matrices' remote entries whose source client is malicious
+    (the damage an attack on the expert selection does)."""
+    num = den = 0.0
+    for m in applied:
+        e = m.index.num_experts
+        clients = np.asarray(m.index.clients)
+        tgt, src = clients[m.targets // e], clients[m.sources // e]
+        remote = tgt != src
+        w = m.weights[remote]
+        num += float((w * np.isin(src[remote], list(bad))).sum())
+        den += float(w.sum())
+    return round(num / den, 6) if den > 0 else None
 
 
 def _remote_share(applied: tuple[AggregationMatrix, ...]) -> float | None:
@@ -302,7 +389,10 @@ def _same_domain_share(
         src = clients[m.sources // e]
         remote = tgt != src
         same = np.array(
-            [groups[int(a)] == groups[int(b)] for a, b in zip(tgt[remote], src[remote], strict=True)],
+            [
+                groups[int(a)] == groups[int(b)]
+                for a, b in zip(tgt[remote], src[remote], strict=True)
+            ],
             dtype=bool,
         )
         w = m.weights[remote]

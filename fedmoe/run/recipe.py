@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from fedmoe.aggregate import AGGREGATORS, Aggregator, FedMoEDA, make_method
+from fedmoe.attack import AttackConfig, AttackKind
 from fedmoe.errors import InputError, ParamError, UsageError
 from fedmoe.model.config import MoEConfig
 from fedmoe.params import params_dict
@@ -66,6 +68,8 @@ class Recipe:
     train: TrainConfig = TrainConfig()  # noqa: RUF009  (frozen, so sharing the default is safe)
     fedmoe: FedMoEDA = FedMoEDA()  # noqa: RUF009  FedMoE-DA's parameters
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # other methods'
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → {method, params}
+    attack: AttackConfig = AttackConfig()  # noqa: RUF009  simulated malicious clients
 
     def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> MoEConfig:
         """The model of this recipe for data of ``input_shape`` and ``num_classes``."""
@@ -77,10 +81,34 @@ class Recipe:
             raise UsageError(f"recipe: model.{exc.worded(exc.key)}") from None
 
     def method(self, name: str) -> Aggregator:
-        """The configured method ``name``."""
-        if name == FedMoEDA.name:
+        """The configured method of run arm ``name`` (a method, a variant, either with
+        ``@attack``)."""
+        base = name.split("@", 1)[0]
+        if base in self.variants:
+            spec = dict(self.variants[base])
+            kind = str(spec.pop("method"))
+            if kind == FedMoEDA.name:
+                merged = {**params_dict(self.fedmoe), **spec}
+                return make_method(kind, merged)
+            return make_method(kind, {**self.method_params.get(kind, {}), **spec})
+        if base == FedMoEDA.name:
             return self.fedmoe
-        return make_method(name, self.method_params.get(name, {}))
+        return make_method(base, self.method_params.get(base, {}))
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """What the run runs: every method (and variant), clean and under each attack kind
+        (``name@kind``)."""
+        out: list[str] = []
+        for m in self.methods:
+            if not self.attack.kinds or self.attack.clean:
+                out.append(m)
+            out.extend(f"{m}@{k.value}" for k in self.attack.kinds)
+        return tuple(out)
+
+    def attack_of(self, arm: str) -> AttackKind | None:
+        """The attack run arm ``arm`` is under (None: clean)."""
+        return AttackKind(arm.split("@", 1)[1]) if "@" in arm else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as written to the run folder's ``recipe.yaml``."""
@@ -96,6 +124,12 @@ class Recipe:
             "train": self.train.to_dict(),
             "fedmoe": params_dict(self.fedmoe),
             "method_params": {k: dict(v) for k, v in self.method_params.items()},
+            **(
+                {"variants": {k: dict(v) for k, v in self.variants.items()}}
+                if self.variants
+                else {}
+            ),
+            **({"attack": self.attack.to_dict()} if self.attack.kinds else {}),
         }
 
 
@@ -104,6 +138,7 @@ SECTIONS: dict[str, type] = {
     "partition": PartitionSection,
     "train": TrainConfig,
     "fedmoe": FedMoEDA,
+    "attack": AttackConfig,
 }
 
 
@@ -152,15 +187,17 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     }
     kwargs["model"] = _model_section(data.get("model"))
     kwargs["method_params"] = _method_params(data.get("method_params"))
+    kwargs["variants"] = _variants(data.get("variants"), kwargs["fedmoe"], kwargs["method_params"])
     for key in ("seed", "rounds", "participation", "eval_every"):
         if key in data:
             kwargs[key] = data[key]
     methods = data.get("methods", list(METHODS))
     if isinstance(methods, str):
         methods = [methods]
+    known = [*METHODS, *kwargs["variants"]]
     for m in methods:
-        if m not in METHODS:
-            raise UsageError(f"recipe: unknown method '{m}'{_nearest(str(m), list(METHODS))}")
+        if m not in known:
+            raise UsageError(f"recipe: unknown method '{m}'{_nearest(str(m), known)}")
     kwargs["methods"] = tuple(dict.fromkeys(methods))
     recipe = Recipe(**kwargs)
     _check_types(recipe)
@@ -209,6 +246,49 @@ def _method_params(data: Any) -> dict[str, dict[str, Any]]:
         except ParamError as exc:
             raise UsageError(f"recipe: method_params.{name}.{exc.worded(exc.key)}") from None
         out[str(name)] = dict(params)
+    return out
+
+
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
+
+
+def _variants(
+    data: Any, fedmoe: FedMoEDA, method_params: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``variants: {name: {method: m, parameter: value, ...}}``: a method run again under another
+    name with other parameters (over the ``fedmoe:`` section or ``method_params``)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError("recipe: 'variants' must be a mapping of name → {method, parameters}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in data.items():
+        where = f"variants.{name}"
+        if not isinstance(name, str) or not VARIANT_NAME.match(name) or name in METHODS:
+            raise UsageError(
+                f"recipe: variant name {name!r} must be lower-case letters, digits, '.', '_' or "
+                "'-', and not a method's name"
+            )
+        if not isinstance(spec, dict):
+            raise UsageError(f"recipe: '{where}' must be a mapping with a 'method' key")
+        base = spec.get("method")
+        if base not in METHODS:
+            raise UsageError(
+                f"recipe: '{where}.method' must be one of {', '.join(METHODS)}, got {base!r}"
+            )
+        params = {k: v for k, v in spec.items() if k != "method"}
+        merged = (
+            {**params_dict(fedmoe), **params}
+            if base == FedMoEDA.name
+            else {**method_params.get(str(base), {}), **params}
+        )
+        try:
+            make_method(str(base), merged)
+        except ParamError as exc:
+            raise UsageError(f"recipe: {where}.{exc.worded(exc.key)}") from None
+        except UsageError as exc:
+            raise UsageError(f"recipe: {where}: {exc.message}") from None
+        out[name] = dict(spec)
     return out
 
 

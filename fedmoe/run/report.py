@@ -97,17 +97,38 @@ def build_report(
             "p2p_bytes_per_round": float(np.mean([r["p2p_bytes"] for r in mine])),
             "fedavg_bytes_per_round": float(np.mean([r["fedavg_bytes"] for r in mine])),
             "wall_seconds": round(float(sum(r["seconds"] for r in mine)), 3),
+            "attack": last.get("attack") if isinstance(last.get("attack"), str) else None,
+            "malicious_source_weight": _mean_of(mine, "sources_malicious"),
             "per_round": {
                 "round": [r["round"] for r in mine],
                 **{k: [r.get(k) for r in mine] for k in SERIES},
             },
         }
+    for m, d in methods.items():  # an attacked arm "name@kind" beside its clean arm "name"
+        clean = methods.get(m.split("@", 1)[0]) if "@" in m else None
+        d["drop_vs_clean"] = (
+            round(clean["mean_local_acc"] - d["mean_local_acc"], 6)
+            if clean is not None
+            and clean["mean_local_acc"] is not None
+            and d["mean_local_acc"] is not None
+            else None
+        )
     return {
         **header("run-report"),
         "recipe": recipe,
         "domain_names": domain_names,
         "methods": methods,
     }
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of a numeric metrics field over the rows that have it."""
+    vals = [
+        float(r[key])
+        for r in rows
+        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+    ]
+    return round(float(np.mean(vals)), 6) if vals else None
 
 
 def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:

@@ -1,0 +1,134 @@
+"""Per-target defences of the Eq. 11 merge (fedmoe.aggregate.defence), numbers by hand, and the
+engine applying them to whole models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedmoe.aggregate import FedMoEDA, ReduceKind, RoundInputs, Upload
+from fedmoe.aggregate.defence import ExpertDefence, defend_row
+from fedmoe.aggregate.engine import merge_states
+from fedmoe.aggregate.reduce import Reduce
+from fedmoe.errors import ParamError
+from fedmoe.model import MoEConfig, init_model, schema_for, state_of
+from fedmoe.plan.matrix import aggregation_matrix
+
+F64 = torch.float64
+
+
+def t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=F64)
+
+
+def test_no_defence_is_the_weighted_mean() -> None:
+    x = t([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    out = defend_row(x, w, 0, ExpertDefence())
+    assert out.tolist() == pytest.approx([0.5 + 0.9 + 0.1, 1.0 - 0.3 + 0.1])
+
+
+def test_outlier_down_weighting_by_hand() -> None:
+    x = t([[0.0], [1.0], [2.0], [100.0]])
+    w = torch.full((4,), 0.25, dtype=F64)
+    out = defend_row(x, w, 0, ExpertDefence(outlier=2.0))
+    # median of the sources 1.5; distances 1.5, 0.5, 0.5, 98.5; their median (0.5+1.5)/2 = 1;
+    # factors min(1, 2·1/d): 1 (own), 1, 1, 2/98.5
+    f = 2 / 98.5
+    weights = np.array([0.25, 0.25, 0.25, 0.25 * f])
+    weights /= weights.sum()
+    assert float(out[0]) == pytest.approx(float(weights @ np.array([0.0, 1.0, 2.0, 100.0])))
+    assert float(out[0]) < 1.7  # the plain mean would be 25.75
+
+
+def test_the_target_never_down_weights_itself() -> None:
+    x = t([[100.0], [1.0], [2.0], [3.0]])
+    w = torch.full((4,), 0.25, dtype=F64)
+    out = defend_row(x, w, 0, ExpertDefence(outlier=1.0))
+    # median 2.5; distances 97.5, 1.5, 0.5, 0.5 (median 1): factors 1 (own, exempt), 2/3, 1, 1
+    weights = np.array([0.25, 0.25 * 2 / 3, 0.25, 0.25])
+    weights /= weights.sum()
+    assert float(out[0]) == pytest.approx(float(weights @ np.array([100.0, 1.0, 2.0, 3.0])))
+
+
+def test_norm_bound_against_the_targets_own_by_hand() -> None:
+    x = t([[3.0, 4.0], [33.0, 44.0]])  # own norm 5; the source's difference (30, 40) has norm 50
+    w = torch.tensor([0.5, 0.5], dtype=F64)
+    out = defend_row(x, w, 0, ExpertDefence(bound=0.5))
+    # the difference is scaled to norm 0.5·5 = 2.5: (1.5, 2); mean of (3,4) and (4.5,6)
+    assert out.tolist() == pytest.approx([3.75, 5.0])
+    inside = defend_row(t([[3.0, 4.0], [4.0, 4.0]]), w, 0, ExpertDefence(bound=0.5))
+    assert inside.tolist() == pytest.approx([3.5, 4.0])  # within the radius: untouched
+
+
+def test_median_and_trimmed_mean_over_a_targets_sources() -> None:
+    x = t([[1.0], [2.0], [9.0], [3.0], [-50.0]])
+    w = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1], dtype=F64)
+    med = defend_row(x, w, 0, ExpertDefence(Reduce(ReduceKind.MEDIAN)))
+    assert float(med[0]) == 2.0  # weights ignored
+    trim = defend_row(x, w, 0, ExpertDefence(Reduce(ReduceKind.TRIMMED_MEAN, trim=0.2)))
+    assert float(trim[0]) == pytest.approx(2.0)  # -50 and 9 cut: mean of 1, 2, 3
+
+
+def test_fedmoe_da_declares_its_defences() -> None:
+    m = FedMoEDA(expert_reduce="median", expert_bound=0.3, expert_outlier=2)  # type: ignore[arg-type]
+    d = m.defence()
+    assert (d.reduce.kind, d.bound, d.outlier) == (ReduceKind.MEDIAN, 0.3, 2.0)
+    assert FedMoEDA().defence().plain
+    with pytest.raises(ParamError, match="expert_bound must be >= 0"):
+        FedMoEDA(expert_bound=-1)
+
+
+def _federation(n: int = 4) -> tuple[MoEConfig, dict[int, dict[str, torch.Tensor]]]:
+    cfg = MoEConfig(
+        input_shape=(1, 4, 4), num_classes=3, embed_hidden=8, embed_dim=6, num_experts=3,
+        expert_hidden=5,
+    )  # fmt: skip
+    return cfg, {c: state_of(init_model(cfg, seed=c)) for c in range(n)}
+
+
+def test_engine_applies_the_defence_per_target_row() -> None:
+    """A poisoned expert of client 3 enters client 0's rows; with a norm bound the merged expert
+    equals defend_row on that row's sources, computed here from the raw tensors."""
+    cfg, states = _federation()
+    schema = schema_for(cfg)
+    name = schema.experts(0)[0].name  # a stacked (E, ...) expert tensor
+    states[3] = {k: v.clone() for k, v in states[3].items()}
+    states[3][name] *= 1000.0  # client 3 sends huge experts
+    gates = {c: s[schema.proxy(0)] for c, s in states.items()}
+    from fedmoe.affinity import compute_affinity
+
+    uploads = {c: Upload(c, 10, 1, (gates[c],)) for c in states}
+    aff = compute_affinity(uploads, candidates=12, num_classes=3)
+    method = FedMoEDA(top_p=11, tau=1.0, candidates=12, expert_bound=0.2)  # every source kept
+    matrices = tuple(
+        aggregation_matrix(layer.neighbours, layer.index, method.top_p, method.tau)
+        for layer in aff.layers
+    )
+    inputs = RoundInputs(1, schema, tuple(states), uploads, matrices=matrices, matrix_round=1)
+    plain = merge_states(FedMoEDA(top_p=11, tau=1.0, candidates=12).spec(
+        RoundInputs(1, schema, tuple(states), uploads, matrices=matrices, matrix_round=1)
+    ), schema, states)  # fmt: skip
+    out = merge_states(method.spec(inputs), schema, states)
+    a = matrices[0]
+    e = cfg.num_experts
+    for j in range(e):
+        m0 = a.index.index(0, j)
+        lo, hi = int(a.indptr[m0]), int(a.indptr[m0 + 1])
+        srcs = a.sources[lo:hi]
+        x = torch.stack(
+            [states[a.index.key(int(s))[0]][name][a.index.key(int(s))[1]].double().flatten()
+             for s in srcs]
+        )  # fmt: skip
+        own = [a.index.key(int(s)) for s in srcs].index((0, j))
+        want = defend_row(x, torch.from_numpy(a.weights[lo:hi]), own, ExpertDefence(bound=0.2))
+        assert torch.equal(out[0][name][j].flatten(), want.to(torch.float32))
+        base = states[0][name][j].double()
+        assert float((out[0][name][j].double() - base).norm()) <= 0.2 * float(base.norm()) * (
+            1 + 1e-5
+        )
+    assert float(plain[0][name].abs().max()) > 10 * float(out[0][name].abs().max())
+    assert math.isfinite(float(out[0][name].sum()))
