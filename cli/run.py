@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmoe.errors import Interrupted, OutputError
-from fedmoe.io.run_folder import RunFolder, completed_rounds
+from fedmoe.io.run_folder import RunFolder, completed_rounds, publish_run, remove_round
 from fedmoe.pipeline.pool import TrainPool, default_workers
 from fedmoe.run import load_recipe
 from fedmoe.run.orchestrator import check_resume, prepare, run_method, write_setup
@@ -28,7 +28,9 @@ partition.json, init.safetensors, metrics.jsonl (one line per method and round),
 rounds/<method>/round-XXX/ (what the commands write for that round: train/, affinity.json,
 plan.json, models/; checkpoints are kept for the latest round only), report.json and PNG plots.
 --resume continues an interrupted run from its last complete round, with the same result as an
-uninterrupted run.
+uninterrupted run. --force over an existing run builds the new run in a hidden folder beside it
+and replaces the old run only once the new one is complete: stopped midway, the old run is left as
+it was, and --force --resume continues the new one.
 
 Examples:
 
@@ -64,16 +66,23 @@ def run(
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     rec, _ = load_recipe(recipe, parse_overrides(config))
     resolved = rec.to_dict()
-    folder = RunFolder(out)
-    if resume:
+    final = RunFolder(out)
+    # --force over an existing run builds the new run beside it and swaps only once it is complete
+    staged = force and (final.started() or (resume and final.staging.is_dir()))
+    folder = RunFolder(final.staging) if staged else final
+    if resume and not (staged and folder.root.is_dir()):
         check_resume(out, resolved)
-    elif folder.started() and not force:
+    elif resume:
+        check_resume(folder.root, resolved)
+    elif final.started() and not force:
         raise OutputError(
             f"{out} already holds a run; pass --resume to continue it or --force to start over",
         )
-    if not resume:  # with --force, the old run is cleared only once the new one could start
-        write_setup(rec, folder, resolved, folder.clear if folder.started() else None)
-    ctx = prepare(rec, out)
+    if not resume:
+        if staged:
+            remove_round(folder.root)  # what an earlier --force left there
+        write_setup(rec, folder, resolved)
+    ctx = prepare(rec, folder.root)
     done = completed_rounds(folder.metrics) if resume else {}
     progress = Progress(
         TextColumn("{task.description:>14}"),
@@ -88,14 +97,20 @@ def run(
     pool = TrainPool(
         part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
     )
+    again = f"fedmoe run {recipe} --out {out}" + (" --force" if staged else "") + " --resume"
+    again += "".join(f" -c {c}" for c in config or [])
     try:
         _run_methods(rec, ctx, pool, progress, console, done, quiet)
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted; the rounds completed so far are kept in {out}",
-            hint=f"continue with: fedmoe run {recipe} --out {out} --resume"
-            + "".join(f" -c {c}" for c in config or []),
-        ) from None
+        kept = (
+            f"{out} still holds the previous run; the new run's completed rounds are kept in "
+            f"{folder.root}"
+            if staged
+            else f"the rounds completed so far are kept in {out}"
+        )
+        raise Interrupted(f"interrupted; {kept}", hint=f"continue with: {again}") from None
+    if staged:
+        publish_run(folder.root, out)
     path, report = make_report(out, console)
     emit(path, report, json_)
 

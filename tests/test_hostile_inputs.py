@@ -243,3 +243,53 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next(tmp_path: Path) -
         outputs.write_bytes(tmp_path / "out.bin", b"new")
     assert (tmp_path / "out.bin").read_bytes() == b"new"
     assert not orphan.exists() and live.exists()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_a_force_run_that_dies_midway_keeps_the_previous_run(tmp_path: Path, how: str) -> None:
+    """``run --force`` over an existing run builds the new one beside it: killed or interrupted
+    midway (after some rounds), the old run is byte for byte as it was; after Ctrl-C,
+    ``--force --resume`` completes the new run and only then replaces the old one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "old.yaml").write_text(TINY)
+    (tmp_path / "new.yaml").write_text(TINY.replace("rounds: 1", "rounds: 12").replace(
+        "methods: [local]", "methods: [fedavg]"))  # fmt: skip
+    cmd = [sys.executable, "-m", "fedmoe_cli.app", "run"]
+    env = {**os.environ, "FEDMOE_WORKERS": "1"}
+    subprocess.run([*cmd, "old.yaml", "--out", "run", "-q"], cwd=tmp_path, env=env, check=True)
+    before = _files(tmp_path / "run")
+    proc = subprocess.Popen(
+        [*cmd, "new.yaml", "--out", "run", "--force", "-q"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / ".run.fedmoe-new" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the new run ended before it could be stopped"
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=60)
+    assert _files(tmp_path / "run") == before
+    if how == "SIGKILL":
+        return
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "still holds the previous run" in err
+    assert "--force --resume" in err
+    r = subprocess.run([*cmd, "new.yaml", "--out", "run", "--force", "--resume", "-q"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert list(report["methods"]) == ["fedavg"] and report["methods"]["fedavg"]["rounds"] == 12
+    assert not (tmp_path / ".run.fedmoe-new").exists()
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []

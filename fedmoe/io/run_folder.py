@@ -80,12 +80,34 @@ class RunFolder:
         """True when the folder already holds (part of) a run."""
         return self.root.is_dir() and any((self.root / f).exists() for f in (*RUN_FILES, *RUN_DIRS))
 
+    @property
+    def staging(self) -> Path:
+        """Where ``--force`` builds a new run beside an old one: a hidden sibling (same depth, so
+        the relative paths its manifests hold stay true once it is moved in)."""
+        return self.root.parent / f".{self.root.name}.fedmoe-new"
+
     def clear(self) -> None:
         """Remove a previous run's files (``--force``); other files are left alone."""
         for name in RUN_DIRS:
             shutil.rmtree(self.root / name, ignore_errors=True)
         for name in RUN_FILES:
             (self.root / name).unlink(missing_ok=True)
+
+
+def publish_run(stage: Path, out: Path) -> None:
+    """Replace the run in ``out`` by the complete run in ``stage`` (``--force``): the old run's
+    entries are moved aside, the new ones moved in (renames on one file system), then the old ones
+    removed. Files of ``out`` that are not part of a run are left alone."""
+    aside = out / f".fedmoe-old-{os.getpid()}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for name in (*RUN_FILES, *RUN_DIRS):
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+    for name in (*RUN_FILES, *RUN_DIRS):
+        if (stage / name).exists():
+            os.replace(stage / name, out / name)
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def append_line(path: Path, line: str) -> None:
