@@ -94,7 +94,8 @@ def curves(
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if series:
+        ax.legend(fontsize=8)
     return _png(fig)
 
 

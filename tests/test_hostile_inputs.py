@@ -169,7 +169,11 @@ def test_a_plan_is_not_applied_to_other_checkpoints(
     aff["layers"][0]["neighbours"][0][0][1] = float("nan")
     (tmp_path / "nan.json").write_text(json.dumps(aff))
     r = run_cli("plan-sync", "nan.json", "--top-p", "1", "--out", "x.json")
-    assert "neighbour row 0 has similarity nan, not a cosine" in clean_failure(r, 3)
+    assert "nan.json: not valid JSON (NaN is not a JSON number" in clean_failure(r, 3)
+    aff["layers"][0]["neighbours"][0][0][1] = 1.5
+    (tmp_path / "big.json").write_text(json.dumps(aff))
+    r = run_cli("plan-sync", "big.json", "--top-p", "1", "--out", "x.json")
+    assert "neighbour row 0 has similarity 1.5, not a cosine" in clean_failure(r, 3)
 
 
 def test_report_survives_a_damaged_run_folder(

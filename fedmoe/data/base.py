@@ -76,7 +76,7 @@ def encode_labels(values: np.ndarray, what: str, where: str) -> tuple[np.ndarray
         except ValueError:
             numeric = None
         if numeric is not None and np.isfinite(numeric).all():
-            if np.array_equal(numeric, np.round(numeric)):
+            if np.array_equal(numeric, np.round(numeric)) and np.abs(numeric).max() < 2.0**53:
                 values = numeric.astype(np.int64)
             else:
                 values = numeric

@@ -25,7 +25,7 @@ import torch
 
 from fedmoe.affinity import Affinity, ExpertIndex, LayerAffinity, Neighbours
 from fedmoe.errors import InputError, UsageError
-from fedmoe.io.manifest import header, read_manifest, require
+from fedmoe.io.manifest import header, malformed, read_manifest, require
 from fedmoe.model.config import MoEConfig
 from fedmoe.model.schema import PartSizes
 
@@ -104,13 +104,8 @@ def load_affinity(source: str | Path) -> LoadedAffinity:
     """Read and validate an affinity artefact (or ``-``)."""
     manifest, _, digest = read_manifest(source, KIND, versions=(1, VERSION))
     where = "<stdin>" if str(source) == "-" else str(source)
-    try:
+    with malformed(where, "affinity artefact", "re-create it with fedmoe affinity"):
         aff, config, sizes = _parse(manifest, where)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise InputError(
-            f"{where}: malformed affinity artefact ({type(exc).__name__}: {exc})",
-            hint="re-create it with fedmoe affinity",
-        ) from None
     return LoadedAffinity(aff, config, sizes, manifest, digest)
 
 
@@ -173,5 +168,22 @@ def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, MoEConfig, P
     except UsageError as exc:
         raise InputError(f"{where}: bad model_config ({exc.message})") from None
     sizes = PartSizes.from_dict(require(manifest, "sizes", where))
+    if sizes.num_experts != tuple(la.index.num_experts for la in layers):
+        raise InputError(
+            f"{where}: 'sizes.num_experts' {list(sizes.num_experts)} does not match its layers"
+        )
+    for entry in manifest.get("inputs", []):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("client"), int)
+            and entry["client"] in clients
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("stale", False), bool)
+        ):
+            raise InputError(
+                f"{where}: malformed 'inputs' entry {str(entry)[:80]} (needs a client of the "
+                "artefact, its sha256 and a stale flag)",
+                hint="re-create it with fedmoe affinity",
+            )
     stale = tuple(int(c) for c in manifest.get("stale", []))
     return Affinity(layers, int(manifest.get("round", 0)), stale), config, sizes

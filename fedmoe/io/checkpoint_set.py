@@ -12,7 +12,7 @@ from typing import Any
 
 from fedmoe.errors import InputError
 from fedmoe.io.checkpoint import Checkpoint, open_checkpoint
-from fedmoe.io.manifest import STDIO, read_manifest, relative, require, resolve
+from fedmoe.io.manifest import STDIO, malformed, read_manifest, relative, require, resolve
 
 SET_KINDS = ("train-round", "aggregate", "init")
 SERVER_FILE = "server.safetensors"
@@ -35,10 +35,17 @@ def _from_manifest(source: str) -> list[Checkpoint]:
     manifest, base, _ = read_manifest(source, SET_KINDS)
     where = "<stdin>" if source == STDIO else source
     out = []
-    for entry in require(manifest, "checkpoints", where):
-        path = resolve(require(entry, "path", where), base)
+    with malformed(where, f"{manifest['kind']} manifest", "re-create it with fedmoe"):
+        entries = [
+            (resolve(str(require(e, "path", where)), base), str(require(e, "sha256", where)))
+            for e in list(require(manifest, "checkpoints", where))
+            if isinstance(require(e, "path", where), str)
+        ]
+        if len(entries) != len(manifest["checkpoints"]):
+            raise InputError(f"{where}: every 'checkpoints' entry needs a string 'path'")
+    for path, digest in entries:
         ckpt = open_checkpoint(path)
-        if entry.get("sha256") and ckpt.sha256 != entry["sha256"]:
+        if ckpt.sha256 != digest:
             raise InputError(
                 f"{path}: sha256 differs from the one {where} records",
                 hint="the checkpoint changed after the manifest was written; re-create both",

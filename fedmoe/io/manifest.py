@@ -12,6 +12,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,7 @@ def read_manifest(
     if not text.strip():
         raise InputError(f"{name}: empty input; expected a {kinds[0]} manifest")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise InputError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
@@ -114,6 +116,33 @@ def read_manifest(
             hint="re-create it with this fedmoe version",
         )
     return obj, base_dir(source), sha256_bytes(text.encode("utf-8"))
+
+
+def _no_constant(token: str) -> Any:
+    raise json.JSONDecodeError(f"{token} is not a JSON number", token, 0)
+
+
+# what reading a field of the wrong type, shape or size raises in Python
+STRUCTURE_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError)
+
+
+@contextmanager
+def malformed(where: str, what: str, hint: str) -> Iterator[None]:
+    """Parse the fields of manifest ``where``: a field of the wrong type, shape or size (the
+    structural errors Python raises while reading it) becomes one :class:`InputError` naming the
+    file; the specific checks inside raise their own InputErrors, which pass through."""
+    try:
+        yield
+    except InputError:
+        raise
+    except RecursionError:
+        raise InputError(f"{where}: {what} nested too deeply") from None
+    except STRUCTURE_ERRORS as exc:
+        if isinstance(exc, KeyError):
+            detail = f"missing key {exc.args[0]!r}" if exc.args else "a missing key"
+        else:
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{where}: malformed {what} ({detail})", hint=hint) from None
 
 
 def write_manifest(obj: dict[str, Any], target: str | Path, force: bool = False) -> str:

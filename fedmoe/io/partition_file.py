@@ -24,7 +24,15 @@ import numpy as np
 from fedmoe.data import Dataset, DataSpec
 from fedmoe.errors import InputError
 from fedmoe.io.datasets import load_dataset
-from fedmoe.io.manifest import header, read_manifest, relative, require, resolve, sha256_file
+from fedmoe.io.manifest import (
+    header,
+    malformed,
+    read_manifest,
+    relative,
+    require,
+    resolve,
+    sha256_file,
+)
 from fedmoe.partition import ClientSplit, Partition
 
 KIND = "partition"
@@ -257,33 +265,37 @@ def load_partition(source: str | Path) -> LoadedPartition:
     """
     manifest, base, digest = read_manifest(source, KIND)
     name = str(source)
-    rec = require(manifest, "dataset", name)
-    if rec.get("source") == "file":
-        path = resolve(require(rec, "path", name), base)
-        if not path.is_file():
-            raise InputError(
-                f"{name}: its dataset file {path} is missing",
-                hint="keep the data file where the manifest expects it (paths are relative)",
+    with malformed(name, "partition manifest", "re-create it with fedmoe partition"):
+        rec = require(manifest, "dataset", name)
+        if rec.get("source") == "file":
+            path = resolve(require(rec, "path", name), base)
+            if not path.is_file():
+                raise InputError(
+                    f"{name}: its dataset file {path} is missing",
+                    hint="keep the data file where the manifest expects it (paths are relative)",
+                )
+            if sha256_file(path) != rec.get("file_sha256"):
+                raise InputError(
+                    f"{name}: dataset file {path} changed since the partition was made "
+                    "(sha256 mismatch)",
+                    hint="re-run fedmoe partition on the current file",
+                )
+            spec = DataSpec(str(path), rec.get("label_column") or "label", rec.get("domain_column"))
+        else:
+            builtin = require(rec, "name", name)
+            if not isinstance(builtin, str):
+                raise InputError(f"{name}: dataset 'name' must be a string, got {builtin!r}")
+            spec = DataSpec(builtin)
+        n, shape, class_names, domain_names = _shape_and_names(rec, name)
+        clients = tuple(
+            ClientSplit(
+                train=_indices(require(c, "train", name), n, f"{name} client {i}"),
+                test=_indices(require(c, "test", name), n, f"{name} client {i}"),
             )
-        if sha256_file(path) != rec.get("file_sha256"):
-            raise InputError(
-                f"{name}: dataset file {path} changed since the partition was made "
-                "(sha256 mismatch)",
-                hint="re-run fedmoe partition on the current file",
-            )
-        spec = DataSpec(str(path), rec.get("label_column") or "label", rec.get("domain_column"))
-    else:
-        spec = DataSpec(require(rec, "name", name))
-    n, shape, class_names, domain_names = _shape_and_names(rec, name)
-    clients = tuple(
-        ClientSplit(
-            train=_indices(require(c, "train", name), n, f"{name} client {i}"),
-            test=_indices(require(c, "test", name), n, f"{name} client {i}"),
+            for i, c in enumerate(require(manifest, "clients", name))
         )
-        for i, c in enumerate(require(manifest, "clients", name))
-    )
-    global_test = _indices(manifest.get("global_test", []), n, f"{name} global_test")
-    _disjoint(clients, global_test, n, name)
+        global_test = _indices(manifest.get("global_test", []), n, f"{name} global_test")
+        _disjoint(clients, global_test, n, name)
     return LoadedPartition(
         path=name,
         sha256=digest,

@@ -30,7 +30,7 @@ from fedmoe.affinity import ExpertIndex
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
 from fedmoe.errors import FedMoeError, InputError, UsageError
 from fedmoe.io.affinity_file import json_config
-from fedmoe.io.manifest import header, read_manifest, require
+from fedmoe.io.manifest import header, malformed, read_manifest, require
 from fedmoe.model.config import MoEConfig
 from fedmoe.model.schema import PartSizes
 from fedmoe.params import params_dict as method_params
@@ -198,13 +198,8 @@ def load_plan(source: str | Path) -> LoadedPlan:
     """Read and validate a sync plan (or ``-``)."""
     manifest, _, digest = read_manifest(source, KIND, versions=(1, VERSION))
     where = "<stdin>" if str(source) == "-" else str(source)
-    try:
+    with malformed(where, "sync plan", "re-create it with fedmoe plan-sync"):
         return _parse(manifest, digest, where)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise InputError(
-            f"{where}: malformed sync plan ({type(exc).__name__}: {exc})",
-            hint="re-create it with fedmoe plan-sync",
-        ) from None
 
 
 def _parse(manifest: dict[str, Any], digest: str, where: str) -> LoadedPlan:

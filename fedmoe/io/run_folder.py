@@ -123,6 +123,10 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(handle.fileno())
 
 
+def _refuse(token: str) -> object:
+    raise ValueError(f"{token} is not a JSON number")
+
+
 def read_lines(path: Path) -> list[dict[str, object]]:
     """The JSON objects of a JSON-lines file (lines torn by an interruption are skipped)."""
     rows: list[dict[str, object]] = []
@@ -130,8 +134,8 @@ def read_lines(path: Path) -> list[dict[str, object]]:
         return rows
     for line in path.read_text("utf-8").splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line, parse_constant=_refuse)
+        except (json.JSONDecodeError, RecursionError, ValueError):
             continue
         if isinstance(row, dict):
             rows.append(row)

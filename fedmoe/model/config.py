@@ -11,6 +11,19 @@ from fedmoe.errors import InputError, ParamError, UsageError
 
 EMBEDDINGS = ("mlp", "cnn")
 
+# size limits: a config read from an untrusted checkpoint or manifest cannot make fedmoe build an
+# absurd model (beyond them a config is refused, naming the key)
+MAXIMUM = {
+    "num_classes": 1 << 20,
+    "embed_hidden": 1 << 16,
+    "embed_dim": 1 << 16,
+    "num_experts": 1 << 12,
+    "top_k": 1 << 12,
+    "expert_hidden": 1 << 16,
+    "moe_layers": 256,
+}
+MAX_INPUT_SIZE = 1 << 28  # features per sample
+
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -63,6 +76,12 @@ class MoEConfig:
         for key, low in minimum.items():
             if getattr(self, key) < low:
                 raise ParamError(key, getattr(self, key), f"must be >= {low}")
+            if getattr(self, key) > MAXIMUM[key]:
+                raise ParamError(key, getattr(self, key), f"must be <= {MAXIMUM[key]}")
+        if len(shape) > 8 or self.input_size > MAX_INPUT_SIZE:
+            raise ParamError(
+                "input_shape", list(shape), f"must have at most 8 axes and {MAX_INPUT_SIZE} values"
+            )
         if self.top_k > self.num_experts:
             raise ParamError(
                 "top_k", self.top_k, f"must be at most num_experts = {self.num_experts}"

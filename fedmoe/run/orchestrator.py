@@ -405,10 +405,19 @@ def check_resume(out: Path, recipe_data: dict[str, Any]) -> None:
     """Refuse to resume a run folder made from a different recipe."""
     import yaml
 
+    from fedmoe.run.recipe import load_yaml
+
     text = read_text(RunFolder(out).recipe)
     if text is None:
         raise InputError(f"{out}: no recipe.yaml; nothing to resume", hint="run without --resume")
-    if yaml.safe_load(text) != recipe_data:
+    try:
+        stored = load_yaml(text)
+    except yaml.YAMLError:
+        raise InputError(
+            f"{RunFolder(out).recipe}: damaged; cannot tell which recipe this run was made from",
+            hint="start the run again with --force",
+        ) from None
+    if stored != recipe_data:
         raise InputError(
             f"{out}: was started from a different recipe; resuming would mix two runs",
             hint="resume with the same recipe and -c overrides, or use a new --out",

@@ -194,6 +194,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     methods = data.get("methods", list(METHODS))
     if isinstance(methods, str):
         methods = [methods]
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise UsageError(f"recipe: methods must be a list of method names, got {methods!r}")
     known = [*METHODS, *kwargs["variants"]]
     for m in methods:
         if m not in known:
@@ -391,11 +393,14 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     """Parse a recipe's YAML safely and within bounds."""
     if len(text.encode("utf-8")) > MAX_RECIPE_BYTES:
         raise yaml.YAMLError(f"larger than {MAX_RECIPE_BYTES // 1024} KiB")
-    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to be a recipe") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
@@ -403,7 +408,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     for dotted, raw in overrides.items():
         try:
-            value = _load_yaml(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = out
@@ -421,7 +426,7 @@ def load_recipe(
 ) -> tuple[Recipe, dict[str, Any]]:
     """Read, override and validate a recipe; returns it and the effective plain data."""
     try:
-        data = _load_yaml(Path(path).read_text("utf-8")) or {}
+        data = load_yaml(Path(path).read_text("utf-8")) or {}
     except FileNotFoundError:
         raise InputError(f"{path}: no such recipe file") from None
     except (OSError, yaml.YAMLError) as exc:

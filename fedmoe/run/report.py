@@ -8,6 +8,7 @@ round (mean over rounds), wall time, and the per-round series of the same quanti
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def _usable(row: dict[str, Any]) -> bool:
     """A metrics row with the fields of the right types that the report reads."""
 
     def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     return (
         isinstance(row.get("method"), str)
@@ -65,12 +66,21 @@ def run_context(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The run's resolved recipe and domain names (empty when absent)."""
     import yaml
 
+    from fedmoe.run.recipe import load_yaml
+
     folder = RunFolder(run_dir)
     text = read_text(folder.recipe)
-    recipe = yaml.safe_load(text) if text else {}
+    try:
+        recipe = load_yaml(text) if text else {}
+    except yaml.YAMLError:
+        recipe = {}  # a damaged recipe.yaml: the report goes without it
     part = read_text(folder.partition)
-    names = json.loads(part)["dataset"]["domain_names"] if part else []
-    return recipe or {}, list(names)
+    try:
+        names = json.loads(part)["dataset"]["domain_names"] if part else []
+        names = [str(n) for n in names]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        names = []  # a damaged partition.json: domains go unnamed
+    return recipe if isinstance(recipe, dict) else {}, names
 
 
 def build_report(
