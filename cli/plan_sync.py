@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from fedmoe.aggregate import FedMoEDA
-from fedmoe.errors import UsageError
+from fedmoe.errors import ParamError, UsageError
 from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.manifest import STDIO, base_dir, dumps, sha256_bytes
@@ -17,7 +17,7 @@ from fedmoe.io.plan_file import load_plan
 from fedmoe.params import default_of, from_mapping, help_of
 from fedmoe.pipeline.sync import sync_artefact
 
-from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
+from .common import Force, Json, Quiet, emit, handle_errors, parse_params, stderr_console
 
 HELP = """Build FedMoE-DA's sparse aggregation matrices and the sync plan each client receives.
 
@@ -75,23 +75,37 @@ def plan_sync(
     previous_plan: Annotated[
         str | None, typer.Option(help="Plan of an earlier round, reused within the interval.")
     ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="Another fedmoe-da parameter as key=value (e.g. reduce=trimmed-mean, "
+            "expert_trust=true); the plan fixes it for aggregate.",
+        ),
+    ] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Plan path, or - for stdout.")] = STDIO,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
     console = stderr_console(quiet)
-    method: FedMoEDA = from_mapping(
-        FedMoEDA,
-        {
-            "top_p": top_p,
-            "tau": tau,
-            "refresh_interval": refresh_interval,
-            "gate": gate,
-            "interval": interval,
-            "candidates": max(_o("candidates"), top_p + 1),
-        },
-    )
+    options = {
+        "top_p": top_p,
+        "tau": tau,
+        "refresh_interval": refresh_interval,
+        "gate": gate,
+        "interval": interval,
+        "candidates": max(_o("candidates"), top_p + 1),
+    }
+    extra = parse_params(param)
+    for key in extra:
+        if key in options and key != "candidates":
+            raise UsageError(f"--param {key}: use --{key.replace('_', '-')} for this parameter")
+    try:
+        method: FedMoEDA = from_mapping(FedMoEDA, {**options, **extra}, where="--param")
+    except ParamError as exc:
+        raise UsageError(f"--param {exc.worded(exc.key)}", hint=exc.hint) from None
     if affinity == STDIO and previous_plan == STDIO:
         raise UsageError("only one of the affinity and the previous plan can come from stdin")
     ids = None

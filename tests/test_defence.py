@@ -3,11 +3,16 @@ engine applying them to whole models."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from helpers import clean_failure
 
 from fedmoe.aggregate import FedMoEDA, ReduceKind, RoundInputs, Upload
 from fedmoe.aggregate.defence import ExpertDefence, defend_row
@@ -18,6 +23,7 @@ from fedmoe.model import MoEConfig, init_model, schema_for, state_of
 from fedmoe.plan.matrix import aggregation_matrix
 
 F64 = torch.float64
+Run = Callable[..., Any]
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
@@ -62,6 +68,20 @@ def test_norm_bound_against_the_targets_own_by_hand() -> None:
     assert out.tolist() == pytest.approx([3.75, 5.0])
     inside = defend_row(t([[3.0, 4.0], [4.0, 4.0]]), w, 0, ExpertDefence(bound=0.5))
     assert inside.tolist() == pytest.approx([3.5, 4.0])  # within the radius: untouched
+
+
+def test_trust_in_the_targets_own_update_by_hand() -> None:
+    start = torch.tensor([0.0, 0.0], dtype=F64)
+    x = t([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0], [0.0, 3.0]])  # own update (1, 0)
+    w = torch.full((4,), 0.25, dtype=F64)
+    out = defend_row(x, w, 0, ExpertDefence(trust=True), start)
+    # cosines with (1, 0): own 1, (2,1) → 2/√5, (-1,0) → -1 → 0, (0,3) → 0
+    c = 2 / math.sqrt(5)
+    want = (np.array([1.0, 0.0]) + c * np.array([2.0, 1.0])) / (1 + c)
+    assert out.tolist() == pytest.approx(want.tolist())
+    assert defend_row(x, w, 0, ExpertDefence(trust=True)).tolist() == pytest.approx(
+        [0.5, 1.0]
+    )  # without the start: the plain mean
 
 
 def test_median_and_trimmed_mean_over_a_targets_sources() -> None:
@@ -132,3 +152,34 @@ def test_engine_applies_the_defence_per_target_row() -> None:
         )
     assert float(plain[0][name].abs().max()) > 10 * float(out[0][name].abs().max())
     assert math.isfinite(float(out[0][name].sum()))
+
+
+def test_the_trust_defence_through_the_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    """plan-sync --param fixes a defence in the plan; aggregate applies it, and refuses the trust
+    defence without the participants' start models (--previous)."""
+    monkeypatch.chdir(tmp_path)
+    steps = [
+        ("partition", "--clients", "3", "--scheme", "iid", "--out", "p.json", "-q"),
+        ("init", "--partition", "p.json", "--embed-hidden", "8", "--embed-dim", "4",
+         "--experts", "2", "--expert-hidden", "8", "--out", "i.safetensors", "-q"),
+        ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
+         "--out", "r1", "-q"),
+        ("affinity", "r1/train-round.json", "--out", "aff.json", "-q"),
+        ("plan-sync", "aff.json", "--top-p", "2", "-p", "expert_trust=true", "--out", "plan.json",
+         "-q"),
+    ]  # fmt: skip
+    for argv in steps:
+        assert run_cli(*argv).code == 0, argv
+    assert json.loads((tmp_path / "plan.json").read_text())["params"]["expert_trust"] is True
+    r = run_cli("aggregate", "--plan", "plan.json", "r1", "--out", "a")
+    assert "expert_trust needs each participant's model" in clean_failure(r, 3)
+    assert not (tmp_path / "a").exists()
+    ok = run_cli("aggregate", "--plan", "plan.json", "r1", "--previous", "i.safetensors",
+                 "--partition", "p.json", "--out", "b", "-q")  # fmt: skip
+    assert ok.code == 0, ok.err
+    r = run_cli("plan-sync", "aff.json", "-p", "top_p=3", "--out", "x.json")
+    assert "--param top_p: use --top-p" in clean_failure(r, 2)
+    r = run_cli("plan-sync", "aff.json", "-p", "expert_bound=-2", "--out", "x.json")
+    assert "--param expert_bound must be >= 0" in clean_failure(r, 2)

@@ -255,15 +255,27 @@ def checkpoint_variants(raw: bytes, rng: random.Random) -> list[tuple[str, bytes
     out: list[tuple[str, bytes]] = []
     for key in sorted(meta):
         for value in ("-10", "1e400", "nan", "x", "18446744073709551616", "{}", "[1]", "3.5"):
-            out.append((f"meta {key}={value}", _join({**header, "__metadata__": {**meta, key: value}}, body)))
-        out.append((f"meta {key}=non-string", _join({**header, "__metadata__": {**meta, key: 5}}, body)))
+            out.append(
+                (
+                    f"meta {key}={value}",
+                    _join({**header, "__metadata__": {**meta, key: value}}, body),
+                )
+            )
+        out.append(
+            (f"meta {key}=non-string", _join({**header, "__metadata__": {**meta, key: 5}}, body))
+        )
         rest = {k: v for k, v in meta.items() if k != key}
         out.append((f"meta del {key}", _join({**header, "__metadata__": rest}, body)))
     config = json.loads(meta["model_config"])
     for key in sorted(config):
         for value in rng.sample(BAD_VALUES, 4):
             cfg = json.dumps({**config, key: value})
-            out.append((f"config {key}={value!r}", _join({**header, "__metadata__": {**meta, "model_config": cfg}}, body)))
+            out.append(
+                (
+                    f"config {key}={value!r}",
+                    _join({**header, "__metadata__": {**meta, "model_config": cfg}}, body),
+                )
+            )
     for name in rng.sample(names, min(6, len(names))):
         entry = header[name]
         lo, hi = entry["data_offsets"]
@@ -315,7 +327,14 @@ def test_malformed_checkpoints(
         variant.write_bytes(data)
         before = _digest([other, variant])
         if command == "affinity":
-            r = run_cli("affinity", str(other.relative_to(world)), "fuzz.safetensors", "--out", "out.json", "-q")
+            r = run_cli(
+                "affinity",
+                str(other.relative_to(world)),
+                "fuzz.safetensors",
+                "--out",
+                "out.json",
+                "-q",
+            )
             outputs = [world / "out.json"]
         else:
             r = run_cli("aggregate", str(other.relative_to(world)), "fuzz.safetensors", "--method", "fedavg", "--out", "outdir", "-q")  # fmt: skip
@@ -458,7 +477,9 @@ def test_damaged_run_folders(world: Path, run_cli: Run, monkeypatch: pytest.Monk
             keep = [p for p in work.rglob("*") if p.is_file() and p.name in files]
             before = _digest(keep)
             if resume:
-                r = run_cli("run", "recipe.yaml", "--out", "fuzzrun", "--resume", "-q", "--threads", "1")
+                r = run_cli(
+                    "run", "recipe.yaml", "--out", "fuzzrun", "--resume", "-q", "--threads", "1"
+                )
             else:
                 r = run_cli("report", "fuzzrun", "-q")
             bad = _check(r, [], {}, [], f"run folder {label} (resume={resume})")

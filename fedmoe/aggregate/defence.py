@@ -16,7 +16,14 @@ applied to one row (one target expert, one tensor) in this order, each optional:
    Really Backdoor Federated Learning?", 2019, bound update norms by a fixed radius; we centre on
    the target and make the radius relative, so one value serves every tensor and model size).
    With ρ = ∞ the result is Eq. 11 exactly, since the row's weights sum to one.
-3. **The reduce kind** over the (re-weighted, bounded) sources: the weighted mean (Eq. 11), or
+3. **Trust in the direction of the target's own update** (``trust``): with θ0 the target's expert
+   at the start of the round and u = x_own − θ0 its own update, each other source gets its weight
+   multiplied by max(0, cos(x_s − θ0, u)), and the row's weights are renormalised. This is the
+   trust score of FLTrust (Cao et al., NDSS 2021), with the target's own update in the role of the
+   server's root-dataset update: a peer that moved the target's expert against the way the
+   target's own data moved it (a flipped or unrelated update) is not merged. It needs θ0 (the
+   target's model before its local training); without it the step is skipped.
+4. **The reduce kind** over the (re-weighted, bounded) sources: the weighted mean (Eq. 11), or
    the coordinate-wise median, trimmed mean or centred clipping of :mod:`fedmoe.aggregate.reduce`
    (the median and trimmed mean ignore the weights, as in Yin et al., ICML 2018).
 
@@ -41,19 +48,34 @@ class ExpertDefence:
     reduce: Reduce = Reduce()  # mean = Eq. 11
     bound: float = 0.0  # ρ: relative L2 radius around the target's own expert (0: off)
     outlier: float = 0.0  # k: down-weight sources beyond k × the median distance (0: off)
+    trust: bool = False  # weigh sources by the cosine of their move to the target's own update
 
     @property
     def plain(self) -> bool:
         """True when the merge is Eq. 11 itself (no defence)."""
-        return self.reduce.kind is ReduceKind.MEAN and self.bound <= 0 and self.outlier <= 0
+        return (
+            self.reduce.kind is ReduceKind.MEAN
+            and self.bound <= 0
+            and self.outlier <= 0
+            and not self.trust
+        )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
-        return {"reduce": self.reduce.to_dict(), "bound": self.bound, "outlier": self.outlier}
+        return {
+            "reduce": self.reduce.to_dict(),
+            "bound": self.bound,
+            "outlier": self.outlier,
+            "trust": self.trust,
+        }
 
 
 def defend_row(
-    x: torch.Tensor, weights: torch.Tensor, own: int | None, defence: ExpertDefence
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    own: int | None,
+    defence: ExpertDefence,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One target's merged tensor from its row's sources.
 
@@ -67,6 +89,8 @@ def defend_row(
         Position of the target's own expert among the sources (None if it is not one of them).
     defence
         What to apply.
+    start
+        (D,) float64: the target's expert at the start of the round (for ``trust``).
 
     Returns
     -------
@@ -89,6 +113,16 @@ def defend_row(
         w = w * factor
         total = float(w.sum())
         w = w / total if total > 0 else weights.clone()
+    if defence.trust and own is not None and start is not None:
+        u = x[own] - start
+        if float(u.norm()) > 0:
+            v = x - start  # (S, D)
+            cos = (v @ u) / torch.clamp(v.norm(dim=1) * u.norm(), min=1e-300)
+            factor = torch.clamp(cos, min=0.0)
+            factor[own] = 1.0
+            w = w * factor
+            total = float(w.sum())
+            w = w / total if total > 0 else weights.clone()
     if defence.bound > 0 and own is not None:
         base = x[own]
         dev = x - base  # (S, D)

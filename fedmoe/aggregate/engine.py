@@ -58,11 +58,13 @@ class Merger:
         schema: ModelSchema,
         source: TensorSource,
         dtypes: Mapping[str, torch.dtype],
+        starts: TensorSource | None = None,
     ) -> None:
         self.spec = spec
         self.schema = schema
         self.source = source
         self.dtypes = dtypes
+        self.starts = starts  # each target's model at the start of the round (trust defence)
         self._cache: dict[tuple[object, ...], torch.Tensor] = {}
         self._member: dict[tuple[int, int], int | None] = {}
 
@@ -163,9 +165,16 @@ class Merger:
             if merge.defence.plain:
                 out = weights @ flat
             else:
+                start = self._start(client, entry.name)
                 out = torch.stack(
-                    [self._defended(weights[j], flat, keys, (client, j), merge) for j in range(e)]
-                )
+                    [
+                        self._defended(
+                            weights[j], flat, keys, (client, j), merge,
+                            None if start is None else start[j].flatten(),
+                        )
+                        for j in range(e)
+                    ]
+                )  # fmt: skip
             return out.reshape(e, *stacked.shape[1:]).to(dtype)
         assert entry.expert is not None
         pieces = [self.source.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys]
@@ -174,8 +183,20 @@ class Merger:
             out = weights[entry.expert] @ flat
         else:
             row = weights[entry.expert]
-            out = self._defended(row, flat, keys, (client, entry.expert), merge)
+            start = self._start(client, entry.name)
+            flat_start = None if start is None else start.flatten()
+            out = self._defended(row, flat, keys, (client, entry.expert), merge, flat_start)
         return out.reshape(entry.shape).to(dtype)
+
+    def _start(self, client: int, name: str) -> torch.Tensor | None:
+        """Tensor ``name`` of ``client``'s model at the start of the round (float64), when the
+        defence needs it and it is known."""
+        if self.starts is None:
+            return None
+        try:
+            return self.starts.tensor(client, name).to(torch.float64)
+        except KeyError:  # a target without a known start: the trust step is skipped
+            return None
 
     @staticmethod
     def _defended(
@@ -184,12 +205,13 @@ class Merger:
         keys: list[tuple[int, int]],
         target: tuple[int, int],
         merge: CrossExpert,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One target expert's tensor under the spec's defence (:mod:`fedmoe.aggregate.defence`):
         only the sources its row names."""
         used = torch.nonzero(row).flatten().tolist()
         own = next((p for p, u in enumerate(used) if keys[u] == target), None)
-        return defend_row(flat[used], row[used], own, merge.defence)
+        return defend_row(flat[used], row[used], own, merge.defence, start)
 
     def client(
         self, client: int, names: list[str] | None = None
@@ -200,12 +222,17 @@ class Merger:
 
 
 def merge_states(
-    spec: MergeSpec, schema: ModelSchema, states: Mapping[int, Mapping[str, torch.Tensor]]
+    spec: MergeSpec,
+    schema: ModelSchema,
+    states: Mapping[int, Mapping[str, torch.Tensor]],
+    starts: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Apply ``spec`` to in-memory models (every client of the spec): client id → output tensors.
     Members of one group share the group's tensors (the same objects), and a part a client keeps is
     its input tensor itself: copy before changing an output in place."""
     first = states[spec.clients[0]]
     dtypes = {k: v.dtype for k, v in first.items()}
-    merger = Merger(spec, schema, MemorySource(states), dtypes)
+    merger = Merger(
+        spec, schema, MemorySource(states), dtypes, MemorySource(starts) if starts else None
+    )
     return {c: dict(merger.client(c)) for c in spec.clients}

@@ -11,7 +11,7 @@ merged only in rounds where A is recomputed.
 
 Against malicious peers (beyond the paper, which trusts every peer): the shared parts may use a
 robust reduce kind (``reduce``), and each target may defend its own row of A
-(``expert_reduce``, ``expert_bound``, ``expert_outlier``; :mod:`fedmoe.aggregate.defence`). All
+(``expert_reduce``, ``expert_bound``, ``expert_outlier``, ``expert_trust``; :mod:`fedmoe.aggregate.defence`). All
 off by default: the paper's method.
 """
 
@@ -93,10 +93,19 @@ class FedMoEDA(ReduceParams, Aggregator):
         ge=0.0,
     )
 
+    expert_trust: bool = param(
+        False,
+        "weigh each source by the cosine between its move from the target's start and the"
+        " target's own update (FLTrust-style; needs each target's start model)",
+    )
+
     def defence(self) -> ExpertDefence:
         """How each target combines its row of A (:mod:`fedmoe.aggregate.defence`)."""
         return ExpertDefence(
-            Reduce(self.expert_reduce, self.trim, self.clip), self.expert_bound, self.expert_outlier
+            Reduce(self.expert_reduce, self.trim, self.clip),
+            self.expert_bound,
+            self.expert_outlier,
+            self.expert_trust,
         )
 
     def __post_init__(self) -> None:

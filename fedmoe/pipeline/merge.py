@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe import __version__
-from fedmoe.aggregate.base import Aggregator, RoundInputs
+from fedmoe.aggregate.base import Aggregator, CrossExpert, RoundInputs
 from fedmoe.aggregate.engine import Merger
 from fedmoe.errors import InputError
 from fedmoe.io.atomic import OutputSet
@@ -45,7 +45,8 @@ def merge_round(
     fresh
         This round's trained checkpoints (the participants).
     carried
-        Current models of the clients that sat the round out (ignored for clients in ``fresh``).
+        Current models of the clients that sat the round out; a participant's entry, when it is
+        the model its trained checkpoint started from, serves the ``expert_trust`` defence.
     method
         The aggregation method.
     plan, plan_source
@@ -57,6 +58,12 @@ def merge_round(
     """
     if not fresh:
         raise InputError("no checkpoint of this round to aggregate")
+    # a participant's start model: the given checkpoint its trained one was made from
+    starts = {
+        c: carried[c]
+        for c, k in fresh.items()
+        if c in carried and carried[c].sha256 == k.meta.parent_sha256
+    }
     carried = {c: k for c, k in carried.items() if c not in fresh}
     models = dict(sorted({**carried, **fresh}.items()))
     first = next(iter(fresh.values()))
@@ -91,7 +98,15 @@ def merge_round(
     names = list(schema.names)
     dtypes = {n: first.dtype(n) for n in names}
     specs = [TensorSpec(n, dtypes[n], first.shape(n)) for n in names]
-    merger = Merger(spec, schema, CheckpointSource(models), dtypes)
+    trust = any(isinstance(m, CrossExpert) and m.defence.trust for m in spec.experts)
+    if trust and not starts:
+        raise InputError(
+            "expert_trust needs each participant's model from the start of the round",
+            hint="pass the previous round's models (or the initial one) with --previous",
+        )
+    merger = Merger(
+        spec, schema, CheckpointSource(models), dtypes, CheckpointSource(starts) if trust else None
+    )
     paths = {c: out / f"client-{c:03d}.safetensors" for c in ids}
     manifest_path = out / "aggregate.json"
     plan_sha = plan.sha256 if plan is not None else ""

@@ -202,7 +202,13 @@ def run_method(
     recipe = ctx.recipe
     method: Aggregator = recipe.method(name)
     attack = recipe.attack_of(name)
-    bad = malicious_clients(recipe.seed, ctx.num_clients, recipe.attack.fraction) if attack else ()
+    # with an attack in the recipe, every arm (the clean ones too) is evaluated on the same benign
+    # clients, so that an arm's drop against its clean arm compares the same population
+    bad = (
+        malicious_clients(recipe.seed, ctx.num_clients, recipe.attack.fraction)
+        if recipe.attack.kinds
+        else ()
+    )
     groups = _groups(ctx.partition)
     n = ctx.num_clients
     models = _models(ctx, name, resume_from)  # every client's current model, opened once a round
@@ -231,7 +237,7 @@ def run_method(
         plan = None
         if isinstance(method, FedMoEDA):
             plan = _sync(ctx, method, name, rnd, active, fresh)
-        carried = {c: models[c] for c in range(n) if c not in fresh}
+        carried = dict(models)  # the non-participants' models, and the participants' starts
         rplan, _ = merge_round(
             fresh,
             carried,
@@ -260,11 +266,12 @@ def run_method(
             row["matrix_round"] = rplan.sync.matrix_round
             row["sources_other_client"] = _remote_share(applied)
             row["remote_same_domain"] = _same_domain_share(applied, groups)
-            if bad:
+            if attack is not None:
                 row["sources_malicious"] = _malicious_share(applied, set(bad))
         if attack is not None:
             row["attack"] = attack.value
-            row["malicious"] = list(bad)
+        if bad:
+            row["malicious"] = list(bad)  # left out of the accuracies (attacked or not)
         if rnd % recipe.eval_every == 0 or rnd == recipe.rounds:
             # the malicious clients' own accuracy is not counted
             states = {c: k.state() for c, k in models.items() if c not in bad}
