@@ -105,6 +105,8 @@ def plan_sync(
     try:
         method: FedMoEDA = from_mapping(FedMoEDA, {**options, **extra}, where="--param")
     except ParamError as exc:
+        if exc.key in options:
+            raise  # worded as its option (--tau must be > 0)
         raise UsageError(f"--param {exc.worded(exc.key)}", hint=exc.hint) from None
     if affinity == STDIO and previous_plan == STDIO:
         raise UsageError("only one of the affinity and the previous plan can come from stdin")

@@ -88,6 +88,14 @@ def merge_round(
                     "computed from (sha256 differs)",
                     hint="aggregate the checkpoints the plan was made from, or re-plan",
                 )
+    if plan is not None:  # a plan reused within its interval is bound to its round instead
+        for c, k in fresh.items():
+            if k.meta.round != plan.plan.round:
+                raise InputError(
+                    f"{k.path}: a checkpoint of round {k.meta.round}, but {plan.where} is the "
+                    f"plan of round {plan.plan.round}",
+                    hint="aggregate each round's checkpoints with that round's plan",
+                )
     round_ = max(k.meta.round for k in fresh.values())
     ids = tuple(models)
     inputs = RoundInputs(
