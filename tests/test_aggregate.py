@@ -167,7 +167,7 @@ def test_registry_and_declared_parameters() -> None:
     assert list(Local.parameters()) == []
     assert list(FedMoEDA.parameters()) == [
         *robust, "top_p", "tau", "refresh_interval", "gate", "candidates", "stale", "interval",
-        "expert_reduce", "expert_bound", "expert_outlier",
+        "expert_reduce", "expert_bound", "expert_outlier", "expert_trust",
     ]  # fmt: skip
     assert all(FedMoEDA.parameters().values())  # every parameter has a help text
     assert [name for name, cls in AGGREGATORS.items() if cls.uses_matrix] == ["fedmoe-da"]

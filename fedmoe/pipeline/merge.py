@@ -89,7 +89,7 @@ def merge_round(
                     hint="aggregate the checkpoints the plan was made from, or re-plan",
                 )
     if plan is not None:  # a plan reused within its interval is bound to its round instead
-        for c, k in fresh.items():
+        for k in fresh.values():
             if k.meta.round != plan.plan.round:
                 raise InputError(
                     f"{k.path}: a checkpoint of round {k.meta.round}, but {plan.where} is the "
