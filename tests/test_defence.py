@@ -179,7 +179,35 @@ def test_the_trust_defence_through_the_commands(
     ok = run_cli("aggregate", "--plan", "plan.json", "r1", "--previous", "i.safetensors",
                  "--partition", "p.json", "--out", "b", "-q")  # fmt: skip
     assert ok.code == 0, ok.err
+    r = run_cli("aggregate", "--method", "fedavg", "-p", "reduce=aligned-mean", "r1", "--out", "c")
+    assert "reduce aligned-mean needs each participant's model from the start" in clean_failure(
+        r, 3
+    )
+    ok = run_cli("aggregate", "--method", "fedavg", "-p", "reduce=aligned-mean", "r1",
+                 "--previous", "i.safetensors", "--partition", "p.json", "--out", "d", "-q")  # fmt: skip
+    assert ok.code == 0, ok.err
     r = run_cli("plan-sync", "aff.json", "-p", "top_p=3", "--out", "x.json")
     assert "--param top_p: use --top-p" in clean_failure(r, 2)
     r = run_cli("plan-sync", "aff.json", "-p", "expert_bound=-2", "--out", "x.json")
     assert "--param expert_bound must be >= 0" in clean_failure(r, 2)
+
+
+def test_aligned_mean_by_hand() -> None:
+    """Updates against the median update get no weight; longer ones are cut to its length."""
+    from fedmoe.aggregate.reduce import reduce_tensors
+
+    starts = [torch.zeros(2) for _ in range(4)]
+    ups = [[1.0, 0.0], [1.0, 0.2], [-1.0, 0.0], [10.0, 0.0]]  # honest, honest, flipped, scaled
+    tensors = [torch.tensor(u) for u in ups]
+    out = reduce_tensors(Reduce(ReduceKind.ALIGNED_MEAN), tensors, (0.25,) * 4, F64, starts)
+    # median update r = (1, 0); cosines 1, 1/√1.04, -1 → 0, 1; scales 1, 1/√1.04, 1, 0.1
+    k = 1 / math.sqrt(1.04)
+    trust = np.array([0.25, 0.25 * k, 0.0, 0.25])
+    scale = np.array([1.0, k, 1.0, 0.1])
+    want = ((trust / trust.sum()) * scale) @ np.array(ups)
+    assert out.tolist() == pytest.approx(want.tolist())
+    moved = [torch.tensor([5.0, 5.0]) + t for t in tensors]
+    shifted = reduce_tensors(
+        Reduce(ReduceKind.ALIGNED_MEAN), moved, (0.25,) * 4, F64, [torch.full((2,), 5.0)] * 4
+    )
+    assert shifted.tolist() == pytest.approx((np.array([5.0, 5.0]) + want).tolist())

@@ -76,7 +76,8 @@ class Merger:
 
     def _reduce(self, group: Group, name: str) -> torch.Tensor:
         tensors = [self.source.tensor(c, name) for c in group.sources]
-        return reduce_tensors(self.spec.reduce, tensors, group.weights, self.dtypes[name])
+        starts = self._starts(group.sources, name)
+        return reduce_tensors(self.spec.reduce, tensors, group.weights, self.dtypes[name], starts)
 
     def tensor(self, client: int, name: str) -> torch.Tensor:
         """Tensor ``name`` of ``client``'s output model."""
@@ -123,14 +124,30 @@ class Merger:
                     acc.add_(t * w[:, s].reshape(view))
                 return acc.to(dtype)
             full = [self.source.tensor(c, entry.name) for c in sources]
+            begun = self._starts(sources, entry.name)
             parts = [
-                reduce_tensors(self.spec.reduce, [t[j] for t in full], weights[j], dtype)
+                reduce_tensors(
+                    self.spec.reduce,
+                    [t[j] for t in full],
+                    weights[j],
+                    dtype,
+                    None if begun is None else [t[j] for t in begun],
+                )
                 for j in range(entry.shape[0])
             ]
             return torch.stack(parts)
         assert entry.expert is not None
         tensors = [self.source.tensor(c, entry.name) for c in sources]
-        return reduce_tensors(self.spec.reduce, tensors, weights[entry.expert], dtype)
+        begun = self._starts(sources, entry.name)
+        return reduce_tensors(self.spec.reduce, tensors, weights[entry.expert], dtype, begun)
+
+    def _starts(self, sources: tuple[int, ...], name: str) -> list[torch.Tensor] | None:
+        """The sources' tensor ``name`` at the start of the round, when the reduce kind needs it."""
+        if not self.spec.reduce.needs_start:
+            return None
+        if self.starts is None:
+            raise KeyError("the start models")
+        return [self.starts.tensor(c, name) for c in sources]
 
     def _cross(self, client: int, entry: TensorEntry, merge: CrossExpert) -> torch.Tensor:
         """Eq. 11 for ``client``'s experts of one layer."""

@@ -13,6 +13,13 @@
   the weighted mean of the clipped deviations is added back. Departure: the paper centres on the
   previous aggregate and iterates; the median needs no state and one step bounds the influence of
   any one source by ``clip``.
+- ``aligned-mean``: each source's update u_s = x_s − x0_s (its tensor minus the model it started
+  the round from) is weighed by max(0, cos(u_s, r)), where r is the coordinate-wise median of the
+  updates, and clipped to at most ‖r‖; the result is the weighted start plus the weighted mean of
+  the clipped updates. Our design after FLTrust's trust score (Cao et al., NDSS 2021), with the
+  median update in the role of the server's root-dataset update (the server holds no data): an
+  update that points against the majority's (a sign flip) gets no weight, one much longer than
+  the majority's (scaling) is cut to its length. Needs the sources' start models.
 
 The robust kinds hold every source's copy of one tensor at once (S × the tensor's size).
 """
@@ -35,6 +42,7 @@ class ReduceKind(str, enum.Enum):
     MEDIAN = "median"
     TRIMMED_MEAN = "trimmed-mean"
     CLIPPED_MEAN = "clipped-mean"
+    ALIGNED_MEAN = "aligned-mean"
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,11 @@ class Reduce:
 
     def __post_init__(self) -> None:
         check_params(self)
+
+    @property
+    def needs_start(self) -> bool:
+        """True when the sources' start models are needed (``aligned-mean``)."""
+        return self.kind is ReduceKind.ALIGNED_MEAN
 
     @property
     def weighted(self) -> bool:
@@ -66,6 +79,30 @@ def weighted_sum(parts: list[tuple[torch.Tensor, float]], dtype: torch.dtype) ->
     return acc.to(dtype)
 
 
+def _aligned(
+    tensors: list[torch.Tensor], weights: tuple[float, ...], starts: list[torch.Tensor]
+) -> torch.Tensor:
+    x0 = torch.stack([t.to(torch.float64) for t in starts])  # (S, ...)
+    u = torch.stack([t.to(torch.float64) for t in tensors]) - x0
+    n = u.shape[0]
+    flat = u.reshape(n, -1)
+    ref = _median(flat)
+    w = torch.tensor(weights, dtype=torch.float64)
+    base = torch.tensordot(w, x0, dims=1)
+    rnorm = float(ref.norm())
+    if rnorm == 0.0:  # no majority direction: the plain weighted mean
+        return base + torch.tensordot(w, u, dims=1)
+    norms = flat.norm(dim=1)
+    cos = (flat @ ref) / torch.clamp(norms * rnorm, min=1e-300)
+    trust = w * torch.clamp(cos, min=0.0)
+    total = float(trust.sum())
+    if total <= 0.0:
+        return base
+    scale = torch.clamp(rnorm / torch.clamp(norms, min=1e-300), max=1.0)
+    step = torch.tensordot(trust / total * scale, u, dims=1)
+    return base + step
+
+
 def _median(stacked: torch.Tensor) -> torch.Tensor:
     s = stacked.sort(dim=0).values
     n = s.shape[0]
@@ -73,11 +110,20 @@ def _median(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_tensors(
-    reduce: Reduce, tensors: list[torch.Tensor], weights: tuple[float, ...], dtype: torch.dtype
+    reduce: Reduce,
+    tensors: list[torch.Tensor],
+    weights: tuple[float, ...],
+    dtype: torch.dtype,
+    starts: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Reduce the sources' copies of one tensor (all of the same shape) to one tensor of ``dtype``."""
+    """Reduce the sources' copies of one tensor (all of the same shape) to one tensor of ``dtype``
+    (``starts``: each source's tensor at the start of the round, for ``aligned-mean``)."""
     if reduce.kind is ReduceKind.MEAN:
         return weighted_sum(list(zip(tensors, weights, strict=True)), dtype)
+    if reduce.kind is ReduceKind.ALIGNED_MEAN:
+        if starts is None:
+            raise ValueError("aligned-mean needs the sources' start tensors")
+        return _aligned(tensors, weights, starts).to(dtype)
     stacked = torch.stack([t.to(torch.float64) for t in tensors])  # (S, ...)
     n = stacked.shape[0]
     if reduce.kind is ReduceKind.MEDIAN:

@@ -13,7 +13,9 @@ class ReduceParams:
     """How the server combines the clients of a group: the weighted mean, or a robust statistic."""
 
     reduce: ReduceKind = param(
-        ReduceKind.MEAN, "mean, median, trimmed-mean or clipped-mean (robust kinds unweighted)"
+        ReduceKind.MEAN,
+        "mean, median, trimmed-mean, clipped-mean or aligned-mean (median and trimmed-mean"
+        " unweighted; aligned-mean needs each participant's start model)",
     )
     trim: float = param(0.1, "trimmed-mean: share cut at each end per coordinate", ge=0.0, lt=0.5)
     clip: float = param(1.0, "clipped-mean: L2 radius of a deviation from the median", gt=0.0)

@@ -112,6 +112,15 @@ def merge_round(
             "expert_trust needs each participant's model from the start of the round",
             hint="pass the previous round's models (or the initial one) with --previous",
         )
+    if spec.reduce.needs_start:
+        trust = True
+        missing = sorted(set(fresh) - set(starts))
+        if missing:
+            raise InputError(
+                f"reduce {spec.reduce.kind.value} needs each participant's model from the start of "
+                f"the round; client {missing[0]}'s is not among the models given",
+                hint="pass the previous round's models (or the initial one) with --previous",
+            )
     merger = Merger(
         spec, schema, CheckpointSource(models), dtypes, CheckpointSource(starts) if trust else None
     )

@@ -339,7 +339,7 @@ def _attack(
                 trained.meta.num_samples,
                 trained.meta.seed,
                 f"attack:{kind.value}",
-                parent_sha256=trained.sha256,
+                parent_sha256=starts[c].sha256,  # it claims an update from its start model
                 routing=trained.meta.routing,
             )
             save_checkpoint(outputs, paths[c], state, meta)
