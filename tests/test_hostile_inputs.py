@@ -297,3 +297,49 @@ def test_a_force_run_that_dies_midway_keeps_the_previous_run(tmp_path: Path, how
     assert list(report["methods"]) == ["fedavg"] and report["methods"]["fedavg"]["rounds"] == 12
     assert not (tmp_path / ".run.fedmoe-new").exists()
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
+
+
+def test_sigkill_of_aggregate_force_leaves_old_or_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    """``aggregate --force`` over an earlier output, SIGKILLed at random moments: the folder's
+    manifest always matches the checkpoints it lists (the old output or the new one, never a torn
+    mix), and the next writer removes what the killed one left."""
+    import hashlib
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def consistent(folder: Path) -> bool:
+        manifest = json.loads((folder / "aggregate.json").read_text())
+        return all(
+            hashlib.sha256((folder / c["path"]).read_bytes()).hexdigest() == c["sha256"]
+            for c in manifest["checkpoints"]
+        )
+
+    steps = [
+        ("partition", "--clients", "6", "--scheme", "iid", "--out", "p.json", "-q"),
+        ("init", "--partition", "p.json", "--out", "i.safetensors", "-q"),
+        ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
+         "--out", "r1", "-q"),
+        ("aggregate", "--method", "fedavg", "r1", "--out", "agg", "-q"),
+    ]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for argv in steps:
+        assert run_cli(*argv).code == 0, argv
+    rng = random.Random(7)
+    for delay in [rng.uniform(0.2, 3.0) for _ in range(4)]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedmoe_cli.app", "aggregate", "--method", "naive-moe", "r1",
+             "--out", "agg", "--force", "-q"],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert consistent(tmp_path / "agg"), f"torn output after {delay:.2f} s"
+    assert run_cli("aggregate", "--method", "fedavg", "r1", "--out", "agg", "--force", "-q").code == 0
+    assert consistent(tmp_path / "agg")
+    assert [p.name for p in (tmp_path / "agg").iterdir() if p.name.endswith(".tmp")] == []
