@@ -38,3 +38,13 @@ def run_in(folder: Any, *commands: tuple[str, ...]) -> None:
                 main(list(argv))
             assert info.value.code == 0, argv
     torch.set_num_threads(threads)
+
+
+# one round of a 3-client federation with a tiny model: partition → init → train-round into r1/
+TINY_ROUND: list[tuple[str, ...]] = [
+    ("partition", "--clients", "3", "--scheme", "iid", "--out", "p.json", "-q"),
+    ("init", "--partition", "p.json", "--embed-hidden", "8", "--embed-dim", "4",
+     "--experts", "2", "--expert-hidden", "8", "--out", "i.safetensors", "-q"),
+    ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
+     "--out", "r1", "-q"),
+]  # fmt: skip

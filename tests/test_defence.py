@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import clean_failure
+from helpers import TINY_ROUND, clean_failure
 
 from fedmoe.aggregate import FedMoEDA, ReduceKind, RoundInputs, Upload
 from fedmoe.aggregate.defence import ExpertDefence, defend_row
@@ -161,11 +161,7 @@ def test_the_trust_defence_through_the_commands(
     defence without the participants' start models (--previous)."""
     monkeypatch.chdir(tmp_path)
     steps = [
-        ("partition", "--clients", "3", "--scheme", "iid", "--out", "p.json", "-q"),
-        ("init", "--partition", "p.json", "--embed-hidden", "8", "--embed-dim", "4",
-         "--experts", "2", "--expert-hidden", "8", "--out", "i.safetensors", "-q"),
-        ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
-         "--out", "r1", "-q"),
+        *TINY_ROUND,
         ("affinity", "r1/train-round.json", "--out", "aff.json", "-q"),
         ("plan-sync", "aff.json", "--top-p", "2", "-p", "expert_trust=true", "--out", "plan.json",
          "-q"),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import clean_failure
+from helpers import TINY_ROUND, clean_failure
 
 from fedmoe.errors import OutputError
 from fedmoe.io.atomic import OutputSet
@@ -147,11 +147,7 @@ def test_a_plan_is_not_applied_to_other_checkpoints(
     cosines (NaN) is refused too."""
     monkeypatch.chdir(tmp_path)
     steps = [
-        ("partition", "--clients", "3", "--scheme", "iid", "--out", "p.json", "-q"),
-        ("init", "--partition", "p.json", "--embed-hidden", "8", "--embed-dim", "4",
-         "--experts", "2", "--expert-hidden", "8", "--out", "i.safetensors", "-q"),
-        ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
-         "--out", "r1", "-q"),
+        *TINY_ROUND,
         ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
          "--seed", "9", "--out", "other", "-q"),
         ("affinity", "r1/train-round.json", "--out", "aff.json", "-q"),
