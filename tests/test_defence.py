@@ -84,6 +84,21 @@ def test_trust_in_the_targets_own_update_by_hand() -> None:
     )  # without the start: the plain mean
 
 
+def test_aligned_mean_over_a_targets_sources_uses_their_own_starts() -> None:
+    from fedmoe.aggregate.reduce import reduce_tensors
+
+    x = t([[1.0, 1.0], [0.0, 2.0], [3.0, 3.0]])
+    starts = t([[0.0, 0.0], [-1.0, 1.0], [4.0, 4.0]])  # updates (1,1), (1,1), (-1,-1)
+    w = torch.tensor([0.5, 0.25, 0.25], dtype=F64)
+    d = ExpertDefence(Reduce(ReduceKind.ALIGNED_MEAN))
+    out = defend_row(x, w, 0, d, starts=starts)
+    want = reduce_tensors(d.reduce, list(x), (0.5, 0.25, 0.25), F64, list(starts))
+    assert torch.equal(out, want)
+    # the flipped source gets no weight: the weighted start plus the honest update (1, 1)
+    base = 0.5 * starts[0] + 0.25 * starts[1] + 0.25 * starts[2]
+    assert out.tolist() == pytest.approx((base + torch.tensor([1.0, 1.0], dtype=F64)).tolist())
+
+
 def test_median_and_trimmed_mean_over_a_targets_sources() -> None:
     x = t([[1.0], [2.0], [9.0], [3.0], [-50.0]])
     w = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1], dtype=F64)
@@ -181,6 +196,13 @@ def test_the_trust_defence_through_the_commands(
     )
     ok = run_cli("aggregate", "--method", "fedavg", "-p", "reduce=aligned-mean", "r1",
                  "--previous", "i.safetensors", "--partition", "p.json", "--out", "d", "-q")  # fmt: skip
+    assert ok.code == 0, ok.err
+    assert run_cli("plan-sync", "aff.json", "--top-p", "2", "-p", "expert_reduce=aligned-mean",
+                   "--out", "aligned.json", "-q").code == 0  # fmt: skip
+    r = run_cli("aggregate", "--plan", "aligned.json", "r1", "--out", "e")
+    assert "expert_reduce aligned-mean needs each participant's model" in clean_failure(r, 3)
+    ok = run_cli("aggregate", "--plan", "aligned.json", "r1", "--previous", "i.safetensors",
+                 "--partition", "p.json", "--out", "f", "-q")  # fmt: skip
     assert ok.code == 0, ok.err
     r = run_cli("plan-sync", "aff.json", "-p", "top_p=3", "--out", "x.json")
     assert "--param top_p: use --top-p" in clean_failure(r, 2)

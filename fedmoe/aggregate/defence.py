@@ -24,8 +24,10 @@ applied to one row (one target expert, one tensor) in this order, each optional:
    target's own data moved it (a flipped or unrelated update) is not merged. It needs θ0 (the
    target's model before its local training); without it the step is skipped.
 4. **The reduce kind** over the (re-weighted, bounded) sources: the weighted mean (Eq. 11), or
-   the coordinate-wise median, trimmed mean or centred clipping of :mod:`fedmoe.aggregate.reduce`
-   (the median and trimmed mean ignore the weights, as in Yin et al., ICML 2018).
+   the coordinate-wise median, trimmed mean, centred clipping or aligned mean of
+   :mod:`fedmoe.aggregate.reduce` (the median and trimmed mean ignore the weights, as in Yin et
+   al., ICML 2018; the aligned mean weighs each source's own one-round update by its agreement
+   with the row's median update, so it needs every source's start model).
 
 Departure from the paper: the paper trusts every peer; with every defence off (the default) the
 merge is the paper's Eq. 11, bit for bit. Each defence acts per tensor of the expert (weights and
@@ -76,6 +78,7 @@ def defend_row(
     own: int | None,
     defence: ExpertDefence,
     start: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One target's merged tensor from its row's sources.
 
@@ -91,6 +94,8 @@ def defend_row(
         What to apply.
     start
         (D,) float64: the target's expert at the start of the round (for ``trust``).
+    starts
+        (S, D) float64: every source's expert at the start of its round (``aligned-mean``).
 
     Returns
     -------
@@ -133,4 +138,5 @@ def defend_row(
         )
         x = base + dev * scale[:, None]
     rows = list(x)
-    return reduce_tensors(defence.reduce, rows, tuple(float(v) for v in w), torch.float64)
+    begun = None if starts is None else list(starts)
+    return reduce_tensors(defence.reduce, rows, tuple(float(v) for v in w), torch.float64, begun)

@@ -183,11 +183,14 @@ class Merger:
                 out = weights @ flat
             else:
                 start = self._start(client, entry.name)
+                begun = None
+                if merge.defence.reduce.needs_start:  # every source's expert at its start
+                    begun = self._source_starts(by_client, entry.name).reshape(len(uniq), -1)
                 out = torch.stack(
                     [
                         self._defended(
                             weights[j], flat, keys, (client, j), merge,
-                            None if start is None else start[j].flatten(),
+                            None if start is None else start[j].flatten(), begun,
                         )
                         for j in range(e)
                     ]
@@ -202,7 +205,19 @@ class Merger:
             row = weights[entry.expert]
             start = self._start(client, entry.name)
             flat_start = None if start is None else start.flatten()
-            out = self._defended(row, flat, keys, (client, entry.expert), merge, flat_start)
+            begun = None
+            if merge.defence.reduce.needs_start:
+                if self.starts is None:
+                    raise KeyError("the start models")
+                begun = torch.stack(
+                    [
+                        self.starts.tensor(c, self.schema.expert_name(entry.slot, j))
+                        for c, j in keys
+                    ]
+                ).to(torch.float64).reshape(len(uniq), -1)
+            out = self._defended(
+                row, flat, keys, (client, entry.expert), merge, flat_start, begun
+            )
         return out.reshape(entry.shape).to(dtype)
 
     def _start(self, client: int, name: str) -> torch.Tensor | None:
@@ -223,12 +238,22 @@ class Merger:
         target: tuple[int, int],
         merge: CrossExpert,
         start: torch.Tensor | None = None,
+        begun: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One target expert's tensor under the spec's defence (:mod:`fedmoe.aggregate.defence`):
-        only the sources its row names."""
+        only the sources its row names (``begun``: every source's tensor at its start)."""
         used = torch.nonzero(row).flatten().tolist()
         own = next((p for p, u in enumerate(used) if keys[u] == target), None)
-        return defend_row(flat[used], row[used], own, merge.defence, start)
+        starts = None if begun is None else begun[used]
+        return defend_row(flat[used], row[used], own, merge.defence, start, starts)
+
+    def _source_starts(self, by_client: dict[int, list[int]], name: str) -> torch.Tensor:
+        """The sources' experts at the start of the round, in the order of ``by_client``."""
+        if self.starts is None:
+            raise KeyError("the start models")
+        return torch.cat(
+            [self.starts.experts(c, name, js) for c, js in by_client.items()]
+        ).to(torch.float64)
 
     def client(
         self, client: int, names: list[str] | None = None

@@ -106,21 +106,22 @@ def merge_round(
     names = list(schema.names)
     dtypes = {n: first.dtype(n) for n in names}
     specs = [TensorSpec(n, dtypes[n], first.shape(n)) for n in names]
-    trust = any(isinstance(m, CrossExpert) and m.defence.trust for m in spec.experts)
-    if trust and not starts:
-        raise InputError(
-            "expert_trust needs each participant's model from the start of the round",
-            hint="pass the previous round's models (or the initial one) with --previous",
-        )
-    if spec.reduce.needs_start:
-        trust = True
-        missing = sorted(set(fresh) - set(starts))
-        if missing:
+    needs = {  # defences that need each participant's model from the start of the round
+        "expert_trust": any(isinstance(m, CrossExpert) and m.defence.trust for m in spec.experts),
+        "expert_reduce aligned-mean": any(
+            isinstance(m, CrossExpert) and m.defence.reduce.needs_start for m in spec.experts
+        ),
+        "reduce aligned-mean": spec.reduce.needs_start,
+    }
+    missing = sorted(set(fresh) - set(starts))
+    for what, needed in needs.items():
+        if needed and (missing if what != "expert_trust" else not starts):
+            who = f"; client {missing[0]}'s is not among the models given" if starts else ""
             raise InputError(
-                f"reduce {spec.reduce.kind.value} needs each participant's model from the start of "
-                f"the round; client {missing[0]}'s is not among the models given",
+                f"{what} needs each participant's model from the start of the round{who}",
                 hint="pass the previous round's models (or the initial one) with --previous",
             )
+    trust = any(needs.values())
     merger = Merger(
         spec, schema, CheckpointSource(models), dtypes, CheckpointSource(starts) if trust else None
     )
