@@ -10,7 +10,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmoe.errors import Interrupted, OutputError
-from fedmoe.io.run_folder import RunFolder, completed_rounds, publish_run, remove_round
+from fedmoe.io.run_folder import (
+    RunFolder,
+    completed_rounds,
+    publish_run,
+    remove_round,
+    run_lock,
+)
 from fedmoe.pipeline.pool import TrainPool, default_workers
 from fedmoe.run import load_recipe
 from fedmoe.run.orchestrator import check_resume, prepare, run_method, write_setup
@@ -65,54 +71,55 @@ def run(
     console = stderr_console(quiet)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     rec, _ = load_recipe(recipe, parse_overrides(config))
-    resolved = rec.to_dict()
-    final = RunFolder(out)
-    # --force over an existing run builds the new run beside it and swaps only once it is complete
-    staged = force and (final.started() or (resume and final.staging.is_dir()))
-    folder = RunFolder(final.staging) if staged else final
-    if resume and not (staged and folder.root.is_dir()):
-        check_resume(out, resolved)
-    elif resume:
-        check_resume(folder.root, resolved)
-    elif final.started() and not force:
-        raise OutputError(
-            f"{out} already holds a run; pass --resume to continue it or --force to start over",
+    with run_lock(out):  # one fedmoe run per folder at a time
+        resolved = rec.to_dict()
+        final = RunFolder(out)
+        # --force over an existing run builds the new run beside it and swaps only once it is complete
+        staged = force and (final.started() or (resume and final.staging.is_dir()))
+        folder = RunFolder(final.staging) if staged else final
+        if resume and not (staged and folder.root.is_dir()):
+            check_resume(out, resolved)
+        elif resume:
+            check_resume(folder.root, resolved)
+        elif final.started() and not force:
+            raise OutputError(
+                f"{out} already holds a run; pass --resume to continue it or --force to start over",
+            )
+        if not resume:
+            if staged:
+                remove_round(folder.root)  # what an earlier --force left there
+            write_setup(rec, folder, resolved)
+        ctx = prepare(rec, folder.root)
+        done = completed_rounds(folder.metrics) if resume else {}
+        progress = Progress(
+            TextColumn("{task.description:>14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[acc]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet or not console.is_terminal,
         )
-    if not resume:
+        part = ctx.partition
+        pool = TrainPool(
+            part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
+        )
+        again = f"fedmoe run {recipe} --out {out}" + (" --force" if staged else "") + " --resume"
+        again += "".join(f" -c {c}" for c in config or [])
+        try:
+            _run_methods(rec, ctx, pool, progress, console, done, quiet)
+        except KeyboardInterrupt:
+            kept = (
+                f"{out} still holds the previous run; the new run's completed rounds are kept in "
+                f"{folder.root}"
+                if staged
+                else f"the rounds completed so far are kept in {out}"
+            )
+            raise Interrupted(f"interrupted; {kept}", hint=f"continue with: {again}") from None
         if staged:
-            remove_round(folder.root)  # what an earlier --force left there
-        write_setup(rec, folder, resolved)
-    ctx = prepare(rec, folder.root)
-    done = completed_rounds(folder.metrics) if resume else {}
-    progress = Progress(
-        TextColumn("{task.description:>14}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[acc]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet or not console.is_terminal,
-    )
-    part = ctx.partition
-    pool = TrainPool(
-        part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
-    )
-    again = f"fedmoe run {recipe} --out {out}" + (" --force" if staged else "") + " --resume"
-    again += "".join(f" -c {c}" for c in config or [])
-    try:
-        _run_methods(rec, ctx, pool, progress, console, done, quiet)
-    except KeyboardInterrupt:
-        kept = (
-            f"{out} still holds the previous run; the new run's completed rounds are kept in "
-            f"{folder.root}"
-            if staged
-            else f"the rounds completed so far are kept in {out}"
-        )
-        raise Interrupted(f"interrupted; {kept}", hint=f"continue with: {again}") from None
-    if staged:
-        publish_run(folder.root, out)
-    path, report = make_report(out, console)
-    emit(path, report, json_)
+            publish_run(folder.root, out)
+        path, report = make_report(out, console)
+        emit(path, report, json_)
 
 
 def _run_methods(

@@ -339,3 +339,19 @@ def test_sigkill_of_aggregate_force_leaves_old_or_new(
     assert run_cli("aggregate", "--method", "fedavg", "r1", "--out", "agg", "--force", "-q").code == 0
     assert consistent(tmp_path / "agg")
     assert [p.name for p in (tmp_path / "agg").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_two_runs_into_one_folder_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    """While one ``fedmoe run`` holds a folder, a second one into it is refused (exit 4) instead of
+    mixing the two runs' files."""
+    from fedmoe.io.run_folder import run_lock
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(TINY)
+    with run_lock(tmp_path / "o"):
+        r = run_cli("run", "r.yaml", "--out", "o")
+        assert "o is in use by another fedmoe run" in clean_failure(r, 4)
+        assert not (tmp_path / "o").exists()
+    assert run_cli("run", "r.yaml", "--out", "o", "-q", "--threads", "1").code == 0

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,29 @@ class RunFolder:
             shutil.rmtree(self.root / name, ignore_errors=True)
         for name in RUN_FILES:
             (self.root / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold the run folder ``folder`` for one ``fedmoe run`` at a time (an advisory lock on a file
+    beside it, released however the process ends): a second run into the same folder is refused
+    instead of mixing two runs' files."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.fedmoe-lock"
+    handle = open(path, "a+b")  # noqa: SIM115  held for the whole run
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(
+                f"{folder} is in use by another fedmoe run",
+                hint="wait for it to finish, or choose another --out",
+            ) from None
+        yield
+    finally:
+        handle.close()
 
 
 def publish_run(stage: Path, out: Path) -> None:
