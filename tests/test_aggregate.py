@@ -199,7 +199,7 @@ def test_make_method_builds_the_declared_values() -> None:
     ("name", "params", "key", "option"),
     [
         ("fedavg", {"reduce": "bogus"}, "reduce",
-         "--reduce must be one of mean, median, trimmed-mean, clipped-mean, got 'bogus'"),
+         "--reduce must be one of mean, median, trimmed-mean, clipped-mean, aligned-mean, got 'bogus'"),
         ("naive-moe", {"trim": 0.5}, "trim", "--trim must be < 0.5, got 0.5"),
         ("oracle-domain", {"clip": 0}, "clip", "--clip must be > 0, got 0.0"),
         ("fedmoe-da", {"top_p": -1}, "top_p", "--top-p must be >= 0, got -1"),
@@ -696,6 +696,18 @@ def all_specs(inputs: RoundInputs) -> list[tuple[str, MergeSpec]]:
             agg = FedMoEDA(gate=GateMode(gate))
             spec = agg.spec(dataclasses.replace(da, matrices=(matrix,)))
             out.append((f"fedmoe-da-{gate}", spec))
+    for label, defended in (
+        ("outlier", FedMoEDA(expert_outlier=2.0)),
+        ("bound", FedMoEDA(expert_bound=0.1)),
+        ("trust", FedMoEDA(expert_trust=True)),
+        (
+            "aligned",
+            FedMoEDA(expert_reduce=ReduceKind.ALIGNED_MEAN, reduce=ReduceKind.ALIGNED_MEAN),
+        ),
+        ("median", FedMoEDA(expert_reduce=ReduceKind.MEDIAN)),
+    ):
+        spec = defended.spec(dataclasses.replace(da, matrices=(planned,)))
+        out.append((f"fedmoe-da-{label}", spec))
     return out
 
 
@@ -708,7 +720,7 @@ def test_identical_experts_merge_to_themselves(participants: tuple[int, ...]) ->
         same[name] = same[name][:1].expand_as(same[name]).clone()
     states = {c: {k: v.clone() for k, v in same.items()} for c in CLIENTS}
     for label, spec in all_specs(round_inputs(participants, ROUTING)):
-        out = merge_states(spec, SCHEMA, states)
+        out = merge_states(spec, SCHEMA, states, starts=states)  # no update: starts = models
         for c in CLIENTS:
             for k in same:
                 assert torch.equal(out[c][k], same[k]), (label, c, k)

@@ -336,7 +336,9 @@ def test_sigkill_of_aggregate_force_leaves_old_or_new(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert consistent(tmp_path / "agg"), f"torn output after {delay:.2f} s"
-    assert run_cli("aggregate", "--method", "fedavg", "r1", "--out", "agg", "--force", "-q").code == 0
+    assert (
+        run_cli("aggregate", "--method", "fedavg", "r1", "--out", "agg", "--force", "-q").code == 0
+    )
     assert consistent(tmp_path / "agg")
     assert [p.name for p in (tmp_path / "agg").iterdir() if p.name.endswith(".tmp")] == []
 
