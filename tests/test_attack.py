@@ -44,6 +44,19 @@ def test_sign_flip_and_scaling_by_hand() -> None:
         assert torch.allclose(boost[name], ctx.start[name] + 3.0 * delta)
 
 
+def test_an_attack_on_some_parts_sends_the_rest_honestly() -> None:
+    from fedmoe.attack import AttackParts
+    from fedmoe.model.schema import Role
+
+    ctx = _ctx()
+    shared = poison_upload(AttackKind.SIGN_FLIP, ctx, parts=AttackParts.SHARED)
+    experts = poison_upload(AttackKind.SIGN_FLIP, ctx, parts=AttackParts.EXPERTS)
+    for name in ctx.trained:
+        expert = SCHEMA.role(name) is Role.EXPERT
+        assert torch.equal(shared[name], ctx.trained[name]) == expert
+        assert torch.equal(experts[name], ctx.trained[name]) == (not expert)
+
+
 def test_noise_is_seeded_and_scaled_to_each_tensor() -> None:
     a = poison_upload(AttackKind.NOISE, _ctx())
     b = poison_upload(AttackKind.NOISE, _ctx())

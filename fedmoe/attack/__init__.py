@@ -10,8 +10,10 @@ from fedmoe.attack.base import (
     AttackConfig,
     AttackContext,
     AttackKind,
+    AttackParts,
     malicious_clients,
 )
+from fedmoe.model.schema import Role
 
 _SIMPLE = {
     AttackKind.SIGN_FLIP: sign_flip.poison,
@@ -22,13 +24,35 @@ _SIMPLE = {
 
 
 def poison_upload(
-    kind: AttackKind, ctx: AttackContext, poison: AttackKind = AttackKind.NOISE
+    kind: AttackKind,
+    ctx: AttackContext,
+    poison: AttackKind = AttackKind.NOISE,
+    parts: AttackParts = AttackParts.ALL,
 ) -> dict[str, torch.Tensor]:
     """The model a malicious client sends instead of its honest one (same names, shapes and
-    dtypes)."""
+    dtypes); with ``parts``, only the shared parts or only the experts are poisoned."""
     simple = _SIMPLE[poison if kind is AttackKind.MIMICRY else kind]
     out = mimicry.poison(ctx, simple) if kind is AttackKind.MIMICRY else simple(ctx)
-    return {n: out[n].to(ctx.trained[n].dtype).contiguous() for n in ctx.trained}
+
+    def poisoned(name: str) -> bool:
+        role = ctx.schema.role(name)
+        if parts is AttackParts.SHARED:
+            return role is not Role.EXPERT
+        if parts is AttackParts.EXPERTS:
+            return role is Role.EXPERT or (kind is AttackKind.MIMICRY and role is Role.GATE)
+        return True
+
+    return {
+        n: (out[n] if poisoned(n) else ctx.trained[n]).to(ctx.trained[n].dtype).contiguous()
+        for n in ctx.trained
+    }
 
 
-__all__ = ["AttackConfig", "AttackContext", "AttackKind", "malicious_clients", "poison_upload"]
+__all__ = [
+    "AttackConfig",
+    "AttackContext",
+    "AttackKind",
+    "AttackParts",
+    "malicious_clients",
+    "poison_upload",
+]

@@ -24,6 +24,14 @@ from fedmoe.params import check_params, param
 State = Mapping[str, torch.Tensor]
 
 
+class AttackParts(str, enum.Enum):
+    """Which parts of its model a malicious client poisons (the rest it sends honestly)."""
+
+    ALL = "all"
+    SHARED = "shared"  # what the server averages: the shared parts (and the gate)
+    EXPERTS = "experts"  # what travels peer to peer (mimicry still copies gate rows)
+
+
 class AttackKind(str, enum.Enum):
     """The simulated attacks."""
 
@@ -70,6 +78,9 @@ class AttackConfig:
         AttackKind.NOISE, "mimicry: how the mimicking client poisons its other tensors"
     )
     start_round: int = param(1, "first round in which the malicious clients attack", ge=1)
+    parts: AttackParts = param(
+        AttackParts.ALL, "what the malicious clients poison: all, shared (server side) or experts"
+    )
     clean: bool = param(True, "also run every method without the attack")
 
     def __post_init__(self) -> None:
@@ -98,6 +109,7 @@ class AttackConfig:
             "poison": self.poison.value,
             "start_round": self.start_round,
             "clean": self.clean,
+            "parts": self.parts.value,
         }
 
 

@@ -331,7 +331,7 @@ def _attack(
                     np.random.SeedSequence([ctx.recipe.seed, rnd, c, 0xA77AC]).generate_state(1)[0]
                 ),
             )
-            state = poison_upload(kind, context, cfg.poison)
+            state = poison_upload(kind, context, cfg.poison, cfg.parts)
             meta = CheckpointMeta(
                 trained.config,
                 c,
