@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from fedmoe.affinity import Affinity, dominant
-from fedmoe.aggregate import FedMoEDA
+from fedmoe.aggregate.fedmoe_da import FedMoEDA
 from fedmoe.errors import ParamError
-from fedmoe.io.atomic import OutputSet
-from fedmoe.io.checkpoint_set import client_checkpoints, newest_per_client
 from fedmoe.io.manifest import STDIO, base_dir, dumps
-from fedmoe.io.partition_file import load_partition
 from fedmoe.params import default_of, help_of
-from fedmoe.pipeline.affinity import affinity_artefact
+
+if TYPE_CHECKING:
+    from fedmoe.affinity import Affinity
 
 from .common import Force, Json, Quiet, emit, handle_errors, pct, stderr_console
 
@@ -65,6 +63,11 @@ def affinity(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.io.atomic import OutputSet
+    from fedmoe.io.checkpoint_set import client_checkpoints, newest_per_client
+    from fedmoe.io.partition_file import load_partition
+    from fedmoe.pipeline.affinity import affinity_artefact
+
     console = stderr_console(quiet)
     if candidates < 1:
         raise ParamError("candidates", candidates, "must be >= 1")
@@ -104,6 +107,8 @@ def affinity(
 
 
 def _table(console: Any, full: Affinity, manifest: dict[str, Any]) -> None:
+    from fedmoe.affinity import dominant
+
     if console.quiet:
         return
     aff = full.layers[-1]  # the classifying layer

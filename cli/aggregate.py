@@ -4,22 +4,20 @@ weighted merge of any safetensors files."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 from rich.table import Table
 
-from fedmoe.aggregate import AGGREGATORS, Aggregator, make_method
+from fedmoe.aggregate.registry import AGGREGATORS
 from fedmoe.errors import InputError, ParamError, UsageError
-from fedmoe.io.atomic import OutputSet
-from fedmoe.io.checkpoint import Checkpoint
-from fedmoe.io.checkpoint_set import client_checkpoints, load_checkpoint_set
-from fedmoe.io.linear_merge import MappedFile, merged_metadata, plan_linear, write_linear
 from fedmoe.io.manifest import sha256_file
-from fedmoe.io.partition_file import LoadedPartition, load_partition
-from fedmoe.io.plan_file import load_plan
-from fedmoe.pipeline.merge import merge_round
+
+if TYPE_CHECKING:
+    from fedmoe.aggregate import Aggregator
+    from fedmoe.io.checkpoint import Checkpoint
+    from fedmoe.io.partition_file import LoadedPartition
 
 from .common import Force, Json, Quiet, emit, handle_errors, parse_params, stderr_console
 
@@ -128,6 +126,12 @@ def _federated(
     json_: bool,
     console: Any,
 ) -> None:
+    from fedmoe.aggregate import AGGREGATORS, make_method
+    from fedmoe.io.checkpoint_set import client_checkpoints
+    from fedmoe.io.partition_file import load_partition
+    from fedmoe.io.plan_file import load_plan
+    from fedmoe.pipeline.merge import merge_round
+
     if plan is not None and method not in (None, "fedmoe-da"):
         raise UsageError(
             f"--plan is the fedmoe-da merge; it cannot be combined with --method {method}"
@@ -189,6 +193,8 @@ def _federated(
 def _carried(previous: list[str], part: LoadedPartition | None) -> dict[int, Checkpoint]:
     """The current models of the clients that sat the round out: per-client checkpoints, or one
     global model (e.g. the initial one) for every client of ``--partition``."""
+    from fedmoe.io.checkpoint_set import load_checkpoint_set
+
     if not previous:
         return {}
     found = load_checkpoint_set(previous)
@@ -212,6 +218,9 @@ def _plain(
     json_: bool,
     console: Any,
 ) -> None:
+    from fedmoe.io.atomic import OutputSet
+    from fedmoe.io.linear_merge import MappedFile, merged_metadata, plan_linear, write_linear
+
     if method not in PLAIN:
         raise UsageError(f"plain --method must be one of {', '.join(PLAIN)}, got '{method}'")
     if len(inputs) < 1:

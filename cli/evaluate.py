@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from fedmoe.errors import InputError
-from fedmoe.io.atomic import check_writable
-from fedmoe.io.checkpoint_set import load_checkpoint_set
 from fedmoe.io.manifest import STDIO, header, write_manifest
-from fedmoe.io.partition_file import load_partition
-from fedmoe.train import evaluate_models
+
+if TYPE_CHECKING:
+    pass
 
 from .common import Force, Json, Quiet, emit, handle_errors, pct, stderr_console
 
@@ -40,6 +39,11 @@ def evaluate(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.io.atomic import check_writable
+    from fedmoe.io.checkpoint_set import load_checkpoint_set
+    from fedmoe.io.partition_file import load_partition
+    from fedmoe.train import evaluate_models
+
     console = stderr_console(quiet)
     if out != STDIO:
         check_writable(Path(out), force)  # refuse before any work, not after printing the table

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from fedmoe.errors import UsageError
-from fedmoe.io.atomic import OutputSet
-from fedmoe.io.checkpoint import CheckpointMeta, save_checkpoint
 from fedmoe.io.manifest import sha256_file
-from fedmoe.io.partition_file import load_partition
-from fedmoe.model import MoEConfig, init_model, schema_for, state_of
-from fedmoe.run.recipe import load_recipe
+
+if TYPE_CHECKING:
+    pass
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -33,6 +31,8 @@ Examples:
 def _recipe_model(path: Path) -> dict[str, Any]:
     """The recipe's ``model:`` section, validated by the recipe loader that ``fedmoe run`` uses
     (so ``init --config R`` and ``run R`` build the same model)."""
+    from fedmoe.run.recipe import load_recipe
+
     recipe, _ = load_recipe(path)
     return dict(recipe.model)
 
@@ -61,6 +61,11 @@ def init(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.io.atomic import OutputSet
+    from fedmoe.io.checkpoint import CheckpointMeta, save_checkpoint
+    from fedmoe.io.partition_file import load_partition
+    from fedmoe.model import MoEConfig, init_model, schema_for, state_of
+
     console = stderr_console(quiet)
     fields: dict[str, Any] = _recipe_model(config) if config is not None else {}
     given = {

@@ -11,10 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.data import BUILTIN, DataSpec
-from fedmoe.io.atomic import OutputSet
-from fedmoe.io.datasets import load_dataset
 from fedmoe.io.manifest import STDIO, base_dir, dumps
-from fedmoe.io.partition_file import partition_to_manifest
 from fedmoe.partition import PARTITIONERS, Partition, get_partitioner, make_partition
 from fedmoe.partition.pipeline import GLOBAL_TEST, LOCAL_TEST, NUM_CLIENTS
 
@@ -90,6 +87,10 @@ def partition(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.io.atomic import OutputSet
+    from fedmoe.io.datasets import load_dataset
+    from fedmoe.io.partition_file import partition_to_manifest
+
     console = stderr_console(quiet)
     options = {
         "alpha": alpha,

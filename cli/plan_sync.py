@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from fedmoe.aggregate import FedMoEDA
 from fedmoe.errors import ParamError, UsageError
-from fedmoe.io.affinity_file import load_affinity
-from fedmoe.io.atomic import OutputSet
 from fedmoe.io.manifest import STDIO, base_dir, dumps, sha256_bytes
-from fedmoe.io.plan_file import load_plan
 from fedmoe.params import default_of, from_mapping, help_of
-from fedmoe.pipeline.sync import sync_artefact
+
+if TYPE_CHECKING:
+    from fedmoe.aggregate import FedMoEDA
 
 from .common import Force, Json, Quiet, emit, handle_errors, parse_params, stderr_console
 
@@ -49,10 +47,14 @@ Examples:
 
 
 def _o(name: str) -> Any:
+    from fedmoe.aggregate import FedMoEDA
+
     return default_of(FedMoEDA, name)
 
 
 def _h(name: str) -> str:
+    from fedmoe.aggregate import FedMoEDA
+
     return help_of(FedMoEDA, name).capitalize() + "."
 
 
@@ -89,6 +91,12 @@ def plan_sync(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.aggregate import FedMoEDA
+    from fedmoe.io.affinity_file import load_affinity
+    from fedmoe.io.atomic import OutputSet
+    from fedmoe.io.plan_file import load_plan
+    from fedmoe.pipeline.sync import sync_artefact
+
     console = stderr_console(quiet)
     options = {
         "top_p": top_p,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from fedmoe.errors import UsageError
-from fedmoe.io.atomic import write_atomic
 from fedmoe.io.manifest import dumps
-from fedmoe.run.report import build_report, read_metrics, run_context, write_plots
+
+if TYPE_CHECKING:
+    pass
 
 from .common import Json, Quiet, emit, handle_errors, pct, stderr_console
 
@@ -26,6 +27,9 @@ Example:
 
 def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, dict[str, Any]]:
     """Write ``report.json`` (and the plots) for ``run_dir``; print the table."""
+    from fedmoe.io.atomic import write_atomic
+    from fedmoe.run.report import build_report, read_metrics, run_context, write_plots
+
     rows = read_metrics(run_dir)
     recipe, domain_names = run_context(run_dir)
     report = build_report(rows, recipe, domain_names)

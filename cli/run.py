@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmoe.errors import Interrupted, OutputError
-from fedmoe.io.run_folder import (
-    RunFolder,
-    completed_rounds,
-    publish_run,
-    remove_round,
-    run_lock,
-)
-from fedmoe.pipeline.pool import TrainPool, default_workers
-from fedmoe.run import load_recipe
-from fedmoe.run.orchestrator import check_resume, prepare, run_method, write_setup
+
+if TYPE_CHECKING:
+    from fedmoe.pipeline.pool import TrainPool
 
 from .common import Force, Json, Quiet, emit, handle_errors, parse_overrides, stderr_console
 from .report import make_report
@@ -67,6 +60,17 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     import torch
+
+    from fedmoe.io.run_folder import (
+        RunFolder,
+        completed_rounds,
+        publish_run,
+        remove_round,
+        run_lock,
+    )
+    from fedmoe.pipeline.pool import TrainPool, default_workers
+    from fedmoe.run import load_recipe
+    from fedmoe.run.orchestrator import check_resume, prepare, write_setup
 
     console = stderr_console(quiet)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
@@ -132,6 +136,8 @@ def _run_methods(
     quiet: bool,
 ) -> None:
     """Every method's remaining rounds, with a live progress bar on a terminal."""
+    from fedmoe.run.orchestrator import run_method
+
     tasks: dict[str, Any] = {}
 
     def update(method: str, rnd: int, total: int, row: dict[str, Any]) -> None:

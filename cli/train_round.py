@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedmoe.errors import UsageError
-from fedmoe.io.checkpoint_set import load_checkpoint_set
-from fedmoe.io.partition_file import load_partition
 from fedmoe.params import default_of, from_mapping, help_of
-from fedmoe.pipeline.pool import TrainPool, default_workers
-from fedmoe.pipeline.train import start_states, train_clients
-from fedmoe.train import TrainConfig
+
+if TYPE_CHECKING:
+    from fedmoe.train import TrainConfig
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -43,10 +41,14 @@ Examples:
 
 
 def _t(name: str) -> Any:
+    from fedmoe.train import TrainConfig
+
     return default_of(TrainConfig, name)
 
 
 def _h(name: str) -> str:
+    from fedmoe.train import TrainConfig
+
     return help_of(TrainConfig, name).capitalize() + "."
 
 
@@ -90,6 +92,12 @@ def train_round(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.io.checkpoint_set import load_checkpoint_set
+    from fedmoe.io.partition_file import load_partition
+    from fedmoe.pipeline.pool import TrainPool, default_workers
+    from fedmoe.pipeline.train import start_states, train_clients
+    from fedmoe.train import TrainConfig
+
     console = stderr_console(quiet)
     cfg: TrainConfig = from_mapping(
         TrainConfig,

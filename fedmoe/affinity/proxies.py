@@ -6,9 +6,10 @@ in which checkpoints were given."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ def stack_proxies(gates: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ExpertI
     gates
         Client id → that client's ``gate.weight``.
     """
+    import torch
+
     clients = tuple(sorted(gates))
     num_experts = int(gates[clients[0]].shape[0])
     matrix = torch.cat([gates[c].to(torch.float32) for c in clients], dim=0)  # (N·E, H)

@@ -2,39 +2,56 @@
 :data:`AGGREGATORS`, the reduce kinds, the engine that applies a merge to checkpoints or tensors,
 and a plain linear merge of any safetensors files."""
 
-from fedmoe.aggregate.base import (
-    Aggregator,
-    CrossExpert,
-    ExpertGroup,
-    Group,
-    MergeSpec,
-    RoundInputs,
-    SameIndex,
-    Upload,
-    sample_weights,
-)
-from fedmoe.aggregate.fedavg import FedAvg
-from fedmoe.aggregate.fedmoe_da import FedMoEDA, GateMode, Interval, StaleProxies
-from fedmoe.aggregate.local import Local
-from fedmoe.aggregate.naive_moe import NaiveMoE
-from fedmoe.aggregate.oracle_domain import OracleDomain
-from fedmoe.aggregate.reduce import Reduce, ReduceKind
+from __future__ import annotations
 
-AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FedMoEDA, FedAvg, NaiveMoE, Local, OracleDomain)
+from typing import TYPE_CHECKING
+
+from fedmoe._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from fedmoe.aggregate.base import (
+        Aggregator,
+        CrossExpert,
+        ExpertGroup,
+        Group,
+        MergeSpec,
+        RoundInputs,
+        SameIndex,
+        Upload,
+        sample_weights,
+    )
+    from fedmoe.aggregate.fedavg import FedAvg
+    from fedmoe.aggregate.fedmoe_da import FedMoEDA, GateMode, Interval, StaleProxies
+    from fedmoe.aggregate.local import Local
+    from fedmoe.aggregate.naive_moe import NaiveMoE
+    from fedmoe.aggregate.oracle_domain import OracleDomain
+    from fedmoe.aggregate.reduce import Reduce, ReduceKind
+    from fedmoe.aggregate.registry import AGGREGATORS, make_method
+
+_EXPORTS = {
+    "Aggregator": "base",
+    "CrossExpert": "base",
+    "ExpertGroup": "base",
+    "Group": "base",
+    "MergeSpec": "base",
+    "RoundInputs": "base",
+    "SameIndex": "base",
+    "Upload": "base",
+    "sample_weights": "base",
+    "FedAvg": "fedavg",
+    "FedMoEDA": "fedmoe_da",
+    "GateMode": "fedmoe_da",
+    "Interval": "fedmoe_da",
+    "StaleProxies": "fedmoe_da",
+    "Local": "local",
+    "NaiveMoE": "naive_moe",
+    "OracleDomain": "oracle_domain",
+    "Reduce": "reduce",
+    "ReduceKind": "reduce",
+    "AGGREGATORS": "registry",
+    "make_method": "registry",
 }
-
-
-def make_method(name: str, params: dict[str, object] | None = None) -> Aggregator:
-    """The method ``name`` with ``params`` (validated against its declared parameters)."""
-    from fedmoe.errors import UsageError
-    from fedmoe.params import from_mapping
-
-    if name not in AGGREGATORS:
-        raise UsageError(f"unknown method '{name}'", hint=f"use one of {', '.join(AGGREGATORS)}")
-    instance: Aggregator = from_mapping(AGGREGATORS[name], dict(params or {}))
-    return instance
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "AGGREGATORS",

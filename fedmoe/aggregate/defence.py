@@ -37,8 +37,10 @@ biases separately), so the merge still streams tensor by tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from fedmoe.aggregate.reduce import Reduce, ReduceKind, reduce_tensors
 
@@ -102,6 +104,8 @@ def defend_row(
     torch.Tensor
         (D,) float64.
     """
+    import torch
+
     w = weights.clone()
     n = x.shape[0]
     if defence.outlier > 0 and n >= 3:

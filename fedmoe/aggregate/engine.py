@@ -209,15 +209,17 @@ class Merger:
             if merge.defence.reduce.needs_start:
                 if self.starts is None:
                     raise KeyError("the start models")
-                begun = torch.stack(
-                    [
-                        self.starts.tensor(c, self.schema.expert_name(entry.slot, j))
-                        for c, j in keys
-                    ]
-                ).to(torch.float64).reshape(len(uniq), -1)
-            out = self._defended(
-                row, flat, keys, (client, entry.expert), merge, flat_start, begun
-            )
+                begun = (
+                    torch.stack(
+                        [
+                            self.starts.tensor(c, self.schema.expert_name(entry.slot, j))
+                            for c, j in keys
+                        ]
+                    )
+                    .to(torch.float64)
+                    .reshape(len(uniq), -1)
+                )
+            out = self._defended(row, flat, keys, (client, entry.expert), merge, flat_start, begun)
         return out.reshape(entry.shape).to(dtype)
 
     def _start(self, client: int, name: str) -> torch.Tensor | None:
@@ -251,9 +253,9 @@ class Merger:
         """The sources' experts at the start of the round, in the order of ``by_client``."""
         if self.starts is None:
             raise KeyError("the start models")
-        return torch.cat(
-            [self.starts.experts(c, name, js) for c, js in by_client.items()]
-        ).to(torch.float64)
+        return torch.cat([self.starts.experts(c, name, js) for c, js in by_client.items()]).to(
+            torch.float64
+        )
 
     def client(
         self, client: int, names: list[str] | None = None

@@ -29,8 +29,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from fedmoe.params import check_params, param
 
@@ -73,6 +75,8 @@ class Reduce:
 
 def weighted_sum(parts: list[tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
     """Σ w·t in float64, rounded once to ``dtype``."""
+    import torch
+
     acc = torch.zeros(parts[0][0].shape, dtype=torch.float64)
     for t, w in parts:
         acc.add_(t.to(torch.float64), alpha=w)
@@ -82,6 +86,8 @@ def weighted_sum(parts: list[tuple[torch.Tensor, float]], dtype: torch.dtype) ->
 def _aligned(
     tensors: list[torch.Tensor], weights: tuple[float, ...], starts: list[torch.Tensor]
 ) -> torch.Tensor:
+    import torch
+
     x0 = torch.stack([t.to(torch.float64) for t in starts])  # (S, ...)
     u = torch.stack([t.to(torch.float64) for t in tensors]) - x0
     n = u.shape[0]
@@ -118,6 +124,8 @@ def reduce_tensors(
 ) -> torch.Tensor:
     """Reduce the sources' copies of one tensor (all of the same shape) to one tensor of ``dtype``
     (``starts``: each source's tensor at the start of the round, for ``aligned-mean``)."""
+    import torch
+
     if reduce.kind is ReduceKind.MEAN:
         return weighted_sum(list(zip(tensors, weights, strict=True)), dtype)
     if reduce.kind is ReduceKind.ALIGNED_MEAN:

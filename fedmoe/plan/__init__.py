@@ -1,9 +1,29 @@
 """The sparse aggregation matrix of FedMoE-DA (Eq. 9–10), the peer-to-peer transfer list it implies
 (Eq. 11), and the traffic ledger of a round."""
 
-from fedmoe.plan.ledger import Ledger, server_ledger, traffic_ledger
-from fedmoe.plan.matrix import AggregationMatrix, aggregation_matrix, identity_matrix, restrict
-from fedmoe.plan.transfers import Transfer, transfer_list
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedmoe._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from fedmoe.plan.ledger import Ledger, server_ledger, traffic_ledger
+    from fedmoe.plan.matrix import AggregationMatrix, aggregation_matrix, identity_matrix, restrict
+    from fedmoe.plan.transfers import Transfer, transfer_list
+
+_EXPORTS = {
+    "Ledger": "ledger",
+    "server_ledger": "ledger",
+    "traffic_ledger": "ledger",
+    "AggregationMatrix": "matrix",
+    "aggregation_matrix": "matrix",
+    "identity_matrix": "matrix",
+    "restrict": "matrix",
+    "Transfer": "transfers",
+    "transfer_list": "transfers",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "AggregationMatrix",

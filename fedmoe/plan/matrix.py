@@ -10,12 +10,15 @@ aggregation), even when another proxy ties with the target's own similarity of 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedmoe.affinity.proxies import ExpertIndex
-from fedmoe.affinity.topk import Neighbours
 from fedmoe.errors import ParamError
+
+if TYPE_CHECKING:
+    from fedmoe.affinity.topk import Neighbours
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ with the checkpoint (metadata ``routing``) at no cost in tensor bytes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from fedmoe.model import MoEClassifier
+if TYPE_CHECKING:
+    import torch
+
+    from fedmoe.model import MoEClassifier
 
 
 def layer_stats(routing: dict[str, Any] | None, layer: int) -> dict[str, Any] | None:
@@ -27,7 +29,6 @@ def layer_stats(routing: dict[str, Any] | None, layer: int) -> dict[str, Any] | 
     return layers[layer] if 0 <= layer < len(layers) else None
 
 
-@torch.no_grad()
 def routing_stats(
     model: MoEClassifier,
     x: torch.Tensor,
@@ -45,41 +46,44 @@ def routing_stats(
         ``mean_prob`` (E,), ``by_label`` (E, C) and ``by_domain`` (E, D) top-k assignment counts;
         plain lists, JSON-ready.
     """
-    cfg = model.cfg
-    num_experts, num_classes, num_layers = cfg.num_experts, cfg.num_classes, cfg.moe_layers
-    model.eval()
-    counts = np.zeros((num_layers, num_experts), dtype=np.int64)
-    prob_sum = np.zeros((num_layers, num_experts), dtype=np.float64)
-    by_label = np.zeros((num_layers, num_experts * num_classes), dtype=np.int64)
-    by_domain = np.zeros((num_layers, num_experts * num_domains), dtype=np.int64)
-    n = int(x.shape[0])
-    for first in range(0, n, batch_size):
-        h, routes = model.hidden(x[first : first + batch_size])  # (b, H)
-        probs, _, experts = model.gate(h)  # (b, E), (b, k)
-        all_routes = [(r.probs, r.experts) for r in routes] + [(probs, experts)]
-        for layer, (p, chosen_t) in enumerate(all_routes):
-            chosen = chosen_t.numpy()  # (b, k)
-            k = chosen.shape[1]
-            lab = np.repeat(labels[first : first + batch_size], k)  # (b·k,)
-            dom = np.repeat(domains[first : first + batch_size], k)  # (b·k,)
-            flat = chosen.reshape(-1)  # (b·k,)
-            counts[layer] += np.bincount(flat, minlength=num_experts)
-            prob_sum[layer] += p.double().sum(dim=0).numpy()
-            by_label[layer] += np.bincount(
-                flat * num_classes + lab, minlength=num_experts * num_classes
-            )
-            by_domain[layer] += np.bincount(
-                flat * num_domains + dom, minlength=num_experts * num_domains
-            )
-    return {
-        "num_samples": n,
-        "layers": [
-            {
-                "topk_count": counts[layer].tolist(),
-                "mean_prob": [round(float(p), 6) for p in prob_sum[layer] / max(n, 1)],
-                "by_label": by_label[layer].reshape(num_experts, num_classes).tolist(),
-                "by_domain": by_domain[layer].reshape(num_experts, num_domains).tolist(),
-            }
-            for layer in range(num_layers)
-        ],
-    }
+    import torch
+
+    with torch.no_grad():
+        cfg = model.cfg
+        num_experts, num_classes, num_layers = cfg.num_experts, cfg.num_classes, cfg.moe_layers
+        model.eval()
+        counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+        prob_sum = np.zeros((num_layers, num_experts), dtype=np.float64)
+        by_label = np.zeros((num_layers, num_experts * num_classes), dtype=np.int64)
+        by_domain = np.zeros((num_layers, num_experts * num_domains), dtype=np.int64)
+        n = int(x.shape[0])
+        for first in range(0, n, batch_size):
+            h, routes = model.hidden(x[first : first + batch_size])  # (b, H)
+            probs, _, experts = model.gate(h)  # (b, E), (b, k)
+            all_routes = [(r.probs, r.experts) for r in routes] + [(probs, experts)]
+            for layer, (p, chosen_t) in enumerate(all_routes):
+                chosen = chosen_t.numpy()  # (b, k)
+                k = chosen.shape[1]
+                lab = np.repeat(labels[first : first + batch_size], k)  # (b·k,)
+                dom = np.repeat(domains[first : first + batch_size], k)  # (b·k,)
+                flat = chosen.reshape(-1)  # (b·k,)
+                counts[layer] += np.bincount(flat, minlength=num_experts)
+                prob_sum[layer] += p.double().sum(dim=0).numpy()
+                by_label[layer] += np.bincount(
+                    flat * num_classes + lab, minlength=num_experts * num_classes
+                )
+                by_domain[layer] += np.bincount(
+                    flat * num_domains + dom, minlength=num_experts * num_domains
+                )
+        return {
+            "num_samples": n,
+            "layers": [
+                {
+                    "topk_count": counts[layer].tolist(),
+                    "mean_prob": [round(float(p), 6) for p in prob_sum[layer] / max(n, 1)],
+                    "by_label": by_label[layer].reshape(num_experts, num_classes).tolist(),
+                    "by_domain": by_domain[layer].reshape(num_experts, num_domains).tolist(),
+                }
+                for layer in range(num_layers)
+            ],
+        }
