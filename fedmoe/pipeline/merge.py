@@ -113,17 +113,16 @@ def merge_round(
         ),
         "reduce aligned-mean": spec.reduce.needs_start,
     }
+    needed = [what for what, on in needs.items() if on]
     missing = sorted(set(fresh) - set(starts))
-    for what, needed in needs.items():
-        if needed and (missing if what != "expert_trust" else not starts):
-            who = f"; client {missing[0]}'s is not among the models given" if starts else ""
-            raise InputError(
-                f"{what} needs each participant's model from the start of the round{who}",
-                hint="pass the previous round's models (or the initial one) with --previous",
-            )
-    trust = any(needs.values())
+    if needed and missing:
+        raise InputError(
+            f"{needed[0]} needs each participant's model from the start of the round; client "
+            f"{missing[0]}'s is not among the models given",
+            hint="pass the previous round's models (or the initial one) with --previous",
+        )
     merger = Merger(
-        spec, schema, CheckpointSource(models), dtypes, CheckpointSource(starts) if trust else None
+        spec, schema, CheckpointSource(models), dtypes, CheckpointSource(starts) if needed else None
     )
     paths = {c: out / f"client-{c:03d}.safetensors" for c in ids}
     manifest_path = out / "aggregate.json"
