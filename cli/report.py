@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -11,17 +11,20 @@ from rich.table import Table
 from fedmoe.errors import UsageError
 from fedmoe.io.manifest import dumps
 
-if TYPE_CHECKING:
-    pass
-
-from .common import Json, Quiet, emit, handle_errors, pct, stderr_console
+from .common import Force, Json, Quiet, emit, handle_errors, pct, stderr_console
 
 HELP = """Rebuild report.json of a run folder, print the comparison table on stderr and write the
 plots (accuracy.png, traffic.png, affinity.png, sync_graph.png; needs fedmoe[plot]).
 
-Example:
+Given several run folders (the same recipe with other seeds, say), also summarise them: per method
+the mean, sample standard deviation and each run's value of every quantity, as a table and as
+--out FILE (kind run-summary).
+
+Examples:
 
   fedmoe report runs/quickstart
+
+  fedmoe report runs/s0 runs/s1 runs/s2 --out runs/summary.json
 """
 
 
@@ -78,13 +81,70 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
 
 
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by fedmoe run.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders written by fedmoe run (one or several).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Several folders: write their summary here."),
+    ] = None,
+    force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.io.atomic import check_writable, write_atomic
+    from fedmoe.run.report import combine_reports
+
     console = stderr_console(quiet)
-    path, data = make_report(run_dir, console)
-    emit(path, data, json_)
+    if len(run_dirs) == 1:
+        if out is not None:
+            raise UsageError("--out is for a summary of several run folders")
+        path, data = make_report(run_dirs[0], console)
+        emit(path, data, json_)
+        return
+    if out is None:
+        raise UsageError("several run folders: give --out FILE for their summary")
+    check_writable(out, force)
+    silent = stderr_console(True)
+    reports = [make_report(d, silent)[1] for d in run_dirs]
+    summary = combine_reports(reports, [str(d) for d in run_dirs])
+    write_atomic(out, dumps(summary).encode(), force=force)
+    print_summary(console, summary)
+    emit(out, summary, json_)
+
+
+def print_summary(console: Any, summary: dict[str, Any]) -> None:
+    """Mean ± sample standard deviation per method over the runs (accuracies in %)."""
+    if console.quiet:
+        return
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    table = Table(
+        title=f"fedmoe report: {len(summary['runs'])} runs (seeds {seeds}); accuracy % as "
+        "mean ± std (n − 1), MiB per round",
+        title_justify="left",
+    )
+    for col in ("method", "local", "worst", "global", "drop", "server", "p2p", "n"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+
+    def acc(q: dict[str, Any] | None) -> str:
+        return "-" if q is None else f"{100 * q['mean']:.1f} ± {100 * q['std']:.1f}"
+
+    def mib(q: dict[str, Any] | None) -> str:
+        return "-" if q is None else f"{q['mean'] / 2**20:.3f}"
+
+    for m, d in summary["methods"].items():
+        n = d["mean_local_acc"]["n"] if d["mean_local_acc"] else 0
+        table.add_row(
+            m,
+            acc(d["mean_local_acc"]),
+            acc(d["worst_local_acc"]),
+            acc(d["mean_global_acc"]),
+            acc(d["drop_vs_clean"]),
+            mib(d["server_bytes_per_round"]),
+            mib(d["p2p_bytes_per_round"]),
+            str(n),
+        )
+    console.print(table)
 
 
 command = handle_errors(report)

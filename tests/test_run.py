@@ -472,3 +472,43 @@ def test_two_moe_layers_end_to_end(work: Path, run_cli: Run) -> None:
     assert "blocks.0.experts.w1" in ck.names and "experts.w1" in ck.names
     report = json.loads((work / "two" / "report.json").read_text())
     assert report["methods"]["fedmoe-da"]["mean_local_acc"] is not None
+
+
+def test_report_summarises_several_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Any
+) -> None:
+    """``fedmoe report A B --out S``: per method the mean, the sample standard deviation and each
+    run's value, checked against the runs' own reports."""
+    from helpers import clean_failure
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(
+        "rounds: 1\nmethods: [local, fedavg]\npartition: {clients: 4}\n"
+        "model: {embed_hidden: 8, embed_dim: 8, num_experts: 2, expert_hidden: 8}\n"
+        "train: {epochs: 1}\n"
+    )
+    for seed in (0, 1, 2):
+        r = run_cli("run", "r.yaml", "--out", f"s{seed}", "-c", f"seed={seed}", "-q",
+                    "--threads", "1")  # fmt: skip
+        assert r.code == 0, r.err
+    r = run_cli("report", "s0", "s1", "s2", "--out", "sum.json", "--json")
+    assert r.code == 0, r.err
+    summary = json.loads((tmp_path / "sum.json").read_text())
+    assert summary["kind"] == "run-summary" and summary["seeds"] == [0, 1, 2]
+    for method in ("local", "fedavg"):
+        values = [
+            json.loads((tmp_path / f"s{s}" / "report.json").read_text())["methods"][method][
+                "mean_local_acc"
+            ]
+            for s in (0, 1, 2)
+        ]
+        got = summary["methods"][method]["mean_local_acc"]
+        mean = sum(values) / 3
+        std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+        assert got["values"] == [round(v, 6) for v in values] and got["n"] == 3
+        assert got["mean"] == pytest.approx(mean, abs=1e-6)
+        assert got["std"] == pytest.approx(std, abs=1e-6)
+    r = run_cli("report", "s0", "s1")
+    assert "several run folders: give --out FILE" in clean_failure(r, 2)
+    r = run_cli("report", "s0", "s1", "--out", "sum.json")
+    assert "sum.json exists" in clean_failure(r, 4)

@@ -203,3 +203,45 @@ def _sync_png(run_dir: Path, plots: Any) -> bytes | None:
         edges[pos[t["from"]], pos[t["to"]]] += len(t["experts"])
     png: bytes = plots.sync_graph(edges, f"who pulls experts from whom (round {plan['round']})")
     return png
+
+
+SUMMARY_KEYS = (
+    "mean_local_acc",
+    "worst_local_acc",
+    "mean_global_acc",
+    "drop_vs_clean",
+    "server_bytes_per_round",
+    "p2p_bytes_per_round",
+    "fedavg_bytes_per_round",
+)
+
+
+def combine_reports(reports: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
+    """Several runs' reports (e.g. the same recipe with other seeds) summarised per method: for each
+    quantity its mean, its sample standard deviation (n − 1; 0 for one run), and the runs' values
+    with their seeds. A method missing from a run, or a value a run lacks, is left out of that
+    quantity (``n`` says how many runs it covers)."""
+    methods: dict[str, Any] = {}
+    order = list(dict.fromkeys(m for r in reports for m in r["methods"]))
+    seeds = [r.get("recipe", {}).get("seed") for r in reports]
+    for m in order:
+        entry: dict[str, Any] = {}
+        for key in SUMMARY_KEYS:
+            vals = [
+                (s, float(r["methods"][m][key]))
+                for s, r in zip(seeds, reports, strict=True)
+                if m in r["methods"] and isinstance(r["methods"][m].get(key), (int, float))
+            ]
+            if not vals:
+                entry[key] = None
+                continue
+            xs = np.array([v for _, v in vals])
+            entry[key] = {
+                "mean": round(float(xs.mean()), 6),
+                "std": round(float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, 6),
+                "n": len(xs),
+                "values": [round(v, 6) for _, v in vals],
+                "seeds": [s for s, _ in vals],
+            }
+        methods[m] = entry
+    return {**header("run-summary"), "runs": sources, "seeds": seeds, "methods": methods}
