@@ -38,6 +38,12 @@ Examples:
   fedmoe run recipes/quickstart.yaml --out runs/p2 -c fedmoe.top_p=2 -c rounds=10
 
   fedmoe run recipes/quickstart.yaml --out runs/quickstart --resume
+
+  fedmoe run recipes/quickstart.yaml --out runs/q3 -c "seeds=[0, 1, 2]"
+
+With seeds: [...] in the recipe (or -c), the whole run is made once per seed in --out/seed-S/
+(one pool of training processes for all), and --out/summary.json gives per method the mean,
+standard deviation and each seed's value (as fedmoe report A B C --out FILE does).
 """
 
 
@@ -59,71 +65,121 @@ def run(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    import dataclasses
+    import json
+    from contextlib import ExitStack
+
     import torch
 
-    from fedmoe.io.run_folder import (
-        RunFolder,
-        completed_rounds,
-        publish_run,
-        remove_round,
-        run_lock,
-    )
-    from fedmoe.pipeline.pool import TrainPool, default_workers
+    from fedmoe.io.atomic import write_atomic
+    from fedmoe.io.manifest import dumps
+    from fedmoe.io.run_folder import RunFolder, run_lock
     from fedmoe.run import load_recipe
-    from fedmoe.run.orchestrator import check_resume, prepare, write_setup
+    from fedmoe.run.report import combine_reports
+
+    from .report import print_summary
 
     console = stderr_console(quiet)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     rec, _ = load_recipe(recipe, parse_overrides(config))
-    with run_lock(out):  # one fedmoe run per folder at a time
-        resolved = rec.to_dict()
-        final = RunFolder(out)
-        # --force over an existing run builds the new run beside it and swaps only once it is complete
-        staged = force and (final.started() or (resume and final.staging.is_dir()))
-        folder = RunFolder(final.staging) if staged else final
-        if resume and not (staged and folder.root.is_dir()):
-            check_resume(out, resolved)
-        elif resume:
-            check_resume(folder.root, resolved)
-        elif final.started() and not force:
-            raise OutputError(
-                f"{out} already holds a run; pass --resume to continue it or --force to start over",
+    again = f"fedmoe run {recipe} --out {out}"
+    again += "".join(f" -c {c}" for c in config or [])
+    with run_lock(out), ExitStack() as stack:  # one fedmoe run per folder at a time
+        pools: dict[str, Any] = {}  # one training pool for every seed (same dataset)
+        if not rec.seeds:
+            path, report = _one_run(
+                rec, out, resume, force, workers, quiet, console, pools, stack, again
             )
-        if not resume:
-            if staged:
-                remove_round(folder.root)  # what an earlier --force left there
-            write_setup(rec, folder, resolved)
-        ctx = prepare(rec, folder.root)
-        done = completed_rounds(folder.metrics) if resume else {}
-        progress = Progress(
-            TextColumn("{task.description:>14}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[acc]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=quiet or not console.is_terminal,
+            emit(path, report, json_)
+            return
+        reports = []
+        for seed in rec.seeds:
+            sub = out / f"seed-{seed}"
+            one = dataclasses.replace(rec, seed=seed, seeds=())
+            started = RunFolder(sub).started()
+            if not quiet:
+                console.print(f"seed {seed}: {sub}")
+            _, report = _one_run(
+                one, sub, resume and started, force, workers, quiet, console, pools, stack, again
+            )
+            reports.append(report)
+        summary = combine_reports(reports, [f"seed-{seed}" for seed in rec.seeds])
+        summary["recipe"] = json.loads(json.dumps(rec.to_dict()))
+        path = out / "summary.json"
+        write_atomic(path, dumps(summary).encode(), force=True)
+        print_summary(console, summary)
+        emit(path, summary, json_)
+
+
+def _one_run(
+    rec: Any,
+    out: Path,
+    resume: bool,
+    force: bool,
+    workers: int | None,
+    quiet: bool,
+    console: Any,
+    pools: dict[str, Any],
+    stack: Any,
+    again: str,
+) -> tuple[Path, dict[str, Any]]:
+    """One seed's run in ``out``: set up (or resume), every arm's rounds, the report."""
+    from fedmoe.io.run_folder import RunFolder, completed_rounds, publish_run, remove_round
+    from fedmoe.pipeline.pool import TrainPool, default_workers
+    from fedmoe.run.orchestrator import check_resume, prepare, write_setup
+
+    resolved = rec.to_dict()
+    final = RunFolder(out)
+    # --force over an existing run builds the new run beside it and swaps only once it is complete
+    staged = force and (final.started() or (resume and final.staging.is_dir()))
+    folder = RunFolder(final.staging) if staged else final
+    if resume and not (staged and folder.root.is_dir()):
+        check_resume(out, resolved)
+    elif resume:
+        check_resume(folder.root, resolved)
+    elif final.started() and not force:
+        raise OutputError(
+            f"{out} already holds a run; pass --resume to continue it or --force to start over",
         )
-        part = ctx.partition
+    if not resume:
+        if staged:
+            remove_round(folder.root)  # what an earlier --force left there
+        write_setup(rec, folder, resolved)
+    ctx = prepare(rec, folder.root)
+    done = completed_rounds(folder.metrics) if resume else {}
+    progress = Progress(
+        TextColumn("{task.description:>14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    )
+    part = ctx.partition
+    pool = pools.get(part.fingerprint)
+    if pool is None:
         pool = TrainPool(
             part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
         )
-        again = f"fedmoe run {recipe} --out {out}" + (" --force" if staged else "") + " --resume"
-        again += "".join(f" -c {c}" for c in config or [])
-        try:
-            _run_methods(rec, ctx, pool, progress, console, done, quiet)
-        except KeyboardInterrupt:
-            kept = (
-                f"{out} still holds the previous run; the new run's completed rounds are kept in "
-                f"{folder.root}"
-                if staged
-                else f"the rounds completed so far are kept in {out}"
-            )
-            raise Interrupted(f"interrupted; {kept}", hint=f"continue with: {again}") from None
-        if staged:
-            publish_run(folder.root, out)
-        path, report = make_report(out, console)
-        emit(path, report, json_)
+        stack.enter_context(pool)
+        pools[part.fingerprint] = pool
+        if pool.fallback:
+            console.print(f"[yellow]note: {pool.fallback}[/yellow]")
+    try:
+        _run_methods(rec, ctx, pool, progress, console, done, quiet)
+    except KeyboardInterrupt:
+        kept = (
+            f"{out} still holds the previous run; the new run's completed rounds are kept in "
+            f"{folder.root}"
+            if staged
+            else f"the rounds completed so far are kept in {out}"
+        )
+        hint = again + (" --force" if staged else "") + " --resume"
+        raise Interrupted(f"interrupted; {kept}", hint=f"continue with: {hint}") from None
+    if staged:
+        publish_run(folder.root, out)
+    return make_report(out, console)
 
 
 def _run_methods(
@@ -146,9 +202,7 @@ def _run_methods(
             tasks[method], completed=rnd, acc="" if acc is None else f"local acc {100 * acc:.1f}%"
         )
 
-    with pool, progress:
-        if pool.fallback:
-            console.print(f"[yellow]note: {pool.fallback}[/yellow]")
+    with progress:
         for method in rec.arms:
             tasks[method] = progress.add_task(
                 method, total=rec.rounds, acc="", completed=done.get(method, 0)

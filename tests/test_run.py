@@ -512,3 +512,45 @@ def test_report_summarises_several_runs(
     assert "several run folders: give --out FILE" in clean_failure(r, 2)
     r = run_cli("report", "s0", "s1", "--out", "sum.json")
     assert "sum.json exists" in clean_failure(r, 4)
+
+
+def test_a_recipe_with_seeds_runs_once_per_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Any
+) -> None:
+    """``seeds: [0, 1]``: OUT/seed-S/ is the run of seed S, bit for bit the run ``-c seed=S``
+    makes, and OUT/summary.json their summary; --resume of a finished multi-seed run redoes
+    nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(
+        "rounds: 1\nmethods: [local, fedavg]\npartition: {clients: 4}\n"
+        "model: {embed_hidden: 8, embed_dim: 8, num_experts: 2, expert_hidden: 8}\n"
+        "train: {epochs: 1}\n"
+    )
+    r = run_cli("run", "r.yaml", "--out", "multi", "-c", "seeds=[0, 1]", "-q", "--threads", "1")
+    assert r.code == 0, r.err
+    assert (
+        run_cli("run", "r.yaml", "--out", "one", "-c", "seed=1", "-q", "--threads", "1").code == 0
+    )
+    for name in ("partition.json", "init.safetensors"):
+        assert (tmp_path / "multi" / "seed-1" / name).read_bytes() == (
+            tmp_path / "one" / name
+        ).read_bytes()
+    lines = lambda p: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if "seconds" not in k}
+        for x in p.read_text().splitlines()
+    ]
+    assert lines(tmp_path / "multi" / "seed-1" / "metrics.jsonl") == lines(
+        tmp_path / "one" / "metrics.jsonl"
+    )
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["recipe"]["seeds"] == [0, 1]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())["methods"]
+    assert summary["methods"]["fedavg"]["mean_local_acc"]["values"][1] == round(
+        one["fedavg"]["mean_local_acc"], 6
+    )
+    before = (tmp_path / "multi" / "seed-0" / "metrics.jsonl").read_bytes()
+    r = run_cli("run", "r.yaml", "--out", "multi", "-c", "seeds=[0, 1]", "--resume", "-q")
+    assert r.code == 0, r.err
+    assert (tmp_path / "multi" / "seed-0" / "metrics.jsonl").read_bytes() == before
+    r = run_cli("run", "r.yaml", "--out", "x", "-c", "seeds=[1, 1]")
+    assert r.code == 2 and "seeds must be a list of 1 to 100 distinct integers" in r.err

@@ -58,6 +58,7 @@ class Recipe:
     parameters."""
 
     seed: int = 0  # the one seed of the run
+    seeds: tuple[int, ...] = ()  # several seeds: the whole run once per seed (seed-S/ subfolders)
     rounds: int = 15  # federated rounds
     participation: float = 1.0  # share of clients sampled each round
     methods: tuple[str, ...] = METHODS  # methods run on the same split and initial model
@@ -124,6 +125,7 @@ class Recipe:
             "train": self.train.to_dict(),
             "fedmoe": params_dict(self.fedmoe),
             "method_params": {k: dict(v) for k, v in self.method_params.items()},
+            **({"seeds": list(self.seeds)} if self.seeds else {}),
             **(
                 {"variants": {k: dict(v) for k, v in self.variants.items()}}
                 if self.variants
@@ -191,6 +193,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     for key in ("seed", "rounds", "participation", "eval_every"):
         if key in data:
             kwargs[key] = data[key]
+    if data.get("seeds") is not None:
+        kwargs["seeds"] = _seeds(data["seeds"])
     methods = data.get("methods", list(METHODS))
     if isinstance(methods, str):
         methods = [methods]
@@ -249,6 +253,25 @@ def _method_params(data: Any) -> dict[str, dict[str, Any]]:
             raise UsageError(f"recipe: method_params.{name}.{exc.worded(exc.key)}") from None
         out[str(name)] = dict(params)
     return out
+
+
+MAX_SEEDS = 100
+
+
+def _seeds(value: Any) -> tuple[int, ...]:
+    """``seeds: [0, 1, 2]``: distinct integers >= 0 (at most MAX_SEEDS)."""
+    ok = (
+        isinstance(value, list)
+        and 1 <= len(value) <= MAX_SEEDS
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        and len(set(value)) == len(value)
+    )
+    if not ok:
+        raise UsageError(
+            f"recipe: seeds must be a list of 1 to {MAX_SEEDS} distinct integers >= 0, "
+            f"got {value!r}"
+        )
+    return tuple(value)
 
 
 VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
