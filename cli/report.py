@@ -92,7 +92,7 @@ def report(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    from fedmoe.io.atomic import check_writable, write_atomic
+    from fedmoe.io.atomic import check_writable
     from fedmoe.run.report import combine_reports
 
     console = stderr_console(quiet)
@@ -108,9 +108,24 @@ def report(
     silent = stderr_console(True)
     reports = [make_report(d, silent)[1] for d in run_dirs]
     summary = combine_reports(reports, [str(d) for d in run_dirs])
-    write_atomic(out, dumps(summary).encode(), force=force)
-    print_summary(console, summary)
+    write_summary(summary, out, console, force)
     emit(out, summary, json_)
+
+
+def write_summary(summary: dict[str, Any], path: Path, console: Any, force: bool) -> None:
+    """``path`` (the summary JSON) and, beside it, the same name with ``.png``: accuracy per
+    round, mean line and ± one standard deviation band per method; the table on stderr."""
+    from fedmoe.io.atomic import write_atomic
+    from fedmoe.run.report import summary_plot
+
+    write_atomic(path, dumps(summary).encode(), force=force)
+    print_summary(console, summary)
+    try:
+        png = path.with_suffix(".png")
+        write_atomic(png, summary_plot(summary), force=True)
+        console.print(f"plot: {png.name}")
+    except UsageError as exc:
+        console.print(f"[yellow]no plot: {exc.message} ({exc.hint})[/yellow]")
 
 
 def print_summary(console: Any, summary: dict[str, Any]) -> None:

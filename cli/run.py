@@ -71,13 +71,11 @@ def run(
 
     import torch
 
-    from fedmoe.io.atomic import write_atomic
-    from fedmoe.io.manifest import dumps
     from fedmoe.io.run_folder import RunFolder, run_lock
     from fedmoe.run import load_recipe
     from fedmoe.run.report import combine_reports
 
-    from .report import print_summary
+    from .report import write_summary
 
     console = stderr_console(quiet)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
@@ -106,8 +104,7 @@ def run(
         summary = combine_reports(reports, [f"seed-{seed}" for seed in rec.seeds])
         summary["recipe"] = json.loads(json.dumps(rec.to_dict()))
         path = out / "summary.json"
-        write_atomic(path, dumps(summary).encode(), force=True)
-        print_summary(console, summary)
+        write_summary(summary, path, console, force=True)
         emit(path, summary, json_)
 
 

@@ -99,6 +99,36 @@ def curves(
     return _png(fig)
 
 
+def bands(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> bytes:
+    """One mean line per named series with a ± one standard deviation band (rounds from 1;
+    NaN values, rounds without an evaluation, are skipped)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (mean, std) in series.items():
+        m = np.asarray(mean, dtype=np.float64)
+        sd = np.asarray(std, dtype=np.float64)
+        x = np.arange(1, len(m) + 1)
+        ok = ~np.isnan(m)
+        (line,) = ax.plot(x[ok], m[ok], marker="o", markersize=3, label=name)
+        ax.fill_between(x[ok], (m - sd)[ok], (m + sd)[ok], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 6:  # many methods: the legend beside the axes, not over the lines
+        fig.set_size_inches(10, 4.5)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+    elif series:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def traffic_bars(methods: Sequence[str], server: Sequence[float], p2p: Sequence[float]) -> bytes:
     """Server and peer-to-peer bytes per round for each method, as grouped bars (MiB)."""
     plt = _pyplot()

@@ -548,6 +548,22 @@ def test_a_recipe_with_seeds_runs_once_per_seed(
     assert summary["methods"]["fedavg"]["mean_local_acc"]["values"][1] == round(
         one["fedavg"]["mean_local_acc"], 6
     )
+    per_seed = [
+        json.loads((tmp_path / "multi" / f"seed-{s}" / "report.json").read_text())["methods"][
+            "fedavg"
+        ]["per_round"]["mean_local_acc"][0]
+        for s in (0, 1)
+    ]
+    band = summary["methods"]["fedavg"]["per_round"]
+    assert band["round"] == [1]
+    assert band["mean_local_acc"][0] == pytest.approx(sum(per_seed) / 2, abs=1e-6)
+    assert band["std_local_acc"][0] == pytest.approx(
+        abs(per_seed[0] - per_seed[1]) / 2**0.5, abs=1e-6
+    )
+    import importlib.util
+
+    has_plots = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "multi" / "summary.png").exists() == has_plots
     before = (tmp_path / "multi" / "seed-0" / "metrics.jsonl").read_bytes()
     r = run_cli("run", "r.yaml", "--out", "multi", "-c", "seeds=[0, 1]", "--resume", "-q")
     assert r.code == 0, r.err

@@ -243,5 +243,46 @@ def combine_reports(reports: list[dict[str, Any]], sources: list[str]) -> dict[s
                 "values": [round(v, 6) for _, v in vals],
                 "seeds": [s for s, _ in vals],
             }
+        entry["per_round"] = _per_round(
+            [r["methods"][m]["per_round"] for r in reports if m in r["methods"]]
+        )
         methods[m] = entry
     return {**header("run-summary"), "runs": sources, "seeds": seeds, "methods": methods}
+
+
+def _per_round(series: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation over runs of the mean personalised accuracy, round by
+    round (a round evaluated in no run is null)."""
+    rounds = sorted({int(r) for s in series for r in s["round"]})
+    mean: list[float | None] = []
+    std: list[float | None] = []
+    for rnd in rounds:
+        vals = [
+            float(v)
+            for s in series
+            for r, v in zip(s["round"], s["mean_local_acc"], strict=True)
+            if r == rnd and isinstance(v, (int, float))
+        ]
+        mean.append(round(float(np.mean(vals)), 6) if vals else None)
+        std.append(
+            round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else 0.0 if vals else None
+        )
+    return {"round": rounds, "mean_local_acc": mean, "std_local_acc": std}
+
+
+def summary_plot(summary: dict[str, Any]) -> bytes:
+    """accuracy per round, mean line and ± one standard deviation band per method."""
+    from fedmoe import plots
+
+    series = {
+        m: (
+            [np.nan if v is None else v for v in d["per_round"]["mean_local_acc"]],
+            [0.0 if v is None else v for v in d["per_round"]["std_local_acc"]],
+        )
+        for m, d in summary["methods"].items()
+    }
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    png: bytes = plots.bands(
+        series, "round", "mean personalised accuracy", f"accuracy per round (seeds {seeds})"
+    )
+    return png
