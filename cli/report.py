@@ -93,7 +93,7 @@ def report(
     quiet: Quiet = False,
 ) -> None:
     from fedmoe.io.atomic import check_writable
-    from fedmoe.run.report import combine_reports
+    from fedmoe.run.report import build_report, combine_reports, read_metrics, run_context
 
     console = stderr_console(quiet)
     if len(run_dirs) == 1:
@@ -105,8 +105,7 @@ def report(
     if out is None:
         raise UsageError("several run folders: give --out FILE for their summary")
     check_writable(out, force)
-    silent = stderr_console(True)
-    reports = [make_report(d, silent)[1] for d in run_dirs]
+    reports = [build_report(read_metrics(d), *run_context(d)) for d in run_dirs]  # read only
     summary = combine_reports(reports, [str(d) for d in run_dirs])
     write_summary(summary, out, console, force)
     emit(out, summary, json_)

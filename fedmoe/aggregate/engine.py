@@ -145,9 +145,14 @@ class Merger:
         """The sources' tensor ``name`` at the start of the round, when the reduce kind needs it."""
         if not self.spec.reduce.needs_start:
             return None
+        starts = self._start_source()
+        return [starts.tensor(c, name) for c in sources]
+
+    def _start_source(self) -> TensorSource:
+        """The start models, which the reduce kind or the defence needs."""
         if self.starts is None:
             raise KeyError("the start models")
-        return [self.starts.tensor(c, name) for c in sources]
+        return self.starts
 
     def _cross(self, client: int, entry: TensorEntry, merge: CrossExpert) -> torch.Tensor:
         """Eq. 11 for ``client``'s experts of one layer."""
@@ -206,19 +211,12 @@ class Merger:
             start = self._start(client, entry.name)
             flat_start = None if start is None else start.flatten()
             begun = None
-            if merge.defence.reduce.needs_start:
-                if self.starts is None:
-                    raise KeyError("the start models")
-                begun = (
-                    torch.stack(
-                        [
-                            self.starts.tensor(c, self.schema.expert_name(entry.slot, j))
-                            for c, j in keys
-                        ]
-                    )
-                    .to(torch.float64)
-                    .reshape(len(uniq), -1)
-                )
+            if merge.defence.reduce.needs_start:  # every source's expert at its start
+                starts = self._start_source()
+                begun = torch.stack(
+                    [starts.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys]
+                ).to(torch.float64)
+                begun = begun.reshape(len(uniq), -1)
             out = self._defended(row, flat, keys, (client, entry.expert), merge, flat_start, begun)
         return out.reshape(entry.shape).to(dtype)
 
@@ -251,9 +249,8 @@ class Merger:
 
     def _source_starts(self, by_client: dict[int, list[int]], name: str) -> torch.Tensor:
         """The sources' experts at the start of the round, in the order of ``by_client``."""
-        if self.starts is None:
-            raise KeyError("the start models")
-        return torch.cat([self.starts.experts(c, name, js) for c, js in by_client.items()]).to(
+        starts = self._start_source()
+        return torch.cat([starts.experts(c, name, js) for c, js in by_client.items()]).to(
             torch.float64
         )
 

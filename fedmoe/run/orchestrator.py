@@ -309,7 +309,9 @@ def _attack(
     present = [c for c in sorted(fresh) if c in bad]
     if not present:
         return fresh
-    benign = tuple(fresh[c].state() for c in sorted(fresh) if c not in bad)
+    # the colluders' view of the benign models: only the attacks that use it read them
+    colluding = kind in (AttackKind.ALIE, AttackKind.MIMICRY)
+    benign = tuple(fresh[c].state() for c in sorted(fresh) if c not in bad) if colluding else ()
     first = fresh[present[0]]
     schema = first.schema
     paths = {c: out / f"client-{c:03d}.safetensors" for c in present}
