@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bench import (
+    hf_bench,
     merge_bench,
     moe_bench,
     partition_bench,
@@ -31,6 +32,7 @@ SUITES = {
     "moe": moe_bench.run,
     "topk": topk_bench.run,
     "merge": merge_bench.run,
+    "hf": hf_bench.run,
     "round": round_bench.run,
     "run": run_bench.run,
 }

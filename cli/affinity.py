@@ -16,7 +16,18 @@ from fedmoe.params import default_of, help_of
 if TYPE_CHECKING:
     from fedmoe.affinity import Affinity
 
-from .common import Force, Json, Quiet, emit, handle_errors, pct, stderr_console
+from .common import (
+    Force,
+    Json,
+    LayoutFile,
+    NumSamples,
+    Quiet,
+    emit,
+    folder_options,
+    handle_errors,
+    pct,
+    stderr_console,
+)
 
 HELP = """Compare the gate rows of every client-expert (FedMoE-DA Eq. 8) and tabulate which domains
 and labels each expert serves, from the checkpoints' routing statistics.
@@ -59,6 +70,8 @@ def affinity(
     out: Annotated[
         str, typer.Option("--out", "-o", help="Artefact path, or - for stdout.")
     ] = STDIO,
+    layout: LayoutFile = None,
+    num_samples: NumSamples = None,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
@@ -71,8 +84,9 @@ def affinity(
     console = stderr_console(quiet)
     if candidates < 1:
         raise ParamError("candidates", candidates, "must be >= 1")
-    fresh = client_checkpoints(checkpoints, "affinity")
-    earlier = newest_per_client([client_checkpoints([s], "affinity") for s in stale or []])
+    options = folder_options(layout, num_samples)
+    fresh = client_checkpoints(checkpoints, "affinity", options)
+    earlier = newest_per_client([client_checkpoints([s], "affinity", options) for s in stale or []])
     domain_names = class_names = None
     if partition is not None:
         part = load_partition(partition)  # names only: the data is not read

@@ -19,7 +19,18 @@ if TYPE_CHECKING:
     from fedmoe.io.checkpoint import Checkpoint
     from fedmoe.io.partition_file import LoadedPartition
 
-from .common import Force, Json, Quiet, emit, handle_errors, parse_params, stderr_console
+from .common import (
+    Force,
+    Json,
+    LayoutFile,
+    NumSamples,
+    Quiet,
+    emit,
+    folder_options,
+    handle_errors,
+    parse_params,
+    stderr_console,
+)
 
 FEDERATED = tuple(AGGREGATORS)
 PLAIN = ("mean", "fedavg", "linear")
@@ -94,6 +105,8 @@ def aggregate(
         str | None, typer.Option(help="Plain: comma-separated weights, one per file.")
     ] = None,
     on_missing: Annotated[str, typer.Option(help="Plain: 'error' or 'intersection'.")] = "error",
+    layout: LayoutFile = None,
+    num_samples: NumSamples = None,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
@@ -108,8 +121,20 @@ def aggregate(
     else:
         if weights is not None:
             raise UsageError("--weights is for a plain merge into one .safetensors --out")
+        options = folder_options(layout, num_samples)
         _federated(
-            checkpoints, out, plan, method, param, previous, gate, partition, force, json_, console
+            checkpoints,
+            out,
+            plan,
+            method,
+            param,
+            previous,
+            gate,
+            partition,
+            force,
+            json_,
+            console,
+            options,
         )
 
 
@@ -125,6 +150,7 @@ def _federated(
     force: bool,
     json_: bool,
     console: Any,
+    options: Any = None,
 ) -> None:
     from fedmoe.aggregate import AGGREGATORS, make_method
     from fedmoe.io.checkpoint_set import client_checkpoints
@@ -147,9 +173,9 @@ def _federated(
         raise UsageError("fedmoe-da needs --plan PLAN (from fedmoe plan-sync)")
     if "-" in inputs and plan == "-":
         raise UsageError("only one of the plan and the checkpoints can come from stdin")
-    fresh = client_checkpoints(inputs, "aggregate")
+    fresh = client_checkpoints(inputs, "aggregate", options)
     part = load_partition(partition) if partition is not None else None  # no data is read
-    carried = _carried(previous or [], part)
+    carried = _carried(previous or [], part, options)
     params: dict[str, Any] = parse_params(param)
     loaded = None
     aggregator: Aggregator
@@ -190,14 +216,16 @@ def _federated(
     emit(out / "aggregate.json", manifest, json_)
 
 
-def _carried(previous: list[str], part: LoadedPartition | None) -> dict[int, Checkpoint]:
+def _carried(
+    previous: list[str], part: LoadedPartition | None, options: Any = None
+) -> dict[int, Checkpoint]:
     """The current models of the clients that sat the round out: per-client checkpoints, or one
     global model (e.g. the initial one) for every client of ``--partition``."""
     from fedmoe.io.checkpoint_set import load_checkpoint_set
 
     if not previous:
         return {}
-    found = load_checkpoint_set(previous)
+    found = load_checkpoint_set(previous, options)
     if None not in found:
         return {int(c): k for c, k in sorted(found.items()) if c is not None}
     if len(found) > 1 or part is None:

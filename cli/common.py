@@ -37,6 +37,30 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout instead of the output path.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on stderr.")]
+LayoutFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--layout",
+        help="Hugging Face model folders: a YAML/JSON file declaring the architecture's tensors "
+        "(built in: mixtral, qwen2_moe, qwen3_moe, olmoe).",
+    ),
+]
+NumSamples = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--num-samples",
+        help="Hugging Face model folders without fedmoe metadata: CLIENT=N sample counts, or *=N "
+        "for every client. Repeatable.",
+    ),
+]
+
+
+def folder_options(layout: Path | None, num_samples: list[str] | None) -> Any:
+    """How to read Hugging Face model folders (:class:`fedmoe.io.hf_folder.FolderOptions`)."""
+    from fedmoe.io.hf_folder import FolderOptions, load_layout, parse_num_samples
+
+    per, default = parse_num_samples(num_samples or [])
+    return FolderOptions(load_layout(layout) if layout else None, per, default)
 
 
 def stderr_console(quiet: bool = False) -> Console:

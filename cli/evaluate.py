@@ -49,7 +49,7 @@ def evaluate(
         check_writable(Path(out), force)  # refuse before any work, not after printing the table
     part = load_partition(partition)
     ckpts = load_checkpoint_set(models)
-    config = next(iter(ckpts.values())).config
+    config = next(iter(ckpts.values())).moe_config
     config.check_data(part.dataset.input_shape, part.dataset.num_classes, str(partition))
     if set(ckpts) == {None}:
         states = {cid: ckpts[None].state() for cid in range(part.num_clients)}

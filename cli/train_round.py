@@ -133,7 +133,7 @@ def train_round(
         manifest_path = out / "train-round.json"
     models = load_checkpoint_set(model)
     starts = start_states(models, ids)
-    config = next(iter(models.values())).config
+    config = next(iter(models.values())).moe_config
     config.check_data(part.input_shape, part.num_classes, str(partition))
     rnd = round_ if round_ is not None else max(c.meta.round for c in starts.values()) + 1
     progress = Progress(

@@ -33,6 +33,8 @@ def share_table(
 
 def dominant(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's dominant column and its share (column -1 for an all-zero row)."""
+    if table.shape[1] == 0:  # no labels (a language model)
+        return np.full(table.shape[0], -1), np.zeros(table.shape[0])
     arg = table.argmax(axis=1)
     share = table.max(axis=1)
     return np.where(share > 0, arg, -1), share

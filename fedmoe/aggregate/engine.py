@@ -20,7 +20,7 @@ import torch
 
 from fedmoe.aggregate.base import CrossExpert, Group, MergeSpec, SameIndex
 from fedmoe.aggregate.defence import defend_row
-from fedmoe.aggregate.reduce import reduce_tensors
+from fedmoe.aggregate.reduce import reduce_tensors, weighted_sum
 from fedmoe.model.schema import ModelSchema, Role, TensorEntry
 
 
@@ -202,22 +202,25 @@ class Merger:
                 )  # fmt: skip
             return out.reshape(e, *stacked.shape[1:]).to(dtype)
         assert entry.expert is not None
+        # a per-expert tensor: read only the sources of this expert's row
+        full_row = weights[entry.expert]
+        used = torch.nonzero(full_row).flatten().tolist()
+        row = full_row[used]
+        keys = [keys[u] for u in used]
         pieces = [self.source.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys]
-        flat = torch.stack(pieces).to(torch.float64).reshape(len(uniq), -1)
-        if merge.defence.plain:
-            out = weights[entry.expert] @ flat
-        else:
-            row = weights[entry.expert]
-            start = self._start(client, entry.name)
-            flat_start = None if start is None else start.flatten()
-            begun = None
-            if merge.defence.reduce.needs_start:  # every source's expert at its start
-                starts = self._start_source()
-                begun = torch.stack(
-                    [starts.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys]
-                ).to(torch.float64)
-                begun = begun.reshape(len(uniq), -1)
-            out = self._defended(row, flat, keys, (client, entry.expert), merge, flat_start, begun)
+        if merge.defence.plain:  # Eq. 11 itself: one weighted sum, no stacked copy of the sources
+            return weighted_sum(list(zip(pieces, row.tolist(), strict=True)), dtype)
+        flat = torch.stack(pieces).to(torch.float64).reshape(len(keys), -1)
+        start = self._start(client, entry.name)
+        flat_start = None if start is None else start.flatten()
+        begun = None
+        if merge.defence.reduce.needs_start:  # every source's expert at its start
+            starts = self._start_source()
+            begun = torch.stack(
+                [starts.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys]
+            ).to(torch.float64)
+            begun = begun.reshape(len(keys), -1)
+        out = self._defended(row, flat, keys, (client, entry.expert), merge, flat_start, begun)
         return out.reshape(entry.shape).to(dtype)
 
     def _start(self, client: int, name: str) -> torch.Tensor | None:
@@ -253,6 +256,11 @@ class Merger:
         return torch.cat([starts.experts(c, name, js) for c, js in by_client.items()]).to(
             torch.float64
         )
+
+    def release(self, name: str) -> None:
+        """Forget the cached group results of tensor ``name`` (every member has it)."""
+        for key in [k for k in self._cache if k[-1] == name]:
+            del self._cache[key]
 
     def client(
         self, client: int, names: list[str] | None = None

@@ -27,6 +27,7 @@ from fedmoe.affinity import Affinity, ExpertIndex, LayerAffinity, Neighbours
 from fedmoe.errors import InputError, UsageError
 from fedmoe.io.manifest import header, malformed, read_manifest, require
 from fedmoe.model.config import MoEConfig
+from fedmoe.model.hf import HFConfig, ModelConfig
 from fedmoe.model.schema import PartSizes
 
 KIND = "affinity"
@@ -37,15 +38,28 @@ def _rounded(table: np.ndarray) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in table]
 
 
-def json_config(config: MoEConfig) -> dict[str, Any]:
-    """The config as a JSON object (not a string) for manifests."""
+def json_config(config: ModelConfig) -> dict[str, Any]:
+    """The config as a JSON object (not a string) for manifests; a Hugging Face model's config is
+    wrapped as ``{"huggingface": {...config.json...}}``."""
     loaded: dict[str, Any] = json.loads(config.to_json())
-    return loaded
+    return {"huggingface": loaded} if isinstance(config, HFConfig) else loaded
+
+
+def parse_config(data: Any, where: str) -> ModelConfig:
+    """The config a manifest's ``model_config`` holds (see :func:`json_config`)."""
+    if isinstance(data, dict) and set(data) == {"huggingface"}:
+        if not isinstance(data["huggingface"], dict):
+            raise InputError(f"{where}: bad model_config (huggingface must be an object)")
+        return HFConfig.from_dict(data["huggingface"])
+    try:
+        return MoEConfig.from_dict(data, where)
+    except UsageError as exc:
+        raise InputError(f"{where}: bad model_config ({exc.message})") from None
 
 
 def affinity_to_manifest(
     aff: Affinity,
-    config: MoEConfig,
+    config: ModelConfig,
     sizes: PartSizes,
     inputs: list[dict[str, Any]],
     domain_names: list[str] | None = None,
@@ -94,7 +108,7 @@ class LoadedAffinity:
     """A validated affinity artefact."""
 
     affinity: Affinity
-    config: MoEConfig
+    config: ModelConfig
     sizes: PartSizes
     manifest: dict[str, Any]  # the raw artefact
     sha256: str  # of the bytes read
@@ -150,7 +164,7 @@ def _parse_layer(
     )
 
 
-def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, MoEConfig, PartSizes]:
+def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, ModelConfig, PartSizes]:
     clients = tuple(int(c) for c in require(manifest, "clients", where))
     if list(clients) != sorted(set(clients)):
         raise InputError(f"{where}: 'clients' must be increasing and distinct")
@@ -163,10 +177,7 @@ def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, MoEConfig, P
         _parse_layer(data, layer, clients, candidates, where)
         for layer, data in enumerate(layers_data)
     )
-    try:
-        config = MoEConfig.from_dict(require(manifest, "model_config", where), where)
-    except UsageError as exc:
-        raise InputError(f"{where}: bad model_config ({exc.message})") from None
+    config = parse_config(require(manifest, "model_config", where), where)
     sizes = PartSizes.from_dict(require(manifest, "sizes", where))
     if sizes.num_experts != tuple(la.index.num_experts for la in layers):
         raise InputError(

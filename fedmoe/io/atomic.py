@@ -55,6 +55,7 @@ class OutputSet:
         self.force = force
         self._staged: list[tuple[Path, Path]] = []
         self._made: list[Path] = []  # folders this set created, removed again on abort
+        self._digests: dict[Path, str] = {}  # sha256 of staged files, noted while writing
 
     def __enter__(self) -> OutputSet:
         return self
@@ -99,8 +100,14 @@ class OutputSet:
         with self.open(path) as handle:
             handle.write(data)
 
+    def record_sha256(self, path: Path, digest: str) -> None:
+        """Note the sha256 of the file staged for ``path``, taken while it was written."""
+        self._digests[path] = digest
+
     def staged_sha256(self, path: Path) -> str:
         """sha256 of the file staged for ``path`` (before it is published)."""
+        if path in self._digests:
+            return self._digests[path]
         for tmp, dest in self._staged:
             if dest == path:
                 return sha256_file(tmp)

@@ -34,6 +34,7 @@ from fedmoe.io.manifest import sha256_file
 from fedmoe.io.safetensors_format import write_tensors
 from fedmoe.model import ModelSchema, expected_shapes, schema_for
 from fedmoe.model.config import MoEConfig
+from fedmoe.model.hf import ModelConfig
 
 FORMAT = "fedmoe-moe/2"
 READABLE_FORMATS = ("fedmoe-moe/1", FORMAT)
@@ -44,7 +45,7 @@ REQUIRED_META = ("format", "model_config", "client_id", "round", "num_samples")
 class CheckpointMeta:
     """Provenance of one checkpoint (written as strings into ``__metadata__``)."""
 
-    config: MoEConfig  # the architecture
+    config: ModelConfig  # the architecture
     client_id: int | None  # None for a global (server or initial) model
     round: int  # federated round that produced it (0 = initial model)
     num_samples: int  # training samples behind it (FedAvg weight)
@@ -137,7 +138,7 @@ class Checkpoint:
                 hint="the file may be truncated; re-create it",
             ) from None
         self.meta = parse_meta(raw_meta, where)
-        shapes = expected_shapes(self.meta.config)
+        shapes = expected_shapes(self.moe_config)
         if set(shapes) != set(self.names):
             missing = sorted(set(shapes) - set(self.names))
             unknown = sorted(set(self.names) - set(shapes))
@@ -160,14 +161,25 @@ class Checkpoint:
         self._sha256: str | None = None
 
     @property
-    def config(self) -> MoEConfig:
+    def config(self) -> ModelConfig:
         """The model config."""
         return self.meta.config
 
     @property
+    def moe_config(self) -> MoEConfig:
+        """The built-in model's config (what training and evaluation build a model from)."""
+        config = self.meta.config
+        if not isinstance(config, MoEConfig):
+            raise InputError(
+                f"{self.path}: a Hugging Face model folder; this step takes fedmoe checkpoints",
+                hint="the server-side steps (affinity, plan-sync, aggregate) take model folders",
+            )
+        return config
+
+    @property
     def schema(self) -> ModelSchema:
         """The roles of the model's tensors."""
-        return schema_for(self.meta.config)
+        return schema_for(self.moe_config)
 
     def upload(self, proxies: bool = True) -> Upload:
         """What this client checkpoint sends the server: its gates' proxies (read alone, no
@@ -204,7 +216,7 @@ class Checkpoint:
         """Read one tensor, refusing NaN/Inf with an error that names the file, the tensor and,
         for a stacked expert tensor, the first expert at fault."""
         t = self._handle.get_tensor(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             entry = self.schema.entry(name)
             what = f"{self.path}: tensor {name}"
             if entry.expert_axis is not None:
@@ -235,8 +247,15 @@ class Checkpoint:
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     """An :class:`InputError` naming ``what`` when ``t`` holds NaN or Inf."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         raise InputError(f"{what} contains NaN or Inf", hint="drop this client's update this round")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every value of ``t`` is finite. A NaN or Inf makes the sum non-finite, so a finite
+    sum (one fast reduction) proves it; only a non-finite sum (or an overflowing one) pays for the
+    element-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def open_checkpoint(path: Path | str) -> Checkpoint:

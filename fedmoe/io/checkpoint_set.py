@@ -12,7 +12,9 @@ from typing import Any
 
 from fedmoe.errors import InputError
 from fedmoe.io.checkpoint import Checkpoint, open_checkpoint
+from fedmoe.io.hf_folder import FolderOptions, HFModel, is_hf_folder
 from fedmoe.io.manifest import STDIO, malformed, read_manifest, relative, require, resolve
+from fedmoe.model.hf import HFConfig
 
 SET_KINDS = ("train-round", "aggregate", "init")
 SERVER_FILE = "server.safetensors"
@@ -31,7 +33,14 @@ def checkpoint_entries(checkpoints: list[Checkpoint], base: Path) -> list[dict[s
     ]
 
 
-def _from_manifest(source: str) -> list[Checkpoint]:
+def open_model(path: Path, options: FolderOptions | None = None) -> Checkpoint:
+    """A checkpoint file, or a Hugging Face model folder."""
+    if is_hf_folder(path):
+        return HFModel(path, options)
+    return open_checkpoint(path)
+
+
+def _from_manifest(source: str, options: FolderOptions | None) -> list[Checkpoint]:
     manifest, base, _ = read_manifest(source, SET_KINDS)
     where = "<stdin>" if source == STDIO else source
     out = []
@@ -44,7 +53,7 @@ def _from_manifest(source: str) -> list[Checkpoint]:
         if len(entries) != len(manifest["checkpoints"]):
             raise InputError(f"{where}: every 'checkpoints' entry needs a string 'path'")
     for path, digest in entries:
-        ckpt = open_checkpoint(path)
+        ckpt = open_model(path, options)
         if ckpt.sha256 != digest:
             raise InputError(
                 f"{path}: sha256 differs from the one {where} records",
@@ -54,8 +63,11 @@ def _from_manifest(source: str) -> list[Checkpoint]:
     return out
 
 
-def load_checkpoint_set(inputs: list[str]) -> dict[int | None, Checkpoint]:
-    """Open every checkpoint the inputs name, keyed by client id (None for a global model).
+def load_checkpoint_set(
+    inputs: list[str], options: FolderOptions | None = None
+) -> dict[int | None, Checkpoint]:
+    """Open every checkpoint the inputs name, keyed by client id (None for a global model): files,
+    folders of files, manifests, Hugging Face model folders, and folders of those (one per client).
 
     Raises
     ------
@@ -67,13 +79,19 @@ def load_checkpoint_set(inputs: list[str]) -> dict[int | None, Checkpoint]:
     for item in inputs:
         path = Path(item)
         if item == STDIO or path.suffix == ".json":
-            found.extend(_from_manifest(item))
+            found.extend(_from_manifest(item, options))
+        elif is_hf_folder(path):
+            found.append(HFModel(path, options))
         elif path.is_dir():
             # server.safetensors is aggregate's copy of the shared parts, not a client model
             files = sorted(f for f in path.glob("*.safetensors") if f.name != SERVER_FILE)
-            if not files:
-                raise InputError(f"{path}: folder holds no .safetensors checkpoint")
+            folders = sorted(f for f in path.iterdir() if is_hf_folder(f)) if not files else []
+            if not files and not folders:
+                raise InputError(
+                    f"{path}: folder holds no .safetensors checkpoint and no model folder"
+                )
             found.extend(open_checkpoint(f) for f in files)
+            found.extend(HFModel(f, options) for f in folders)
         else:
             found.append(open_checkpoint(path))
     if not found:
@@ -90,15 +108,28 @@ def load_checkpoint_set(inputs: list[str]) -> dict[int | None, Checkpoint]:
                 hint="pass one checkpoint per client",
             )
         by_client[cid] = ckpt
-    configs = {c.config for c in by_client.values()}
-    if len(configs) > 1:
-        first = next(iter(by_client.values()))
-        other = next(c for c in by_client.values() if c.config != first.config)
-        raise InputError(
-            f"{other.path} has a different model_config than {first.path}",
-            hint="every checkpoint of a federation must share one architecture",
-        )
+    check_same_architecture(list(by_client.values()))
     return by_client
+
+
+def check_same_architecture(models: list[Checkpoint]) -> None:
+    """Refuse models of different architectures, naming the first difference."""
+    if not models:
+        return
+    first = models[0]
+    for other in models[1:]:
+        if other.config == first.config:
+            continue
+        what = "a different model_config"
+        a, b = first.config, other.config
+        if isinstance(a, HFConfig) and isinstance(b, HFConfig):
+            what = f"a different config.json ({b.differs(a)})"
+        elif type(a) is not type(b):
+            what = "a different kind of model"
+        raise InputError(
+            f"{other.path} has {what} than {first.path}",
+            hint="every model of a federation must share one architecture",
+        )
 
 
 class CheckpointSource:
@@ -115,9 +146,11 @@ class CheckpointSource:
         return self.checkpoints[client].experts(name, indices)
 
 
-def client_checkpoints(inputs: list[str], what: str) -> dict[int, Checkpoint]:
+def client_checkpoints(
+    inputs: list[str], what: str, options: FolderOptions | None = None
+) -> dict[int, Checkpoint]:
     """The client checkpoints the inputs name (a global model is refused), by client id."""
-    found = load_checkpoint_set(inputs)
+    found = load_checkpoint_set(inputs, options)
     if None in found:
         raise InputError(
             f"{found[None].path} is a global model; {what} takes client checkpoints",

@@ -28,10 +28,10 @@ import numpy as np
 
 from fedmoe.affinity import ExpertIndex
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
-from fedmoe.errors import FedMoeError, InputError, UsageError
-from fedmoe.io.affinity_file import json_config
+from fedmoe.errors import FedMoeError, InputError
+from fedmoe.io.affinity_file import json_config, parse_config
 from fedmoe.io.manifest import header, malformed, read_manifest, require
-from fedmoe.model.config import MoEConfig
+from fedmoe.model.hf import ModelConfig
 from fedmoe.model.schema import PartSizes
 from fedmoe.params import params_dict as method_params
 from fedmoe.plan import AggregationMatrix, Ledger, Transfer
@@ -67,7 +67,7 @@ def target_rows(matrix: AggregationMatrix) -> list[dict[str, Any]]:
 
 def plan_to_manifest(
     plan: SyncPlan,
-    config: MoEConfig,
+    config: ModelConfig,
     sizes: PartSizes,
     affinity: dict[str, Any] | None = None,
     previous_plan: dict[str, Any] | None = None,
@@ -176,7 +176,7 @@ class LoadedPlan:
     """A validated sync plan."""
 
     plan: SyncPlan  # matrices, participants, method, transfers, ledger
-    config: MoEConfig  # the model it was made for
+    config: ModelConfig  # the model it was made for
     sizes: PartSizes
     manifest: dict[str, Any]  # the raw plan
     sha256: str  # of the bytes read
@@ -227,10 +227,7 @@ def _parse(manifest: dict[str, Any], digest: str, where: str) -> LoadedPlan:
         )
         for layer in layers
     )
-    try:
-        config = MoEConfig.from_dict(require(manifest, "model_config", where), where)
-    except UsageError as exc:
-        raise InputError(f"{where}: bad model_config ({exc.message})") from None
+    config = parse_config(require(manifest, "model_config", where), where)
     sizes = PartSizes.from_dict(require(manifest, "sizes", where))
     transfers = tuple(
         Transfer(

@@ -15,7 +15,8 @@ import json
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -49,6 +50,24 @@ class TensorSpec:
         for s in self.shape:
             count *= s
         return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Sink(Protocol):
+    """Where a file's bytes go: an open binary file, or a wrapper around one."""
+
+    def write(self, data: Any, /) -> int:
+        """Write ``data``; returns the bytes written."""
+        ...
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One safetensors file to write: its tensors, metadata, and whose model they come from."""
+
+    path: Path
+    specs: list[TensorSpec]
+    metadata: dict[str, str]
+    client: int  # the client whose output model the tensors are
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -88,9 +107,7 @@ class StreamWriter:
         The ``__metadata__`` str→str map.
     """
 
-    def __init__(
-        self, handle: BinaryIO, specs: list[TensorSpec], metadata: Mapping[str, str]
-    ) -> None:
+    def __init__(self, handle: Sink, specs: list[TensorSpec], metadata: Mapping[str, str]) -> None:
         self._handle = handle
         self._specs = sorted(specs, key=lambda s: s.name)
         self._next = 0
@@ -111,11 +128,16 @@ class StreamWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; its name, dtype and shape must match the declared spec."""
+        self._handle.write(self.next_bytes(name, tensor))
+
+    def next_bytes(self, name: str, tensor: torch.Tensor) -> memoryview:
+        """The bytes of the next tensor, checked against its spec, for the caller to write (the
+        stream counts them as written)."""
         spec = self._expect(name)
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"tensor {name} does not match the declared {spec}")
-        self._handle.write(raw_bytes(tensor))
         self._next += 1
+        return raw_bytes(tensor)
 
     def write_raw(self, name: str, chunks: Iterable[memoryview | bytes]) -> None:
         """Write the next tensor from raw little-endian byte chunks (for chunked merges)."""

@@ -40,7 +40,10 @@ class TensorRule:
     """One declarative line of a layout.
 
     ``pattern`` is a tensor-name template: literal text with ``{layer}``, ``{expert}`` (decimal
-    indices) and ``{name}`` (any non-empty rest) placeholders.
+    indices), ``{index}`` (any decimal number, e.g. the transformer block of a shared tensor) and
+    ``{name}`` (any non-empty rest) placeholders. ``{layer}`` is the number the checkpoint uses
+    (a transformer block); MoE layers are numbered by rank, so a model whose MoE blocks are 1, 3,
+    5 (dense blocks between them) has MoE layers 0, 1, 2.
     """
 
     pattern: str  # e.g. "blocks.{layer}.experts.{name}"
@@ -59,6 +62,8 @@ class TensorRule:
                 out += r"(?P<layer>\d+)"
             elif field == "{expert}":
                 out += r"(?P<expert>\d+)"
+            elif field == "{index}":
+                out += r"\d+"
             elif field == "{name}":
                 out += r"(?P<name>.+)"
         return re.compile(out + r"\Z")
@@ -272,12 +277,16 @@ class Layout:
                 f"layout '{self.name}': {len(unmatched)} tensor(s) match no rule: {shown}",
                 hint="declare the architecture's layout (which tensors are shared, gates, experts)",
             )
-        num_layers = (max(explicit) + 1 if explicit else 0) + (1 if fixed_last else 0)
+        rank = {block: r for r, block in enumerate(sorted(explicit))}  # MoE layers by rank
+        num_layers = len(rank) + (1 if fixed_last else 0)
         entries: list[TensorEntry] = []
         experts: dict[int, set[int]] = {}
-        for name, rule, layer, expert, slot in matched:
+        for name, rule, found, expert, slot in matched:
+            layer = found
             if layer is not None and layer < 0:
                 layer += num_layers
+            elif layer is not None and layer in rank and rule.layer is None:
+                layer = rank[layer]
             shape = tuple(int(s) for s in shapes[name])
             if rule.role is not Role.SHARED:
                 if layer is None:
@@ -330,9 +339,23 @@ class Layout:
             per_expert = {x.expert for x in entries if x.layer == layer and x.expert is not None}
             if stacked - {e_count} or (per_expert and max(per_expert) + 1 > e_count) or not counts:
                 raise InputError(
-                    f"MoE layer {layer}: the gate has {e_count} rows but the expert tensors hold "
+                    f"MoE layer {layer}: the gate {proxies[0].name} has {e_count} rows but the "
+                    f"expert tensors hold "
                     f"{sorted(stacked | {max(per_expert, default=-1) + 1} - {0})} experts"
                 )
+            slots: dict[str, set[int]] = {}
+            for x in entries:
+                if x.layer == layer and x.expert is not None:
+                    slots.setdefault(x.slot, set()).add(x.expert)
+            for slot, held in sorted(slots.items()):
+                absent = sorted(set(range(e_count)) - held)
+                if absent:
+                    raise InputError(
+                        f"MoE layer {layer}: tensor {slot.replace('{expert}', str(absent[0]))} "
+                        f"is missing ({len(absent)} of its {e_count} experts lack it)",
+                        hint="every expert of a layer needs the same tensors; the checkpoint or "
+                        "its index may be incomplete",
+                    )
             num_experts.append(e_count)
         return ModelSchema(self.name, tuple(entries), tuple(num_experts))
 

@@ -5,9 +5,14 @@ group's result is computed once and written into each member's file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fedmoe import __version__
 from fedmoe.aggregate.base import Aggregator, CrossExpert, RoundInputs
@@ -15,15 +20,123 @@ from fedmoe.aggregate.engine import Merger
 from fedmoe.errors import InputError
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta
-from fedmoe.io.checkpoint_set import CheckpointSource
+from fedmoe.io.checkpoint_set import CheckpointSource, check_same_architecture
+from fedmoe.io.hf_folder import HFModel, copy_hf_files, hf_outputs
 from fedmoe.io.manifest import STDIO, dumps, header, relative
 from fedmoe.io.plan_file import LoadedPlan
-from fedmoe.io.safetensors_format import StreamWriter, TensorSpec
+from fedmoe.io.safetensors_format import OutputFile, StreamWriter, TensorSpec
 from fedmoe.model.schema import Role
 from fedmoe.params import params_dict as method_params
 from fedmoe.round import RoundPlan, plan_round
 
 SHARED_FORMAT = "fedmoe-shared/2"
+MAX_OPEN = 256  # output files written at once
+
+
+def stream_outputs(outputs: OutputSet, files: list[OutputFile], merger: Merger) -> None:
+    """Write every output file tensor-major: each tensor is computed (once per group) and written
+    into every file that holds it, then released, so peak memory is a few tensors, not a model.
+    With more than :data:`MAX_OPEN` files they are written in batches and a group's results stay
+    cached across batches (one model's worth at most).
+
+    The merge computes and hashes in this thread while one writer thread writes the finished
+    tensors (at most :data:`IN_FLIGHT` waiting), so the computing and the disk overlap; each file's
+    sha256 is taken from the bytes it is given, never by reading the file back.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))  # a core for the writer thread: no oversubscribing
+    try:
+        _stream(outputs, files, merger)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stream(outputs: OutputSet, files: list[OutputFile], merger: Merger) -> None:
+    single = len(files) <= MAX_OPEN
+    for lo in range(0, len(files), MAX_OPEN):
+        with ExitStack() as stack:
+            route: dict[str, list[tuple[int, StreamWriter, HashingHandle]]] = {}
+            hashed: list[tuple[Path, HashingHandle]] = []
+            writers = []
+            for f in files[lo : lo + MAX_OPEN]:
+                handle = HashingHandle(stack.enter_context(outputs.open(f.path)))
+                hashed.append((f.path, handle))
+                writer = StreamWriter(handle, f.specs, f.metadata)
+                writers.append(writer)
+                for spec in writer.order:
+                    route.setdefault(spec.name, []).append((f.client, writer, handle))
+            with WriterThread() as background:
+                for name in sorted(route):
+                    for client, writer, handle in route[name]:
+                        data = writer.next_bytes(name, merger.tensor(client, name))
+                        handle.update(data)  # hashed here, written by the writer thread
+                        background.put(handle.raw, data)
+                    if single:
+                        merger.release(name)
+            for writer in writers:
+                writer.close()
+            for path, handle in hashed:
+                outputs.record_sha256(path, handle.hexdigest())
+
+
+IN_FLIGHT = 2  # finished tensors waiting for the writer thread
+
+
+class HashingHandle:
+    """A binary file handle that hashes what is written through it (or given to :meth:`update`
+    and written to :attr:`raw` by someone else, in order)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.raw = handle
+        self._digest = hashlib.sha256()
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Hash ``data``, the next bytes of the file."""
+        self._digest.update(data)
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.update(data)
+        return self.raw.write(data)
+
+    def hexdigest(self) -> str:
+        """sha256 of everything hashed so far."""
+        return self._digest.hexdigest()
+
+
+class WriterThread:
+    """Writes ``(handle, bytes)`` items in order on one background thread; an error there is
+    raised again in the caller's thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[BinaryIO, memoryview] | None] = queue.Queue(IN_FLIGHT)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WriterThread:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    item[0].write(item[1])
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+
+    def put(self, handle: BinaryIO, data: memoryview) -> None:
+        """Queue one write (blocks while :data:`IN_FLIGHT` are waiting)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((handle, data))
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 def merge_round(
@@ -68,12 +181,7 @@ def merge_round(
     models = dict(sorted({**carried, **fresh}.items()))
     first = next(iter(fresh.values()))
     config, schema = first.config, first.schema
-    for k in models.values():
-        if k.config != config:
-            raise InputError(
-                f"{k.path} has a different model_config than {first.path}",
-                hint="every checkpoint of a federation must share one architecture",
-            )
+    check_same_architecture([first, *models.values()])
     if plan is not None and plan.config != config:
         raise InputError(
             f"{plan.where}: the sync plan was made for a different model_config than the "
@@ -124,9 +232,14 @@ def merge_round(
     merger = Merger(
         spec, schema, CheckpointSource(models), dtypes, CheckpointSource(starts) if needed else None
     )
-    paths = {c: out / f"client-{c:03d}.safetensors" for c in ids}
+    folders = isinstance(first, HFModel)  # Hugging Face folders in, folders out
+    paths = {
+        c: out / (f"client-{c:03d}" if folders else f"client-{c:03d}.safetensors") for c in ids
+    }
     manifest_path = out / "aggregate.json"
     plan_sha = plan.sha256 if plan is not None else ""
+    with ThreadPoolExecutor(2) as pool:  # the inputs' digests, hashed on two cores
+        list(pool.map(lambda k: k.sha256, [*models.values(), *starts.values()]))
     provenance = json.dumps(
         {
             "method": method.name,
@@ -142,22 +255,18 @@ def merge_round(
     ]
     one_group = len(spec.shared) == 1 and set(spec.shared[0].members) == set(ids)
 
-    def write_model(
-        path: Path, tensors: list[TensorSpec], metadata: dict[str, str], c: int
-    ) -> None:
-        with outputs.open(path) as handle:
-            writer = StreamWriter(handle, tensors, metadata)
-            for spec_t in writer.order:
-                writer.write(spec_t.name, merger.tensor(c, spec_t.name))
-            writer.close()
-
     entries = []
     with OutputSet(force) as outputs:
-        for p in [*paths.values(), manifest_path]:
-            outputs.reserve(p)
+        for c, p in paths.items():
+            own = models[c]
+            for f in own.files if isinstance(own, HFModel) else [""]:
+                outputs.reserve(p / f if f else p)
+        outputs.reserve(manifest_path)
+        files: list[OutputFile] = []
+        metas: dict[int, CheckpointMeta] = {}
         for c in ids:
             own = models[c]
-            meta = CheckpointMeta(
+            metas[c] = CheckpointMeta(
                 config,
                 c,
                 round_,
@@ -168,16 +277,10 @@ def merge_round(
                 routing=own.meta.routing,
                 extra={**own.meta.extra, "merge": provenance},
             )
-            write_model(paths[c], specs, meta.to_metadata(), c)
-            entries.append(
-                {
-                    "client": c,
-                    "path": relative(paths[c], out),
-                    "sha256": outputs.staged_sha256(paths[c]),
-                    "num_samples": own.meta.num_samples,
-                    "trained": c in fresh,
-                }
-            )
+            if isinstance(own, HFModel):
+                files.extend(hf_outputs(paths[c], own, metas[c], c))
+            else:
+                files.append(OutputFile(paths[c], specs, metas[c].to_metadata(), c))
         server = None
         if one_group and shared_names:
             server_path = out / "server.safetensors"
@@ -191,12 +294,27 @@ def merge_round(
                 "num_samples": str(sum(k.meta.num_samples for k in fresh.values())),
             }
             server_specs = [s for s in specs if s.name in shared_names]
-            write_model(server_path, server_specs, smeta, ids[0])
-            server = {
-                "path": server_path.name,
-                "sha256": outputs.staged_sha256(server_path),
-                "tensors": shared_names,
-            }
+            files.append(OutputFile(server_path, server_specs, smeta, ids[0]))
+            server = {"path": server_path.name, "tensors": shared_names}
+        stream_outputs(outputs, files, merger)
+        for c in ids:
+            own = models[c]
+            if isinstance(own, HFModel):
+                digest = copy_hf_files(outputs, paths[c], own)
+            else:
+                digest = outputs.staged_sha256(paths[c])
+            entries.append(
+                {
+                    "client": c,
+                    "path": relative(paths[c], out),
+                    "sha256": digest,
+                    "num_samples": own.meta.num_samples,
+                    "trained": c in fresh,
+                }
+            )
+        if server is not None:
+            server = {**server, "sha256": outputs.staged_sha256(out / "server.safetensors")}
+            server = {k: server[k] for k in ("path", "sha256", "tensors")}
         manifest = {
             **header("aggregate"),
             "method": method.name,

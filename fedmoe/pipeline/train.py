@@ -72,7 +72,7 @@ def train_clients(
         The ``train-round`` manifest.
     """
     ids = sorted(paths)
-    config = next(iter(starts.values())).config
+    config = next(iter(starts.values())).moe_config
     rows: dict[int, dict[str, Any]] = {}
     with OutputSet(force) as outputs:
         for p in [*paths.values(), manifest_path]:

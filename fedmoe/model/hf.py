@@ -1,0 +1,212 @@
+"""Hugging Face MoE language models: their architectures as :class:`~fedmoe.model.schema.Layout`
+values, and the part of ``config.json`` that identifies an architecture.
+
+FedMoE-DA (arXiv 2411.02115) is stated for one MoE layer; a transformer MoE has one per block (or
+per ``decoder_sparse_step`` blocks). Each MoE block is one MoE layer of the schema: its router
+``mlp.gate`` (Mixtral: ``block_sparse_moe.gate``) is the layer's gate, whose rows are the proxies
+of Eq. 8; its routed experts are the layer's experts; everything else — attention, embeddings,
+norms, ``lm_head``, dense MLP blocks and Qwen-MoE's *shared expert* and its gate — is a shared
+part, averaged by the server. Published checkpoints store one tensor per expert
+(``experts.{j}.w1.weight``); ``transformers`` 5 holds them stacked in memory
+(``experts.gate_up_proj``, shape (E, 2F, H)) and reads either from disk, so each family has rules
+for both.
+
+A user declares another architecture as data (:meth:`Layout.from_dict`, from a YAML/JSON file
+given with ``--layout``): the rules, and which ``config.json`` keys hold E and H.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedmoe.errors import InputError
+from fedmoe.model.config import MoEConfig
+from fedmoe.model.schema import Layout, Role, TensorRule
+
+# config.json keys that do not change the architecture (tools, versions, runtime switches)
+VOLATILE_KEYS = frozenset(
+    {
+        "transformers_version",
+        "_name_or_path",
+        "dtype",
+        "torch_dtype",
+        "use_cache",
+        "output_router_logits",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+    }
+)
+
+
+@dataclass(frozen=True)
+class HFArch:
+    """One Hugging Face MoE family: its tensor layout and the ``config.json`` keys of E and H."""
+
+    layout: Layout
+    experts_keys: tuple[str, ...]  # config.json keys of E (the first present is used)
+    hidden_key: str = "hidden_size"  # config.json key of H, the width the router reads
+
+    def num_experts(self, config: Mapping[str, Any]) -> Any:
+        """E as ``config`` states it (None when no key is present)."""
+        return next((config[k] for k in self.experts_keys if k in config), None)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> HFArch:
+        """A user-declared architecture::
+
+        name: my-moe
+        experts_key: n_routed_experts        # config.json key of E
+        hidden_key: hidden_size              # optional
+        rules:                               # tried in order, first match wins
+          - {pattern: "model.layers.{layer}.moe.router.weight", role: gate, proxy: true}
+          - {pattern: "model.layers.{layer}.moe.experts.{expert}.{name}", role: expert}
+          - {pattern: "model.layers.{layer}.moe.experts.{name}", role: expert, expert_axis: 0}
+          - {pattern: "{name}", role: shared}
+        """
+        known = {"name", "experts_key", "hidden_key", "rules"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(
+                f"{where}: unknown key '{unknown[0]}'",
+                hint=f"a layout has {', '.join(sorted(known))}",
+            )
+        rules = data.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise InputError(f"{where}: 'rules' must be a non-empty list")
+        parsed = []
+        for i, rule in enumerate(rules):
+            parsed.append(_rule(rule, f"{where}: rules[{i}]"))
+        name, experts_key = data.get("name", "custom"), data.get("experts_key")
+        hidden_key = data.get("hidden_key", "hidden_size")
+        keys = experts_key if isinstance(experts_key, list) and experts_key else [experts_key]
+        checks = [("name", name), ("hidden_key", hidden_key), *(("experts_key", k) for k in keys)]
+        for key, value in checks:
+            if not isinstance(value, str) or not value:
+                raise InputError(f"{where}: '{key}' must be a non-empty string (or a list of them)")
+        if not any(r.proxy for r in parsed):
+            raise InputError(
+                f"{where}: no rule has proxy: true", hint="mark the router weight rule"
+            )
+        return cls(Layout(str(name), tuple(parsed)), tuple(str(k) for k in keys), str(hidden_key))
+
+
+def _rule(rule: object, where: str) -> TensorRule:
+    if not isinstance(rule, Mapping):
+        raise InputError(f"{where}: a rule is a mapping with pattern and role")
+    unknown = sorted(set(rule) - {"pattern", "role", "proxy", "expert_axis"})
+    if unknown:
+        raise InputError(f"{where}: unknown key '{unknown[0]}'")
+    pattern, role = rule.get("pattern"), rule.get("role")
+    if not isinstance(pattern, str) or not pattern:
+        raise InputError(f"{where}: 'pattern' must be a non-empty string")
+    if role not in {r.value for r in Role}:
+        raise InputError(f"{where}: 'role' must be one of {', '.join(r.value for r in Role)}")
+    proxy, axis = rule.get("proxy", False), rule.get("expert_axis")
+    if not isinstance(proxy, bool):
+        raise InputError(f"{where}: 'proxy' must be true or false")
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 0):
+        raise InputError(f"{where}: 'expert_axis' must be a non-negative integer")
+    if role != Role.SHARED.value and "{layer}" not in pattern:
+        raise InputError(f"{where}: a {role} pattern needs {{layer}}")
+    if role == Role.EXPERT.value and ("{expert}" in pattern) == (axis is not None):
+        raise InputError(
+            f"{where}: an expert pattern has either {{expert}} or expert_axis (stacked experts)"
+        )
+    return TensorRule(pattern, Role(role), expert_axis=axis, proxy=proxy)
+
+
+def _family(name: str, router: str, experts: str, *experts_keys: str) -> HFArch:
+    """A family whose MoE block ``model.layers.{l}.<router>`` / ``<experts>`` holds the router and
+    the routed experts; every other tensor the family has is declared shared."""
+    block = "model.layers.{index}"
+    return HFArch(
+        Layout(
+            name,
+            (
+                TensorRule(f"model.layers.{{layer}}.{router}.weight", Role.GATE, proxy=True),
+                TensorRule(f"model.layers.{{layer}}.{experts}.{{expert}}.{{name}}", Role.EXPERT),
+                TensorRule(
+                    f"model.layers.{{layer}}.{experts}.{{name}}", Role.EXPERT, expert_axis=0
+                ),
+                # the stacked layout transformers 5 holds in memory (and reads back from disk)
+                TensorRule("model.layers.{layer}.mlp.gate.weight", Role.GATE, proxy=True),
+                TensorRule("model.layers.{layer}.mlp.experts.{name}", Role.EXPERT, expert_axis=0),
+                TensorRule("model.embed_tokens.weight", Role.SHARED),
+                TensorRule("model.norm.weight", Role.SHARED),
+                TensorRule("lm_head.weight", Role.SHARED),
+                TensorRule(f"{block}.self_attn.{{name}}", Role.SHARED),
+                TensorRule(f"{block}.input_layernorm.weight", Role.SHARED),
+                TensorRule(f"{block}.post_attention_layernorm.weight", Role.SHARED),
+                TensorRule(f"{block}.mlp.shared_expert.{{name}}", Role.SHARED),
+                TensorRule(f"{block}.mlp.shared_expert_gate.weight", Role.SHARED),
+                TensorRule(f"{block}.mlp.gate_proj.weight", Role.SHARED),  # dense blocks
+                TensorRule(f"{block}.mlp.up_proj.weight", Role.SHARED),
+                TensorRule(f"{block}.mlp.down_proj.weight", Role.SHARED),
+            ),
+        ),
+        experts_keys,
+    )
+
+
+HF_ARCHS: dict[str, HFArch] = {
+    "mixtral": _family(
+        "mixtral", "block_sparse_moe.gate", "block_sparse_moe.experts", "num_local_experts"
+    ),
+    "qwen2_moe": _family("qwen2_moe", "mlp.gate", "mlp.experts", "num_experts"),
+    # transformers 5 writes Qwen3-MoE's E as num_local_experts; published configs say num_experts
+    "qwen3_moe": _family(
+        "qwen3_moe", "mlp.gate", "mlp.experts", "num_experts", "num_local_experts"
+    ),
+    "olmoe": _family("olmoe", "mlp.gate", "mlp.experts", "num_experts"),
+}
+"""Built-in layouts by ``config.json`` ``model_type``."""
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """The architecture of a Hugging Face model: its ``config.json`` without the keys that do not
+    change it (:data:`VOLATILE_KEYS`), canonically serialised, so two clients' configs compare
+    equal exactly when their models have the same architecture."""
+
+    text: str  # canonical JSON (sorted keys, no volatile keys)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HFConfig:
+        """From a parsed ``config.json``."""
+        kept = {k: v for k, v in data.items() if k not in VOLATILE_KEYS}
+        return cls(json.dumps(kept, sort_keys=True, separators=(",", ":")))
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The config as a dict."""
+        loaded: dict[str, Any] = json.loads(self.text)
+        return loaded
+
+    @property
+    def model_type(self) -> str:
+        """``model_type`` ('' when the config has none)."""
+        return str(self.data.get("model_type", ""))
+
+    @property
+    def num_classes(self) -> int:
+        """A language model has no class labels (the label share table is empty)."""
+        return 0
+
+    def to_json(self) -> str:
+        """The canonical JSON text."""
+        return self.text
+
+    def differs(self, other: HFConfig) -> str:
+        """The first key whose value differs, as ``key: a vs b`` ('' when equal)."""
+        a, b = self.data, other.data
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{key}: {a.get(key)!r} vs {b.get(key)!r}"
+        return ""
+
+
+ModelConfig = MoEConfig | HFConfig
+"""A model's architecture: fedmoe's built-in classifier, or a Hugging Face model's config."""
