@@ -253,7 +253,7 @@ def _plain(
         raise UsageError(f"plain --method must be one of {', '.join(PLAIN)}, got '{method}'")
     if len(inputs) < 1:
         raise UsageError("give at least one file to merge")
-    files = [MappedFile(Path(p)) for p in inputs]
+    files = [MappedFile(p) for p in _plain_files(inputs)]
     try:
         if weights is not None:
             try:
@@ -314,6 +314,29 @@ def _plain(
         },
         json_,
     )
+
+
+def _plain_files(inputs: list[str]) -> list[Path]:
+    """The files a plain merge reads: each file given, and every ``.safetensors`` file of each
+    folder given (in name order)."""
+    from fedmoe.io.hf_folder import is_hf_folder
+
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if is_hf_folder(path):
+            raise UsageError(
+                f"{path} is a Hugging Face model folder; the plain merge takes safetensors files",
+                hint="merge model folders with --method fedavg and a folder --out",
+            )
+        if path.is_dir():
+            found = sorted(path.glob("*.safetensors"))
+            if not found:
+                raise InputError(f"{path}: folder holds no .safetensors file")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
 
 
 command = handle_errors(aggregate)

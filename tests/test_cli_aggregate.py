@@ -1506,3 +1506,22 @@ def test_affinity_errors(work: Path, run_cli: Run) -> None:
     r = run_cli("affinity", "r1/train-round.json", "--out", "aff.json")
     assert f"{name(1)}: sha256 differs" in clean_failure(r, 3)
     assert snapshot(work) == before
+
+
+def test_plain_merge_of_a_folder_reads_every_file_in_it(work: Path, run_cli: Run) -> None:
+    """A folder argument of the plain merge is every .safetensors file in it, in name order."""
+    from safetensors.torch import load_file
+
+    r = run_cli("aggregate", "r1", "--method", "mean", "--out", "m.safetensors", "-q")
+    assert r.code == 0, r.err
+    files = sorted((work / "r1").glob("*.safetensors"))
+    assert len(files) == 4
+    merged = load_file(str(work / "m.safetensors"))
+    states = [load_file(str(f)) for f in files]
+    for k, v in merged.items():
+        want = sum(s[k].double() for s in states) / len(states)
+        torch.testing.assert_close(v, want.float(), rtol=0, atol=1e-6)
+    (work / "empty").mkdir()
+    r = run_cli("aggregate", "empty", "--out", "e.safetensors")
+    assert "empty: folder holds no .safetensors file" in clean_failure(r, 3)
+    assert not (work / "e.safetensors").exists()
