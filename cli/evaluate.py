@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,6 +42,7 @@ def evaluate(
 ) -> None:
     from fedmoe.io.atomic import check_writable
     from fedmoe.io.checkpoint_set import load_checkpoint_set
+    from fedmoe.io.hf_folder import HFModel
     from fedmoe.io.partition_file import load_partition
     from fedmoe.train import evaluate_models
 
@@ -49,6 +51,22 @@ def evaluate(
         check_writable(Path(out), force)  # refuse before any work, not after printing the table
     part = load_partition(partition)
     ckpts = load_checkpoint_set(models)
+    if set(ckpts) - {None} and any(c is not None and c >= part.num_clients for c in ckpts):
+        unknown = sorted(c for c in ckpts if c is not None and c >= part.num_clients)
+        raise InputError(
+            f"checkpoint for client {unknown[0]} but the partition has clients 0.."
+            f"{part.num_clients - 1}"
+        )
+    if isinstance(next(iter(ckpts.values())), HFModel):
+        report = _language(ckpts, part)
+        if out != STDIO:
+            write_manifest(report, Path(out), force=force)
+        _lm_summary(console, report)
+        if out == STDIO:
+            write_manifest(report, STDIO) if not json_ else emit(None, report, True)
+        else:
+            emit(out, report, json_)
+        return
     config = next(iter(ckpts.values())).moe_config
     config.check_data(part.dataset.input_shape, part.dataset.num_classes, str(partition))
     if set(ckpts) == {None}:
@@ -70,6 +88,56 @@ def evaluate(
         write_manifest(report, STDIO) if not json_ else emit(None, report, True)
     else:
         emit(out, report, json_)
+
+
+def _language(ckpts: dict[Any, Any], part: Any) -> dict[str, Any]:
+    """Per-byte perplexity of Hugging Face language models (one loaded at a time)."""
+    from functools import partial
+
+    import torch
+
+    from fedmoe.data.text import tokens_of
+    from fedmoe.io.hf_folder import load_lm
+    from fedmoe.train.lm import evaluate_lms
+
+    tokens = tokens_of(part.dataset.x)
+    if set(ckpts) == {None}:
+        picked = dict.fromkeys(range(part.num_clients), ckpts[None])
+    else:
+        picked = {c: k for c, k in ckpts.items() if c is not None}
+    loaders = {c: partial(load_lm, k) for c, k in picked.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        result = evaluate_lms(
+            loaders, tokens, part.dataset.domain, part.dataset.num_domains, part.clients,
+            part.global_test,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return {**header("evaluation"), **result, "domain_names": list(part.dataset.domain_names)}
+
+
+def _lm_summary(console: Any, report: dict[str, Any]) -> None:
+    if console.quiet:
+        return
+    table = Table(title="evaluation (perplexity per byte)", title_justify="left")
+    for col in ("client", "local test", "n", "global test"):
+        table.add_column(col, justify="right")
+    for row in report["clients"][:25]:
+        table.add_row(
+            str(row["id"]), f"{row['local_ppl'] or 0:.3f}", str(row["local_n"]),
+            f"{row['global_ppl'] or 0:.3f}",
+        )  # fmt: skip
+    console.print(table)
+    doms = ", ".join(
+        f"{n} {v:.3f}" if v is not None else f"{n} -"
+        for n, v in zip(report["domain_names"], report["local_ppl_by_domain"], strict=True)
+    )
+    console.print(
+        f"mean local {report['mean_local_ppl']} · worst local {report['worst_local_ppl']} · "
+        f"mean global {report['mean_global_ppl']} · local by domain: {doms}"
+    )
 
 
 def _summary(console: Any, report: dict[str, Any]) -> None:

@@ -53,6 +53,15 @@ def init(
     top_k: Annotated[int | None, typer.Option(help="Experts per sample k.")] = None,
     expert_hidden: Annotated[int | None, typer.Option(help="Expert hidden width F.")] = None,
     moe_layers: Annotated[int | None, typer.Option(help="MoE layers L (default 1).")] = None,
+    hf: Annotated[
+        str | None,
+        typer.Option(
+            help="A Hugging Face byte-level MoE language model of this family (mixtral, "
+            "qwen2_moe, qwen3_moe, olmoe) instead of the classifier; --out is a folder. Sizes: "
+            "--embed-dim (width, default 64), --expert-hidden (128), --experts (4), --top-k (2), "
+            "--moe-layers (2)."
+        ),
+    ] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint path.")] = Path(
         "init.safetensors"
@@ -67,6 +76,22 @@ def init(
     from fedmoe.model import MoEConfig, init_model, schema_for, state_of
 
     console = stderr_console(quiet)
+    if hf is not None:
+        _init_language(
+            hf,
+            embed_dim,
+            expert_hidden,
+            moe_layers,
+            experts,
+            top_k,
+            partition,
+            seed,
+            out,
+            force,
+            json_,
+            console,
+        )
+        return
     fields: dict[str, Any] = _recipe_model(config) if config is not None else {}
     given = {
         "embed": embed,
@@ -121,6 +146,37 @@ def init(
         },
         json_,
     )
+
+
+def _init_language(
+    family: str, hidden: int | None, ffn: int | None, layers: int | None, experts: int | None,
+    top_k: int | None, partition: str | None, seed: int, out: Path, force: bool, json_: bool,
+    console: Any,
+) -> None:  # fmt: skip
+    """A randomly initialised byte-level MoE language model folder (the global start model)."""
+    from fedmoe.io.atomic import OutputSet
+    from fedmoe.io.checkpoint import CheckpointMeta
+    from fedmoe.io.hf_folder import CONFIG, HFModel, new_lm, stage_lm
+    from fedmoe.io.partition_file import load_partition
+    from fedmoe.model.hf import HFConfig, tiny_lm_config
+
+    if out.suffix == ".safetensors":
+        raise UsageError(f"--out {out}: a Hugging Face model is a folder", hint="e.g. --out init/")
+    data = tiny_lm_config(family, hidden or 64, ffn or 128, layers or 2, experts or 4, top_k or 2)
+    parent = load_partition(partition).sha256 if partition is not None else ""
+    lm = new_lm(data, seed)
+    with OutputSet(force) as outputs:
+        outputs.reserve(out / CONFIG)
+        meta = CheckpointMeta(HFConfig.from_dict(data), None, 0, 0, seed, "init", parent)
+        stage_lm(outputs, out, lm, meta)
+    model = HFModel(out)
+    params = sum(e.numel for e in model.schema.entries)
+    in_experts = sum(e.numel for e in model.schema.experts())
+    console.print(
+        f"initial {family} model: {params:,} parameters ({in_experts:,} in "
+        f"{model.schema.num_experts[0]} experts × {model.schema.num_layers} MoE layers)"
+    )
+    emit(out, {"ok": True, "path": str(out), "sha256": model.sha256, "parameters": params}, json_)
 
 
 command = handle_errors(init)

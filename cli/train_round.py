@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -87,12 +89,20 @@ def train_round(
         int | None,
         typer.Option(help="Training processes, one thread each (default: one per core)."),
     ] = None,
+    train: Annotated[
+        str,
+        typer.Option(
+            help="Hugging Face language models: which tensors train, 'all' or 'experts' (the "
+            "routed experts and routers)."
+        ),
+    ] = "all",
     seed: Seed = 0,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
     from fedmoe.io.checkpoint_set import load_checkpoint_set
+    from fedmoe.io.hf_folder import HFModel
     from fedmoe.io.partition_file import load_partition
     from fedmoe.pipeline.pool import TrainPool, default_workers
     from fedmoe.pipeline.train import start_states, train_clients
@@ -115,7 +125,17 @@ def train_round(
     ids = parse_clients(client, part.num_clients)
     for cid in ids:
         part.client(cid)  # an unknown id is an input error naming the valid range
-    if single:
+    models = load_checkpoint_set(model)
+    language = isinstance(next(iter(models.values())), HFModel)
+    if language:  # Hugging Face model folders in, model folders out
+        if out.suffix == ".safetensors":
+            raise UsageError(
+                f"--out {out}: Hugging Face models are written as folders",
+                hint="give a folder, e.g. --out round1/",
+            )
+        paths = {cid: out / f"client-{cid:03d}" for cid in ids}
+        manifest_path = out / "train-round.json"
+    elif single:
         if out.suffix != ".safetensors":
             raise UsageError(
                 f"--out {out}: with one --client, give a .safetensors file path",
@@ -131,11 +151,18 @@ def train_round(
             )
         paths = {cid: out / f"client-{cid:03d}.safetensors" for cid in ids}
         manifest_path = out / "train-round.json"
-    models = load_checkpoint_set(model)
     starts = start_states(models, ids)
+    rnd = round_ if round_ is not None else max(c.meta.round for c in starts.values()) + 1
+    if train not in ("all", "experts"):
+        raise UsageError(f"--train {train!r}: expected 'all' or 'experts'")
+    if language:
+        _train_language(
+            part, partition, starts, cfg, seed, rnd, paths, manifest_path, train, force, console
+        )
+        emit(manifest_path, json.loads(manifest_path.read_text()), json_)
+        return
     config = next(iter(models.values())).moe_config
     config.check_data(part.input_shape, part.num_classes, str(partition))
-    rnd = round_ if round_ is not None else max(c.meta.round for c in starts.values()) + 1
     progress = Progress(
         TextColumn("round {task.fields[round]}"),
         BarColumn(),
@@ -169,6 +196,38 @@ def train_round(
         )
     _summary(console, manifest["clients"], rnd)
     emit(manifest_path, manifest, json_)
+
+
+def _train_language(
+    part: Any, partition: str, starts: Any, cfg: Any, seed: int, rnd: int, paths: Any,
+    manifest_path: Path, train: str, force: bool, console: Any,
+) -> None:  # fmt: skip
+    """One round of Hugging Face MoE language models, clients one after another."""
+    import torch
+
+    from fedmoe.pipeline.train_lm import train_lm_clients
+    from fedmoe.train.lm import TrainParts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # one process: every core for its steps
+    progress = Progress(
+        TextColumn("round {task.fields[round]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console.quiet or not console.is_terminal,
+    )
+    try:
+        with progress:
+            task = progress.add_task("train", total=len(paths), round=rnd)
+            manifest = train_lm_clients(
+                part, partition, starts, cfg, seed, rnd, paths, manifest_path,
+                TrainParts(train), force, lambda: progress.advance(task),
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    _summary(console, manifest["clients"], rnd)
 
 
 def _summary(console: Any, rows: list[dict[str, Any]], rnd: int) -> None:

@@ -213,7 +213,10 @@ def test_data_imports_no_io_and_atomic_no_manifest() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    assert out.strip() == "[] [('digits-rot', 'UCI digits,'), ('digits-style', 'UCI digits,')]"
+    assert out.strip() == (
+        "[] [('digits-rot', 'UCI digits,'), ('digits-style', 'UCI digits,'), "
+        "('text-mix', 'text for by')]"
+    )
 
 
 def test_sha256_helpers_are_still_importable_from_manifest() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from fedmoe.data.base import Dataset
 from fedmoe.data.digits import digits_rot, digits_style
+from fedmoe.data.text import text_mix
 
 
 @dataclass(frozen=True)
@@ -30,5 +31,10 @@ BUILTIN: dict[str, BuiltinSource] = {
     ),
     "digits-style": BuiltinSource(
         "UCI digits, 4 domains: clean/inverted/noisy/blurred", "uci-digits", digits_style
+    ),
+    "text-mix": BuiltinSource(
+        "text for byte-level language models, 3 domains: Python code, English docs, CSV data",
+        "offline-text",
+        text_mix,
     ),
 }

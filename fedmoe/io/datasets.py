@@ -54,10 +54,117 @@ def raw_digits() -> tuple[np.ndarray, np.ndarray]:
     return pixels.reshape(-1, 8, 8), labels.astype(np.int64)
 
 
+def _sklearn_root() -> Path:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the built-in datasets need scikit-learn, which is not installed",
+            hint="pip install scikit-learn",
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def raw_text_mix() -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of ``text-mix`` and each byte's domain (0 code, 1 prose, 2 data), from files every
+    Python installation with scikit-learn has: the standard library's top-level modules (code),
+    Python's documentation topics (``pydoc_data.topics``) and scikit-learn's dataset descriptions
+    (prose), and scikit-learn's packaged CSV tables (data)."""
+    import sysconfig
+
+    code = b"".join(p.read_bytes() for p in sorted(Path(sysconfig.get_path("stdlib")).glob("*.py")))
+    try:
+        from pydoc_data.topics import topics
+
+        docs = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    except ImportError:  # pragma: no cover - a Python built without its docs
+        docs = b""
+    sk = _sklearn_root() / "datasets"
+    docs += b"".join(p.read_bytes() for p in sorted((sk / "descr").glob("*.rst")))
+    tables = []
+    for p in sorted((sk / "data").glob("*.csv*")):
+        tables.append(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes())
+    data = b"".join(tables)
+    streams = [code, docs, data]
+    raw = np.frombuffer(b"".join(streams), dtype=np.uint8)
+    domain = np.repeat(np.arange(3, dtype=np.int64), [len(t) for t in streams])
+    return raw, domain
+
+
 # BuiltinSource.raw -> the reader of those raw (features, labels) arrays
 RAW_READERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
     "uci-digits": raw_digits,
+    "offline-text": raw_text_mix,
 }
+
+
+MAX_TEXT_BYTES = 1 << 30  # a text dataset larger than this is refused
+
+
+def load_jsonl(path: Path) -> Dataset:
+    """A JSON Lines file of ``{"text": ..., "domain": ...}`` objects (``domain`` optional) as byte
+    windows (:func:`fedmoe.data.text.byte_windows`), each domain's texts joined in file order."""
+    import json
+
+    from fedmoe.data.text import byte_windows
+
+    _check_file(path)
+    by_domain: dict[str, list[bytes]] = {}
+    has_domains = False
+    try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise InputError(f"{path}: larger than {MAX_TEXT_BYTES >> 30} GiB")
+        with open(path, encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    raise InputError(f"{path}:{lineno}: not a JSON object") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise InputError(f"{path}:{lineno}: needs a string 'text' field")
+                dom = obj.get("domain", "all")
+                if "domain" in obj:
+                    has_domains = True
+                if not isinstance(dom, (str, int)) or isinstance(dom, bool):
+                    raise InputError(f"{path}:{lineno}: 'domain' must be a string or integer")
+                by_domain.setdefault(str(dom), []).append(obj["text"].encode("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read it as UTF-8 JSON Lines ({exc})") from None
+    if not by_domain:
+        raise InputError(f"{path}: no text", hint="one JSON object with a 'text' field per line")
+    names = tuple(sorted(by_domain))
+    data = byte_windows([b"\n".join(by_domain[n]) for n in names], names, path.name)
+    return data if has_domains else _no_domains(data)
+
+
+def load_text_folder(path: Path) -> Dataset:
+    """A folder with one sub-folder per domain of text files (any suffix, read as UTF-8 bytes),
+    as byte windows; each domain's files are joined in name order."""
+    from fedmoe.data.text import byte_windows
+
+    domains = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not domains:
+        raise InputError(
+            f"{path}: no sub-folder", hint="put each domain's text files in a sub-folder"
+        )
+    streams, total = [], 0
+    for d in domains:
+        files = sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
+        parts = []
+        for f in files:
+            total += f.stat().st_size
+            if total > MAX_TEXT_BYTES:
+                raise InputError(f"{path}: more than {MAX_TEXT_BYTES >> 30} GiB of text")
+            parts.append(f.read_bytes())
+        streams.append(b"\n".join(parts))
+    return byte_windows(streams, tuple(d.name for d in domains), path.name)
+
+
+def _no_domains(data: Dataset) -> Dataset:
+    return Dataset(
+        data.name, data.x, data.y, data.domain, data.class_names, data.domain_names, False
+    )
 
 
 def _check_file(path: Path) -> None:
@@ -204,12 +311,17 @@ def load_dataset(spec: DataSpec) -> Dataset:
     path = Path(spec.source)
     if path.suffix == ".npz":
         return load_npz(path)
+    if path.suffix == ".jsonl":
+        return load_jsonl(path)
+    if path.is_dir():
+        return load_text_folder(path)
     if path.suffix == ".csv":
         return load_csv(path, spec.label_column, spec.domain_column)
     names = ", ".join(sorted(BUILTIN))
     raise UsageError(
         f"unknown dataset '{spec.source}'",
-        hint=f"use a built-in name ({names}) or a path to a .npz or .csv file",
+        hint=f"use a built-in name ({names}), a path to a .npz, .csv or .jsonl file, or a "
+        "folder of text with one sub-folder per domain",
     )
 
 

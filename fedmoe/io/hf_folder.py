@@ -34,7 +34,13 @@ from fedmoe.errors import InputError, UsageError
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, check_finite
 from fedmoe.io.digest import sha256_bytes, sha256_file
-from fedmoe.io.safetensors_format import FROM_CODE, OutputFile, TensorSpec, read_header
+from fedmoe.io.safetensors_format import (
+    FROM_CODE,
+    OutputFile,
+    StreamWriter,
+    TensorSpec,
+    read_header,
+)
 from fedmoe.model.hf import HF_ARCHS, HFArch, HFConfig
 from fedmoe.model.schema import ModelSchema
 
@@ -228,7 +234,7 @@ class HFModel(Checkpoint):
         where = str(self.path / self.shard_of[self.names[0]])
         if meta.get("fedmoe_format") == FORMAT:
             try:
-                client = int(meta["client_id"])
+                client = None if meta["client_id"] == "global" else int(meta["client_id"])
                 round_, seed = int(meta.get("round", "0")), int(meta.get("seed", "0"))
                 num = int(meta["num_samples"])
                 routing = json.loads(meta["routing"]) if meta.get("routing") else None
@@ -254,7 +260,7 @@ class HFModel(Checkpoint):
             # a user-trained folder is taken as round 1 (trained once from a common start)
             client, round_, seed, routing, extra, method, parent = named, 1, 0, None, {}, "", ""
             num = -1
-        if client in opts.samples:
+        if client is not None and client in opts.samples:
             num = opts.samples[client]
         elif num < 0 and opts.default_samples is not None:
             num = opts.default_samples
@@ -265,7 +271,7 @@ class HFModel(Checkpoint):
             )
         limit = 2**53
         for key, value in (("client_id", client), ("round", round_), ("num_samples", num)):
-            if not 0 <= value < limit:
+            if value is not None and not 0 <= value < limit:
                 raise InputError(f"{where}: metadata {key} = {value} is out of range")
         return CheckpointMeta(config, client, round_, num, seed, method, parent, routing, extra)
 
@@ -347,7 +353,7 @@ def hf_metadata(meta: CheckpointMeta) -> dict[str, str]:
         "format": "pt",
         "fedmoe_format": FORMAT,
         "fedmoe_version": __version__,
-        "client_id": str(meta.client_id),
+        "client_id": "global" if meta.client_id is None else str(meta.client_id),
         "round": str(meta.round),
         "num_samples": str(meta.num_samples),
         "seed": str(meta.seed),
@@ -430,3 +436,92 @@ def parse_num_samples(items: list[str]) -> tuple[dict[int, int], int | None]:
                 hint="for example --num-samples 3=1200",
             ) from None
     return per, default
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(
+            "training or evaluating a Hugging Face model needs transformers, which is not installed",
+            hint="pip install 'fedmoe[hf]'",
+        ) from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # stderr is for fedmoe's own report
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
+        pass
+    return transformers
+
+
+def load_lm(model: HFModel) -> Any:
+    """The folder's model as a ``transformers`` causal LM in float32 (for training on CPU)."""
+    tf = _transformers()
+    try:
+        lm = tf.AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(
+            f"{model.path}: transformers cannot load it ({str(exc).splitlines()[0]})",
+            hint="check that the folder is a causal language model of an installed family",
+        ) from None
+    return lm
+
+
+def new_lm(config: Mapping[str, Any], seed: int) -> Any:
+    """A freshly initialised causal LM of ``config`` (a config.json as a dict); the initialisation
+    draws from a generator seeded with ``seed`` and leaves torch's global generator as it was."""
+    tf = _transformers()
+    data = dict(config)
+    kind = data.pop("model_type", None)
+    try:
+        cfg = tf.AutoConfig.for_model(kind, **data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"model config: {str(exc).splitlines()[0]}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tf.AutoModelForCausalLM.from_config(cfg)
+
+
+def stage_lm(
+    outputs: OutputSet, dest: Path, lm: Any, meta: CheckpointMeta, like: HFModel | None = None
+) -> str:
+    """Stage ``lm`` as a model folder at ``dest`` in the layout ``transformers`` saves (the
+    published per-expert one), with fedmoe's provenance in every shard's metadata; the other files
+    of ``like`` (tokenizer, generation config) are copied. Returns the folder's digest."""
+    import tempfile
+
+    metadata = hf_metadata(meta)
+    digests: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix=".fedmoe-lm-") as tmp:
+        lm.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as handle:
+                    names = sorted(handle.keys())
+                    specs = [
+                        TensorSpec(
+                            n, FROM_CODE[handle.get_slice(n).get_dtype()],
+                            tuple(handle.get_slice(n).get_shape()),
+                        )
+                        for n in names
+                    ]  # fmt: skip
+                    with outputs.open(dest / f.name) as out:
+                        writer = StreamWriter(out, specs, metadata)
+                        for spec in writer.order:
+                            writer.write(spec.name, handle.get_tensor(spec.name))
+                        writer.close()
+                digests[f.name] = outputs.staged_sha256(dest / f.name)
+            else:
+                data = f.read_bytes()
+                outputs.write_bytes(dest / f.name, data)
+                digests[f.name] = sha256_bytes(data)
+    if like is not None:
+        for name in like.files:
+            if name not in digests and not name.endswith(".safetensors") and name != INDEX:
+                data = (like.path / name).read_bytes()
+                outputs.write_bytes(dest / name, data)
+                digests[name] = sha256_bytes(data)
+    return folder_digest(digests)

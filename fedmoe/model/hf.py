@@ -210,3 +210,42 @@ class HFConfig:
 
 ModelConfig = MoEConfig | HFConfig
 """A model's architecture: fedmoe's built-in classifier, or a Hugging Face model's config."""
+
+
+def tiny_lm_config(
+    family: str, hidden: int, ffn: int, layers: int, experts: int, top_k: int, vocab: int = 256
+) -> dict[str, Any]:
+    """The ``config.json`` of a small byte-level MoE language model of ``family`` (built offline,
+    randomly initialised): ``hidden`` width, expert width ``ffn``, ``layers`` MoE blocks of
+    ``experts`` routed experts, ``top_k`` per token, 4 attention heads (2 key/value heads)."""
+    if family not in HF_ARCHS:
+        raise InputError(
+            f"unknown Hugging Face family '{family}'", hint=f"one of {', '.join(HF_ARCHS)}"
+        )
+    if hidden % 4 or min(hidden, ffn, layers, experts, top_k) < 1 or top_k > experts:
+        raise InputError(
+            "a tiny language model needs a width divisible by 4 and 1 ≤ top-k ≤ experts"
+        )
+    common: dict[str, Any] = {
+        "model_type": family,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": top_k,
+        "max_position_embeddings": 512,
+        "router_aux_loss_coef": 0.01,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": 0,
+        "pad_token_id": None,
+    }
+    if family == "mixtral":
+        return {**common, "intermediate_size": ffn, "num_local_experts": experts}
+    moe = {"num_experts": experts, "intermediate_size": ffn, "moe_intermediate_size": ffn}
+    if family == "qwen2_moe":
+        return {**common, **moe, "shared_expert_intermediate_size": ffn, "decoder_sparse_step": 1}
+    if family == "qwen3_moe":
+        return {**common, **moe, "head_dim": hidden // 4, "decoder_sparse_step": 1}
+    return {**common, "intermediate_size": ffn, "num_experts": experts}

@@ -1,0 +1,124 @@
+"""One local round of Hugging Face MoE language models (FedMoE-DA, arXiv 2411.02115, Sec. III,
+step 1): each client fine-tunes its model folder on its byte windows and writes a model folder
+with its routing statistics by domain; the ``train-round`` manifest lists the folders.
+
+Clients train one after another in this process (a language model's step already uses every
+torch thread), each from its own seed (:func:`fedmoe.train.client.client_seed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedmoe.data.text import tokens_of
+from fedmoe.io.atomic import OutputSet
+from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta
+from fedmoe.io.hf_folder import HFModel, load_lm, stage_lm
+from fedmoe.io.manifest import dumps, header, relative
+from fedmoe.io.partition_file import LoadedPartition
+from fedmoe.model.schema import Role
+from fedmoe.train import TrainConfig
+from fedmoe.train.client import client_seed
+from fedmoe.train.lm import TrainParts, lm_routing, train_lm
+
+
+def expert_params(model: HFModel) -> Callable[[str], bool]:
+    """Parameter name → True for a routed expert or router tensor of ``model`` (by its schema;
+    ``transformers`` may hold the experts stacked under other names, so a parameter counts when
+    it lies in an MoE block's router or experts module)."""
+    prefixes = set()
+    for entry in model.schema.entries:
+        if entry.role is not Role.SHARED:
+            parts = entry.name.split(".")
+            prefixes.add(".".join(parts[:4]))  # model.layers.{b}.<moe block>
+    # transformers 5 renames Mixtral's block_sparse_moe to mlp in memory
+    prefixes |= {p.replace("block_sparse_moe", "mlp") for p in prefixes}
+
+    def is_expert(name: str) -> bool:
+        if ".shared_expert" in name:
+            return False
+        return any(
+            name.startswith(p + ".gate") or name.startswith(p + ".experts") for p in prefixes
+        )
+
+    return is_expert
+
+
+def train_lm_clients(
+    part: LoadedPartition,
+    partition_ref: str,
+    starts: dict[int, Checkpoint],
+    cfg: TrainConfig,
+    seed: int,
+    round_: int,
+    paths: dict[int, Path],
+    manifest_path: Path,
+    parts: TrainParts = TrainParts.ALL,
+    force: bool = False,
+    advance: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train every client of ``paths`` one round and publish their model folders and the manifest
+    together (nothing is written if any client fails)."""
+    tokens = tokens_of(part.dataset.x)
+    domains = part.dataset.domain
+    ids = sorted(paths)
+    rows: dict[int, dict[str, Any]] = {}
+    digests: dict[int, str] = {}
+    with OutputSet(force) as outputs:
+        outputs.reserve(manifest_path)
+        for cid in ids:
+            start = starts[cid]
+            assert isinstance(start, HFModel)
+            lm = load_lm(start)
+            train = part.client(cid).train
+            result = train_lm(
+                lm, tokens[train], cfg, client_seed(seed, round_, cid), parts, expert_params(start)
+            )
+            top_k = int(getattr(lm.config, "num_experts_per_tok", 2))
+            routing = lm_routing(lm, tokens[train], domains[train], part.dataset.num_domains, top_k)
+            meta = CheckpointMeta(
+                start.config, cid, round_, int(train.shape[0]), seed, "train",
+                parent_sha256=start.sha256, routing=routing,
+            )  # fmt: skip
+            digests[cid] = stage_lm(outputs, paths[cid], lm, meta, like=start)
+            rows[cid] = {
+                "client": cid,
+                "num_samples": int(train.shape[0]),
+                "epoch_loss": [round(v, 6) for v in result.epoch_loss],
+                "steps": result.steps,
+                "seconds": round(result.seconds, 4),
+                "samples_per_s": round(result.samples / result.seconds, 1)
+                if result.seconds > 0
+                else None,
+            }
+            if advance is not None:
+                advance()
+        base = manifest_path.parent
+        manifest = {
+            **header("train-round"),
+            "round": round_,
+            "seed": seed,
+            "train_config": {**cfg.to_dict(), "parts": parts.value},
+            "partition": {
+                "path": relative(Path(partition_ref), base) if partition_ref != "-" else "-",
+                "sha256": part.sha256,
+            },
+            "inputs": [
+                {"path": relative(c.path, base), "sha256": c.sha256}
+                for c in {id(c): c for c in starts.values()}.values()
+            ],
+            "checkpoints": [
+                {
+                    "client": cid,
+                    "path": relative(paths[cid], base),
+                    "sha256": digests[cid],
+                    "num_samples": rows[cid]["num_samples"],
+                }
+                for cid in ids
+            ],
+            "clients": [rows[c] for c in ids],
+        }
+        outputs.write_bytes(manifest_path, dumps(manifest).encode())
+    return manifest
