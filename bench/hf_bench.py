@@ -117,10 +117,14 @@ def _copy_time(files: list[Path], dest: Path) -> float:
 
 
 def _cli(*argv: str) -> None:
+    import contextlib
+    import io
+
     from fedmoe_cli.app import main
 
     try:
-        main(list(argv))
+        with contextlib.redirect_stdout(io.StringIO()):  # the output paths: not the table's
+            main(list(argv))
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise RuntimeError(f"fedmoe {argv[0]} exited {exc.code}") from None

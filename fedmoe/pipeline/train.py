@@ -107,31 +107,55 @@ def train_clients(
                 }
                 if advance is not None:
                     advance()
-        base = manifest_path.parent
-        manifest = {
-            **header("train-round"),
-            "round": round_,
-            "seed": seed,
-            "train_config": cfg.to_dict(),
-            "threads_per_client": 1,
-            "partition": {
-                "path": relative(Path(partition_ref), base) if partition_ref != "-" else "-",
-                "sha256": part.sha256,
-            },
-            "inputs": [
-                {"path": relative(c.path, base), "sha256": c.sha256}
-                for c in {id(c): c for c in starts.values()}.values()
-            ],
-            "checkpoints": [
-                {
-                    "client": cid,
-                    "path": relative(paths[cid], base),
-                    "sha256": outputs.staged_sha256(paths[cid]),
-                    "num_samples": rows[cid]["num_samples"],
-                }
-                for cid in ids
-            ],
-            "clients": [rows[c] for c in ids],
-        }
+        manifest = train_manifest(
+            round_, seed, {**cfg.to_dict()}, part, partition_ref, starts,
+            {c: outputs.staged_sha256(paths[c]) for c in ids}, paths, rows, manifest_path.parent,
+            threads_per_client=1,
+        )  # fmt: skip
         outputs.write_bytes(manifest_path, dumps(manifest).encode())
     return manifest
+
+
+def train_manifest(
+    round_: int,
+    seed: int,
+    train_config: dict[str, Any],
+    part: LoadedPartition,
+    partition_ref: str,
+    starts: dict[int, Checkpoint],
+    digests: dict[int, str],
+    paths: dict[int, Path],
+    rows: dict[int, dict[str, Any]],
+    base: Path,
+    threads_per_client: int | None = None,
+) -> dict[str, Any]:
+    """The ``train-round`` manifest: the round, its training settings, the partition and start
+    models it used, and each client's output (path relative to ``base``, sha256, sample count)
+    and training row."""
+    ids = sorted(paths)
+    threads = {} if threads_per_client is None else {"threads_per_client": threads_per_client}
+    return {
+        **header("train-round"),
+        "round": round_,
+        "seed": seed,
+        "train_config": train_config,
+        **threads,
+        "partition": {
+            "path": relative(Path(partition_ref), base) if partition_ref != "-" else "-",
+            "sha256": part.sha256,
+        },
+        "inputs": [
+            {"path": relative(c.path, base), "sha256": c.sha256}
+            for c in {id(c): c for c in starts.values()}.values()
+        ],
+        "checkpoints": [
+            {
+                "client": cid,
+                "path": relative(paths[cid], base),
+                "sha256": digests[cid],
+                "num_samples": rows[cid]["num_samples"],
+            }
+            for cid in ids
+        ],
+        "clients": [rows[c] for c in ids],
+    }

@@ -16,9 +16,10 @@ from fedmoe.data.text import tokens_of
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta
 from fedmoe.io.hf_folder import HFModel, load_lm, stage_lm
-from fedmoe.io.manifest import dumps, header, relative
+from fedmoe.io.manifest import dumps
 from fedmoe.io.partition_file import LoadedPartition
 from fedmoe.model.schema import Role
+from fedmoe.pipeline.train import train_manifest
 from fedmoe.train import TrainConfig
 from fedmoe.train.client import client_seed
 from fedmoe.train.lm import TrainParts, lm_routing, train_lm
@@ -95,30 +96,9 @@ def train_lm_clients(
             }
             if advance is not None:
                 advance()
-        base = manifest_path.parent
-        manifest = {
-            **header("train-round"),
-            "round": round_,
-            "seed": seed,
-            "train_config": {**cfg.to_dict(), "parts": parts.value},
-            "partition": {
-                "path": relative(Path(partition_ref), base) if partition_ref != "-" else "-",
-                "sha256": part.sha256,
-            },
-            "inputs": [
-                {"path": relative(c.path, base), "sha256": c.sha256}
-                for c in {id(c): c for c in starts.values()}.values()
-            ],
-            "checkpoints": [
-                {
-                    "client": cid,
-                    "path": relative(paths[cid], base),
-                    "sha256": digests[cid],
-                    "num_samples": rows[cid]["num_samples"],
-                }
-                for cid in ids
-            ],
-            "clients": [rows[c] for c in ids],
-        }
+        manifest = train_manifest(
+            round_, seed, {**cfg.to_dict(), "parts": parts.value}, part, partition_ref, starts,
+            digests, paths, rows, manifest_path.parent,
+        )  # fmt: skip
         outputs.write_bytes(manifest_path, dumps(manifest).encode())
     return manifest
