@@ -83,8 +83,8 @@ def weighted_sum(parts: list[tuple[torch.Tensor, float]], dtype: torch.dtype) ->
     The sum runs chunk by chunk: one cache-sized float64 accumulator takes every source's slice
     in turn, then is rounded into the output. Each value sees the same operations in the same
     order as a whole-tensor sum (the result is identical), but the accumulator never leaves the
-    cache, so the memory traffic is the sources read once and the output written once (about 5×
-    faster on large tensors than a whole-tensor float64 accumulator)."""
+    cache, so the memory traffic is the sources read once and the output written once (3.5–6×
+    faster than a whole-tensor float64 accumulator on large tensors)."""
     import torch
 
     shape = parts[0][0].shape
