@@ -51,39 +51,27 @@ def evaluate(
         check_writable(Path(out), force)  # refuse before any work, not after printing the table
     part = load_partition(partition)
     ckpts = load_checkpoint_set(models)
-    if set(ckpts) - {None} and any(c is not None and c >= part.num_clients for c in ckpts):
-        unknown = sorted(c for c in ckpts if c is not None and c >= part.num_clients)
+    unknown = sorted(c for c in ckpts if c is not None and c >= part.num_clients)
+    if unknown:
         raise InputError(
             f"checkpoint for client {unknown[0]} but the partition has clients 0.."
             f"{part.num_clients - 1}"
         )
     if isinstance(next(iter(ckpts.values())), HFModel):
-        report = _language(ckpts, part)
-        if out != STDIO:
-            write_manifest(report, Path(out), force=force)
-        _lm_summary(console, report)
-        if out == STDIO:
-            write_manifest(report, STDIO) if not json_ else emit(None, report, True)
-        else:
-            emit(out, report, json_)
-        return
-    config = next(iter(ckpts.values())).moe_config
-    config.check_data(part.dataset.input_shape, part.dataset.num_classes, str(partition))
-    if set(ckpts) == {None}:
-        states = {cid: ckpts[None].state() for cid in range(part.num_clients)}
+        report, summary = _language(ckpts, part), _lm_summary
     else:
-        unknown = sorted(c for c in ckpts if c is not None and c >= part.num_clients)
-        if unknown:
-            raise InputError(
-                f"checkpoint for client {unknown[0]} but the partition has clients 0.."
-                f"{part.num_clients - 1}"
-            )
-        states = {cid: c.state() for cid, c in ckpts.items() if cid is not None}
-    result = evaluate_models(config, states, part.dataset, part.clients, part.global_test)
-    report = {**header("evaluation"), **result, "domain_names": list(part.dataset.domain_names)}
+        config = next(iter(ckpts.values())).moe_config
+        config.check_data(part.dataset.input_shape, part.dataset.num_classes, str(partition))
+        if set(ckpts) == {None}:
+            states = {cid: ckpts[None].state() for cid in range(part.num_clients)}
+        else:
+            states = {cid: c.state() for cid, c in ckpts.items() if cid is not None}
+        result = evaluate_models(config, states, part.dataset, part.clients, part.global_test)
+        domains = list(part.dataset.domain_names)
+        report, summary = {**header("evaluation"), **result, "domain_names": domains}, _summary
     if out != STDIO:
         write_manifest(report, Path(out), force=force)
-    _summary(console, report)
+    summary(console, report)
     if out == STDIO:
         write_manifest(report, STDIO) if not json_ else emit(None, report, True)
     else:

@@ -163,14 +163,7 @@ def train_round(
         return
     config = next(iter(models.values())).moe_config
     config.check_data(part.input_shape, part.num_classes, str(partition))
-    progress = Progress(
-        TextColumn("round {task.fields[round]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet or not console.is_terminal,
-    )
+    progress = _progress(console)
     pool = TrainPool(
         part.dataset_spec,
         part.fingerprint,
@@ -210,14 +203,7 @@ def _train_language(
 
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # one process: every core for its steps
-    progress = Progress(
-        TextColumn("round {task.fields[round]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=console.quiet or not console.is_terminal,
-    )
+    progress = _progress(console)
     try:
         with progress:
             task = progress.add_task("train", total=len(paths), round=rnd)
@@ -228,6 +214,18 @@ def _train_language(
     finally:
         torch.set_num_threads(threads)
     _summary(console, manifest["clients"], rnd)
+
+
+def _progress(console: Any) -> Progress:
+    """The per-client progress bar of a round (only on a terminal, never with --quiet)."""
+    return Progress(
+        TextColumn("round {task.fields[round]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console.quiet or not console.is_terminal,
+    )
 
 
 def _summary(console: Any, rows: list[dict[str, Any]], rnd: int) -> None:

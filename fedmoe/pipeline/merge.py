@@ -295,7 +295,7 @@ def merge_round(
             }
             server_specs = [s for s in specs if s.name in shared_names]
             files.append(OutputFile(server_path, server_specs, smeta, ids[0]))
-            server = {"path": server_path.name, "tensors": shared_names}
+            server = {"path": server_path.name, "sha256": "", "tensors": shared_names}
         stream_outputs(outputs, files, merger)
         for c in ids:
             own = models[c]
@@ -313,8 +313,7 @@ def merge_round(
                 }
             )
         if server is not None:
-            server = {**server, "sha256": outputs.staged_sha256(out / "server.safetensors")}
-            server = {k: server[k] for k in ("path", "sha256", "tensors")}
+            server["sha256"] = outputs.staged_sha256(out / "server.safetensors")
         manifest = {
             **header("aggregate"),
             "method": method.name,
