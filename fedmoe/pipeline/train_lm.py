@@ -25,26 +25,14 @@ from fedmoe.train.client import client_seed
 from fedmoe.train.lm import TrainParts, lm_routing, train_lm
 
 
-def expert_params(model: HFModel) -> Callable[[str], bool]:
-    """Parameter name → True for a routed expert or router tensor of ``model`` (by its schema;
-    ``transformers`` may hold the experts stacked under other names, so a parameter counts when
-    it lies in an MoE block's router or experts module)."""
-    prefixes = set()
-    for entry in model.schema.entries:
-        if entry.role is not Role.SHARED:
-            parts = entry.name.split(".")
-            prefixes.add(".".join(parts[:4]))  # model.layers.{b}.<moe block>
-    # transformers 5 renames Mixtral's block_sparse_moe to mlp in memory
-    prefixes |= {p.replace("block_sparse_moe", "mlp") for p in prefixes}
-
-    def is_expert(name: str) -> bool:
-        if ".shared_expert" in name:
-            return False
-        return any(
-            name.startswith(p + ".gate") or name.startswith(p + ".experts") for p in prefixes
-        )
-
-    return is_expert
+def expert_params(model: HFModel, lm: Any) -> Callable[[str], bool]:
+    """Parameter name → True for a routed expert or router tensor of ``lm``: its parameters are
+    resolved by the folder's own layout (whose rules cover the stacked layout ``transformers``
+    holds in memory too), so the roles come from the declared schema, not from name matching."""
+    shapes = {name: tuple(p.shape) for name, p in lm.named_parameters()}
+    schema = model.arch.layout.resolve(shapes)
+    trained = {e.name for e in schema.entries if e.role is not Role.SHARED}
+    return trained.__contains__
 
 
 def train_lm_clients(
@@ -74,8 +62,9 @@ def train_lm_clients(
             assert isinstance(start, HFModel)
             lm = load_lm(start)
             train = part.client(cid).train
+            is_expert = expert_params(start, lm) if parts is TrainParts.EXPERTS else None
             result = train_lm(
-                lm, tokens[train], cfg, client_seed(seed, round_, cid), parts, expert_params(start)
+                lm, tokens[train], cfg, client_seed(seed, round_, cid), parts, is_expert
             )
             top_k = int(getattr(lm.config, "num_experts_per_tok", 2))
             routing = lm_routing(lm, tokens[train], domains[train], part.dataset.num_domains, top_k)
