@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedmoe.affinity import Affinity, compute_affinity
+from fedmoe.affinity import Affinity, Upload, compute_affinity
 from fedmoe.affinity.summary import summary
 from fedmoe.errors import InputError
 from fedmoe.io.affinity_file import affinity_to_manifest
 from fedmoe.io.checkpoint import Checkpoint
 from fedmoe.io.manifest import relative
+from fedmoe.model.hf import ModelConfig
+from fedmoe.model.schema import PartSizes
 
 
 def affinity_artefact(
@@ -54,20 +56,41 @@ def affinity_artefact(
                 hint="give this round's checkpoints as arguments and older ones with --stale",
             )
     held = dict(sorted({**older, **fresh}.items()))
-    config = first.config
-    schema = next(iter(held.values())).schema
-    aff = compute_affinity({c: k.upload() for c, k in held.items()}, candidates, config.num_classes)
+    return affinity_of_uploads(
+        {c: k.upload() for c, k in held.items()},
+        {c: (relative(k.path, base), k.sha256) for c, k in held.items()},
+        first.config,
+        first.schema.sizes(),
+        candidates,
+        domain_names,
+        class_names,
+    )
+
+
+def affinity_of_uploads(
+    held: dict[int, Upload],
+    sources: dict[int, tuple[str, str]],
+    config: ModelConfig,
+    sizes: PartSizes,
+    candidates: int,
+    domain_names: list[str] | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[Affinity, dict[str, Any]]:
+    """The affinity artefact of the uploads the server holds (client id → upload, increasing),
+    where ``sources`` names each upload (path or label, sha256) in the artefact's inputs: for an
+    engine whose server receives uploads as messages, not files."""
+    aff = compute_affinity(held, candidates, config.num_classes)
     inputs = [
         {
             "client": c,
-            "path": relative(k.path, base),
-            "sha256": k.sha256,
-            "num_samples": k.meta.num_samples,
-            "round": k.meta.round,
+            "path": sources[c][0],
+            "sha256": sources[c][1],
+            "num_samples": up.num_samples,
+            "round": up.round,
             "stale": c in aff.stale,
         }
-        for c, k in held.items()
+        for c, up in held.items()
     ]
-    manifest = affinity_to_manifest(aff, config, schema.sizes(), inputs, domain_names, class_names)
+    manifest = affinity_to_manifest(aff, config, sizes, inputs, domain_names, class_names)
     manifest["summary"] = summary(aff)
     return aff, manifest

@@ -50,6 +50,7 @@ from fedmoe.pipeline.pool import TrainPool
 from fedmoe.pipeline.sync import sync_artefact
 from fedmoe.pipeline.train import train_clients
 from fedmoe.plan import AggregationMatrix
+from fedmoe.round import RoundPlan
 from fedmoe.run.recipe import Recipe
 from fedmoe.train import evaluate_models
 
@@ -85,9 +86,12 @@ def write_setup(
     folder: RunFolder,
     resolved: dict[str, Any],
     before_publish: Callable[[], None] | None = None,
+    with_init: bool = True,
 ) -> None:
     """The run folder's recipe, partition manifest and initial checkpoint (as ``fedmoe
-    partition`` and ``fedmoe init --partition`` write them).
+    partition`` and ``fedmoe init --partition`` write them; ``with_init=False`` leaves the
+    initial model out, for a server that never holds experts: each client builds it from the
+    recipe's model and seed).
 
     Everything is computed and staged first; ``before_publish`` (e.g. clearing a previous run
     for ``--force``) runs only once that has succeeded, so a run that cannot start (a missing
@@ -114,11 +118,12 @@ def write_setup(
         outputs.write_bytes(folder.partition, manifest)
         from fedmoe.io.digest import sha256_bytes
 
-        meta = CheckpointMeta(
-            config, None, 0, 0, recipe.seed, "init", parent_sha256=sha256_bytes(manifest)
-        )
-        state = state_of(init_model(config, recipe.seed))
-        save_checkpoint(outputs, folder.init, state, meta)
+        if with_init:
+            meta = CheckpointMeta(
+                config, None, 0, 0, recipe.seed, "init", parent_sha256=sha256_bytes(manifest)
+            )
+            state = state_of(init_model(config, recipe.seed))
+            save_checkpoint(outputs, folder.init, state, meta)
         if before_publish is not None:
             before_publish()
 
@@ -137,7 +142,7 @@ def prepare(recipe: Recipe, out: Path) -> RunContext:
     return RunContext(recipe, folder, part, config)
 
 
-def _groups(part: LoadedPartition) -> dict[int, int]:
+def true_groups(part: LoadedPartition) -> dict[int, int]:
     """Each client's dominant true domain (the oracle's groups, and a diagnostic)."""
     return {c: part.dominant_domain(c) for c in range(part.num_clients)}
 
@@ -209,7 +214,7 @@ def run_method(
         if recipe.attack.kinds
         else ()
     )
-    groups = _groups(ctx.partition)
+    groups = true_groups(ctx.partition)
     n = ctx.num_clients
     models = _models(ctx, name, resume_from)  # every client's current model, opened once a round
     for rnd in range(resume_from + 1, recipe.rounds + 1):
@@ -252,39 +257,13 @@ def run_method(
         if isinstance(method, FedMoEDA) and method.stale is StaleProxies.KEEP:
             for k in fresh.values():
                 publish_upload(k.path, ctx.folder.uploads(name))
-        ledger = rplan.ledger
-        row: dict[str, Any] = {
-            "method": name,
-            "round": rnd,
-            "participants": len(active),
-            "server_bytes": ledger.server_total,
-            "p2p_bytes": ledger.p2p,
-            "fedavg_bytes": ledger.fedavg_equivalent,
-        }
-        if rplan.sync is not None:
-            applied = rplan.sync.applied() if rplan.sync.merges_experts else ()
-            row["matrix_round"] = rplan.sync.matrix_round
-            row["sources_other_client"] = _remote_share(applied)
-            row["remote_same_domain"] = _same_domain_share(applied, groups)
-            if attack is not None:
-                row["sources_malicious"] = _malicious_share(applied, set(bad))
-        if attack is not None:
-            row["attack"] = attack.value
-        if bad:
-            row["malicious"] = list(bad)  # left out of the accuracies (attacked or not)
+        row = round_row(name, rnd, len(active), rplan, groups, attack, bad)
         if rnd % recipe.eval_every == 0 or rnd == recipe.rounds:
             # the malicious clients' own accuracy is not counted
             states = {c: k.state() for c, k in models.items() if c not in bad}
             part = ctx.partition
             ev = evaluate_models(ctx.config, states, part.dataset, part.clients, part.global_test)
-            for key in (
-                "mean_local_acc",
-                "worst_local_acc",
-                "mean_global_acc",
-                "local_acc_by_domain",
-                "global_acc_by_domain",
-            ):
-                row[key] = ev[key]
+            row.update({key: ev[key] for key in EVAL_KEYS})
         row["seconds"] = round(time.perf_counter() - start, 4)
         row["train_seconds"] = round(train_s, 4)
         append_line(ctx.folder.metrics, json.dumps(row, separators=(",", ":")))
@@ -357,6 +336,49 @@ def _attack(
                     "checkpoints": rows}  # fmt: skip
         outputs.write_bytes(out / "attack.json", dumps(manifest).encode())
     return {c: open_checkpoint(paths[c]) if c in paths else k for c, k in fresh.items()}
+
+
+EVAL_KEYS = (
+    "mean_local_acc",
+    "worst_local_acc",
+    "mean_global_acc",
+    "local_acc_by_domain",
+    "global_acc_by_domain",
+)  # what an evaluation adds to a round's metrics line
+
+
+def round_row(
+    name: str,
+    rnd: int,
+    num_active: int,
+    rplan: RoundPlan,
+    groups: dict[int, int],
+    attack: AttackKind | None = None,
+    bad: tuple[int, ...] = (),
+) -> dict[str, Any]:
+    """A round's metrics line before evaluation: participants, traffic and, for FedMoE-DA, how
+    the applied rows draw on other clients (shared by every engine that runs rounds)."""
+    ledger = rplan.ledger
+    row: dict[str, Any] = {
+        "method": name,
+        "round": rnd,
+        "participants": num_active,
+        "server_bytes": ledger.server_total,
+        "p2p_bytes": ledger.p2p,
+        "fedavg_bytes": ledger.fedavg_equivalent,
+    }
+    if rplan.sync is not None:
+        applied = rplan.sync.applied() if rplan.sync.merges_experts else ()
+        row["matrix_round"] = rplan.sync.matrix_round
+        row["sources_other_client"] = _remote_share(applied)
+        row["remote_same_domain"] = _same_domain_share(applied, groups)
+        if attack is not None:
+            row["sources_malicious"] = _malicious_share(applied, set(bad))
+    if attack is not None:
+        row["attack"] = attack.value
+    if bad:
+        row["malicious"] = list(bad)  # left out of the accuracies (attacked or not)
+    return row
 
 
 def _malicious_share(applied: tuple[AggregationMatrix, ...], bad: set[int]) -> float | None:

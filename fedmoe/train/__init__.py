@@ -9,7 +9,14 @@ from fedmoe._lazy import lazy_exports
 if TYPE_CHECKING:
     from fedmoe.train.client import ClientUpdate, client_seed, tensors, train_client
     from fedmoe.train.config import TrainConfig
-    from fedmoe.train.evaluate import accuracy, evaluate_models, predict
+    from fedmoe.train.evaluate import (
+        ClientEval,
+        accuracy,
+        evaluate_client,
+        evaluate_models,
+        predict,
+        summarise,
+    )
     from fedmoe.train.local import TrainResult, train_local
     from fedmoe.train.routing import layer_stats, routing_stats
 
@@ -18,7 +25,10 @@ _EXPORTS = {
     "client_seed": "client",
     "tensors": "client",
     "train_client": "client",
+    "ClientEval": "evaluate",
     "accuracy": "evaluate",
+    "evaluate_client": "evaluate",
+    "summarise": "evaluate",
     "evaluate_models": "evaluate",
     "predict": "evaluate",
     "TrainConfig": "config",
@@ -30,15 +40,18 @@ _EXPORTS = {
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
+    "ClientEval",
     "ClientUpdate",
     "TrainConfig",
     "TrainResult",
     "accuracy",
     "client_seed",
+    "evaluate_client",
     "evaluate_models",
     "layer_stats",
     "predict",
     "routing_stats",
+    "summarise",
     "tensors",
     "train_client",
     "train_local",

@@ -3,6 +3,8 @@ split; global: on the held-out global test set), overall and per domain."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,21 +40,78 @@ def accuracy(
     return round(float(hit.mean()), 6), per_domain, n
 
 
-def evaluate_models(
-    config: MoEConfig,
-    states: dict[int, dict[str, torch.Tensor]],
-    dataset: Dataset,
-    clients: tuple[ClientSplit, ...],
-    global_test: np.ndarray,
-) -> dict[str, Any]:
-    """Personalised and global accuracy of per-client models.
+@dataclass(frozen=True)
+class ClientEval:
+    """One client's model evaluated: what a client sends the server after evaluating (its counts,
+    no sample), and what :func:`summarise` combines."""
 
-    Parameters
-    ----------
-    states
-        Client id → that client's model tensors.
-    clients, global_test
-        The partition's splits and global test indices.
+    client: int
+    local_acc: float | None  # on its local test split (None without samples)
+    local_n: int
+    global_acc: float | None  # on the global test set (None without one)
+    hits_by_domain: tuple[int, ...]  # correct local test predictions per domain
+    n_by_domain: tuple[int, ...]  # local test samples per domain
+    global_by_domain: tuple[float | None, ...]  # global accuracy per domain
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (for a message)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientEval:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            int(data["client"]),
+            None if data["local_acc"] is None else float(data["local_acc"]),
+            int(data["local_n"]),
+            None if data["global_acc"] is None else float(data["global_acc"]),
+            tuple(int(v) for v in data["hits_by_domain"]),
+            tuple(int(v) for v in data["n_by_domain"]),
+            tuple(None if v is None else float(v) for v in data["global_by_domain"]),
+        )
+
+
+def evaluate_client(
+    config: MoEConfig,
+    state: dict[str, torch.Tensor],
+    dataset: Dataset,
+    client: int,
+    split: ClientSplit,
+    global_test: np.ndarray,
+) -> ClientEval:
+    """``client``'s model on its local test split and on the global test set."""
+    from fedmoe.train.client import tensors
+
+    D = dataset.num_domains
+    model = build_model(config, state)
+    x, _ = tensors(dataset, split.test)
+    yl, dl = np.asarray(dataset.y[split.test]), np.asarray(dataset.domain[split.test])
+    pred = predict(model, x)
+    local, _, n_local = accuracy(pred, yl, dl, D)
+    hits = np.zeros(D, dtype=np.int64)
+    count = np.zeros(D, dtype=np.int64)
+    np.add.at(hits, dl, pred == yl)
+    np.add.at(count, dl, 1)
+    gacc: float | None = None
+    gdom: list[float | None] = [None] * D
+    if len(global_test):
+        xg, _ = tensors(dataset, global_test)
+        yg = np.asarray(dataset.y[global_test])
+        dg = np.asarray(dataset.domain[global_test])
+        gacc, gdom, _ = accuracy(predict(model, xg), yg, dg, D)
+    return ClientEval(
+        client,
+        local,
+        n_local,
+        gacc,
+        tuple(int(v) for v in hits),
+        tuple(int(v) for v in count),
+        tuple(gdom),
+    )
+
+
+def summarise(evals: list[ClientEval], num_domains: int) -> dict[str, Any]:
+    """The run's accuracy summary from every client's evaluation (in client order).
 
     Returns
     -------
@@ -62,33 +121,23 @@ def evaluate_models(
         (pooled local test predictions of every client, per domain) and ``global_acc_by_domain``
         (mean over clients).
     """
-    from fedmoe.train.client import tensors
-
-    xg, _ = tensors(dataset, global_test)
-    yg = np.asarray(dataset.y[global_test])
-    dg = np.asarray(dataset.domain[global_test])
-    D = dataset.num_domains
-    rows = []
+    D = num_domains
+    ordered = sorted(evals, key=lambda e: e.client)
     hits_by_domain = np.zeros(D)
     n_by_domain = np.zeros(D)
-    global_by_domain = []
-    for cid in sorted(states):
-        model = build_model(config, states[cid])
-        split = clients[cid]
-        x, _ = tensors(dataset, split.test)
-        yl, dl = np.asarray(dataset.y[split.test]), np.asarray(dataset.domain[split.test])
-        pred = predict(model, x)
-        local, _, n_local = accuracy(pred, yl, dl, D)
-        np.add.at(hits_by_domain, dl, pred == yl)
-        np.add.at(n_by_domain, dl, 1)
-        gacc, gdom, _ = (
-            accuracy(predict(model, xg), yg, dg, D) if len(yg) else (None, [None] * D, 0)
-        )
-        global_by_domain.append([np.nan if v is None else v for v in gdom])
-        rows.append({"id": cid, "local_acc": local, "local_n": n_local, "global_acc": gacc})
+    for ev in ordered:
+        hits_by_domain += np.asarray(ev.hits_by_domain, dtype=np.float64)
+        n_by_domain += np.asarray(ev.n_by_domain, dtype=np.float64)
+    rows = [
+        {"id": e.client, "local_acc": e.local_acc, "local_n": e.local_n, "global_acc": e.global_acc}
+        for e in ordered
+    ]
     locals_ = [r["local_acc"] for r in rows if r["local_acc"] is not None]
     globals_ = [r["global_acc"] for r in rows if r["global_acc"] is not None]
-    table = np.array(global_by_domain, dtype=np.float64).reshape(len(global_by_domain), D)
+    table = np.array(
+        [[np.nan if v is None else v for v in e.global_by_domain] for e in ordered],
+        dtype=np.float64,
+    ).reshape(len(ordered), D)
     have = ~np.isnan(table)
     total = np.where(have, table, 0.0).sum(axis=0)
     gmean = np.where(have.any(axis=0), total / np.maximum(have.sum(axis=0), 1), np.nan)
@@ -103,3 +152,26 @@ def evaluate_models(
         "global_acc_by_domain": [None if np.isnan(v) else round(float(v), 6) for v in gmean],
         "clients": rows,
     }
+
+
+def evaluate_models(
+    config: MoEConfig,
+    states: dict[int, dict[str, torch.Tensor]],
+    dataset: Dataset,
+    clients: tuple[ClientSplit, ...],
+    global_test: np.ndarray,
+) -> dict[str, Any]:
+    """Personalised and global accuracy of per-client models (see :func:`summarise`).
+
+    Parameters
+    ----------
+    states
+        Client id → that client's model tensors.
+    clients, global_test
+        The partition's splits and global test indices.
+    """
+    evals = [
+        evaluate_client(config, states[c], dataset, c, clients[c], global_test)
+        for c in sorted(states)
+    ]
+    return summarise(evals, dataset.num_domains)
