@@ -310,7 +310,7 @@ class FlowerRun:
         for c, (body, tensors) in sorted(replies.items()):
             if sorted(tensors) != names:
                 raise InputError(f"client {c} sent other tensors than its small parts")
-            proxies = ()
+            proxies: tuple[torch.Tensor, ...] = ()
             if p2p:
                 proxies = tuple(
                     tensors[self.schema.proxy(k)] for k in range(self.schema.num_layers)
