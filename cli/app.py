@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregate": ("aggregate", "Merge experts by a sync plan or a baseline; or merge any files."),
     "evaluate": ("evaluate", "Personalised and global accuracy of client checkpoints."),
     "report": ("report", "Comparison table and plots of a run folder."),
+    "flower": ("flower", "Run a recipe on Flower (simulation or local deployment), p2p experts."),
 }
 SETTINGS: dict[str, Any] = {
     "add_completion": False,

@@ -4,8 +4,11 @@ evaluates its own model.
 
 A client keeps its model on its own disk, in its client folder, one file per run, method and
 client (``<client-dir>/<run>/<method>/client-CCC.safetensors``, the model it starts its next round
-from, and ``….trained.safetensors``, this round's training output until the merge). Nothing of it
-lives in the Flower context, so a SuperNode that restarts between rounds picks up where it was.
+from; ``….trained.safetensors``, this round's training output until the merge; and
+``….merged.safetensors``, the merge's output until the server commits the round, which every
+message says). Nothing of it lives in the Flower context, so a SuperNode that restarts between
+rounds picks up where it was, and a round refused by any client (a tampered expert) is applied by
+none.
 
 Messages (the server's side is :mod:`fedmoe.flower.server`):
 
@@ -122,6 +125,18 @@ class _Client:
         folder = Path(settings.client_dir) / str(body["run"]) / self.arm
         self.current = folder / f"client-{self.id:03d}.safetensors"
         self.trained = folder / f"client-{self.id:03d}.trained.safetensors"
+        self.staged = folder / f"client-{self.id:03d}.merged.safetensors"
+        self._settle(int(body.get("committed", 0)))
+
+    def _settle(self, committed: int) -> None:
+        """Make a merged model current once the server says its round is committed (every
+        participant merged); drop one whose round was not (a refused round is not applied)."""
+        if not self.staged.is_file():
+            return
+        if open_checkpoint(self.staged).meta.round <= committed:
+            self.staged.replace(self.current)
+        else:
+            self.staged.unlink()
 
     def load(self, path: Path | None = None) -> dict[str, torch.Tensor]:
         """The model at ``path`` (default: the current one; the initial model before any)."""
@@ -180,14 +195,9 @@ def _train(settings: ClientSettings, body: dict[str, Any], pending: dict[str, to
         client.save(client.current, state)  # the pending parts are the client's own from now on
     dataset = _dataset(body)
     cfg = from_mapping(TrainConfig, dict(body["train"]))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # as fedmoe run's workers: one thread per client, same bits
-    try:
-        update = train_client(
-            client.config, state, dataset, _split(body), cfg, client.seed, client.round, client.id
-        )
-    finally:
-        torch.set_num_threads(previous)
+    update = train_client(
+        client.config, state, dataset, _split(body), cfg, client.seed, client.round, client.id
+    )
     trained = update.result.state
     digest = client.save(
         client.trained, trained, num_samples=update.num_samples, routing=update.routing,
@@ -302,7 +312,8 @@ def _merge(settings: ClientSettings, body: dict[str, Any], pending: dict[str, to
             for entry in client.schema.experts(layer):
                 merged[entry.name] = merger.tensor(client.id, entry.name)
     client.apply(merged, pending)
-    client.save(client.current, merged, method=str(body.get("method", "flower")))
+    # staged: it becomes the client's model when the server commits the round (see _settle)
+    client.save(client.staged, merged, method=str(body.get("method", "flower")))
     client.trained.unlink(missing_ok=True)
     return {"client": client.id, "fetched_bytes": fetcher.bytes_moved if fetcher else 0}, {}
 
@@ -317,12 +328,7 @@ def _evaluate(
         client.save(client.current, state)
     dataset = _dataset(body)
     glob = np.asarray(body["global_test"], dtype=np.int64)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ev = evaluate_client(client.config, state, dataset, client.id, _split(body), glob)
-    finally:
-        torch.set_num_threads(previous)
+    ev = evaluate_client(client.config, state, dataset, client.id, _split(body), glob)
     return {"client": client.id, "eval": ev.to_dict()}, {}
 
 
@@ -331,6 +337,8 @@ Handler = Callable[[ClientSettings, dict[str, Any], dict[str, torch.Tensor]], An
 
 def _reply(handler: Handler, msg: Message, context: Context, defaults: ClientSettings) -> Message:
     """Run ``handler`` on ``msg``; an error that is the user's to fix goes back to the server."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as fedmoe run's workers: one thread per client, the same bits
     try:
         body, pending = unpack(msg.content, "message from the server")
         settings = settings_of(context, defaults)
@@ -339,6 +347,8 @@ def _reply(handler: Handler, msg: Message, context: Context, defaults: ClientSet
         return Message(pack(out, tensors), reply_to=msg)
     except FedMoeError as exc:
         return Message(pack(error_body(exc)), reply_to=msg)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _hello(msg: Message, context: Context) -> Message:

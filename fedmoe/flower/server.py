@@ -242,6 +242,7 @@ class FlowerRun:
         self.settings = settings
         self.folder = RunFolder(Path(settings.out))
         self.run = uuid.uuid4().hex[:16]  # names this run's model folders on the clients
+        self.committed = 0  # the last round of the current arm that every participant merged
 
     def setup(self) -> None:
         """The run folder's recipe and partition (the initial model is built by each client)."""
@@ -291,6 +292,7 @@ class FlowerRun:
                 "fingerprint": part.fingerprint,
             },
             "split": {"train": split.train.tolist(), "test": split.test.tolist()},
+            "committed": self.committed,
         }
 
     def _train(
@@ -372,6 +374,7 @@ class FlowerRun:
         method = recipe.method(arm)
         n = self.partition.num_clients
         outbox = Outbox()
+        self.committed = 0  # the last round of this arm that every participant merged
         held: dict[int, tuple[Upload, str, str]] = {}  # FedMoE-DA: each client's latest upload
         previous: LoadedPlan | None = None
         for rnd in range(1, recipe.rounds + 1):
@@ -397,6 +400,7 @@ class FlowerRun:
             rplan = plan_round(inputs, merge_method, plan.plan if plan else None)
             outbox.post(rplan.spec, self.schema, fresh.states)
             fetched = self._merge(arm, rnd, active, rplan.spec, fresh, outbox)
+            self.committed = rnd  # every participant merged: the round is applied
             if isinstance(method, FedMoEDA) and method.stale is StaleProxies.KEEP:
                 for c, up in fresh.uploads.items():
                     label = f"flower:{arm}/round-{rnd:03d}/client-{c:03d}"

@@ -1,0 +1,330 @@
+"""fedmoe on Flower: the expert exchange, the server's outbox, and whole runs — in process (a grid
+that calls the ClientApp directly), on the Simulation Engine (Ray) and on a local Deployment
+Engine (a real SuperLink and SuperNodes) — against ``fedmoe run`` on the same recipe."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from helpers import run_in
+
+from fedmoe.errors import InputError
+from fedmoe.flower.client import ClientSettings, make_client_app
+from fedmoe.flower.server import FlowerRun, ServerSettings
+from fedmoe.io.exchange import (
+    ExpertFetcher,
+    ExpertRef,
+    exchange_key,
+    publish_experts,
+    refs_from_json,
+    refs_to_json,
+)
+from fedmoe.model import MoEConfig, init_model, schema_for, state_of
+from fedmoe.model.schema import Role
+
+RECIPE = """
+seed: 3
+rounds: 2
+participation: 0.5
+methods: [fedmoe-da, fedavg, oracle-domain]
+data:
+  dataset: digits-rot
+partition:
+  scheme: domain
+  clients: 6
+  domains_per_client: 1
+  global_test: 0.2
+  local_test: 0.2
+model:
+  embed: mlp
+  embed_hidden: 16
+  embed_dim: 8
+  num_experts: 4
+  top_k: 2
+  expert_hidden: 16
+train:
+  epochs: 1
+  batch_size: 16
+fedmoe:
+  top_p: 2
+  candidates: 4
+"""
+TIMING = {"seconds", "train_seconds", "moved_server_bytes", "moved_p2p_bytes"}
+
+
+def small_model() -> tuple[MoEConfig, dict[str, torch.Tensor]]:
+    cfg = MoEConfig.from_dict(
+        {"input_shape": [64], "num_classes": 10, "embed_dim": 8, "num_experts": 4,
+         "expert_hidden": 6, "embed_hidden": 12}
+    )  # fmt: skip
+    return cfg, state_of(init_model(cfg, 1))
+
+
+# ---------------------------------------------------------------------------- the exchange
+
+
+def test_published_experts_come_back_bit_for_bit_by_byte_range(tmp_path: Path) -> None:
+    cfg, state = small_model()
+    schema = schema_for(cfg)
+    key = exchange_key("fedmoe-da", 1, 2)
+    refs = publish_experts(str(tmp_path), key, schema, state, 2)
+    assert sorted(refs) == [(0, j) for j in range(4)]
+    data = (tmp_path / key).read_bytes()
+    fetcher = ExpertFetcher(str(tmp_path), schema, {k: v.dtype for k, v in state.items()})
+    for (layer, j), ref in refs.items():
+        got = fetcher.expert(2, layer, j, ref)
+        for entry in schema.experts(layer):
+            assert entry.stacked  # the built-in model stacks its experts
+            assert torch.equal(got[entry.name], state[entry.name][j])
+        # each expert is one contiguous range, and the ranges tile the data without overlap
+        assert ref.end - ref.start == schema.sizes().expert[layer]
+    spans = sorted((r.start, r.end) for r in refs.values())
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert spans[-1][1] == len(data)
+    assert fetcher.bytes_moved == sum(r.end - r.start for r in refs.values())
+    # the references survive their JSON form
+    assert refs_from_json(refs_to_json(refs), "test") == refs
+
+
+def test_a_byte_changed_after_publishing_is_refused_naming_client_layer_and_expert(
+    tmp_path: Path,
+) -> None:
+    cfg, state = small_model()
+    schema = schema_for(cfg)
+    key = exchange_key("fedmoe-da", 1, 5)
+    refs = publish_experts(str(tmp_path), key, schema, state, 5)
+    path = tmp_path / key
+    raw = bytearray(path.read_bytes())
+    raw[refs[(0, 2)].start + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    fetcher = ExpertFetcher(str(tmp_path), schema, {k: v.dtype for k, v in state.items()})
+    assert fetcher.expert(5, 0, 1, refs[(0, 1)])  # the other experts are intact
+    with pytest.raises(InputError, match=r"client 5's expert 2 of MoE layer 0.*sha256"):
+        fetcher.expert(5, 0, 2, refs[(0, 2)])
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../round-001/client-000.safetensors", "/etc/passwd", "a/round-1/client-000.safetensors",
+     "a/b/../round-001/client-000.safetensors"],
+)  # fmt: skip
+def test_a_reference_that_leaves_the_exchange_is_refused(key: str) -> None:
+    with pytest.raises(InputError, match="not \\[key, start, end, sha256\\]"):
+        ExpertRef.from_list([key, 0, 8, "0" * 64], "plan")
+
+
+# ---------------------------------------------------------------------------- an in-process grid
+
+
+class LocalGrid(Grid):
+    """A Grid that hands each message to a ClientApp in this process (one Context per node),
+    recording the tensor names that cross it both ways."""
+
+    def __init__(self, app: Any, num_nodes: int, tamper: Any = None) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # what a SuperLink's ServerApp process knows of itself (messages are stamped with it)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        self.app = app
+        self.contexts = {
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+        self.tensor_names: set[str] = set()
+        self.tamper = tamper
+
+    def set_run(self, run: Any) -> None:
+        pass
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def get_nodes(self) -> Iterable[Any]:
+        return []
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def _names(self, msg: Message) -> None:
+        for record in msg.content.array_records.values():
+            self.tensor_names.update(record.keys())
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self._names(msg)
+            ctx = self.contexts[msg.metadata.dst_node_id]
+            reply = self.app(msg, ctx)
+            self._names(reply)
+            if self.tamper is not None:
+                self.tamper(msg)
+            replies.append(reply)
+        return replies
+
+
+def fresh_settings(tmp_path: Path, recipe: Path, **kw: Any) -> ServerSettings:
+    return ServerSettings(str(recipe), str(tmp_path / "run"), tuple(kw.get("overrides", ())), True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The recipe run by ``fedmoe run``."""
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "recipe.yaml").write_text(RECIPE)
+    run_in(folder, ("run", "recipe.yaml", "--out", "run", "--threads", "1", "-q"))
+    return folder
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_metrics(a: Path, b: Path) -> list[dict[str, Any]]:
+    """The metrics lines of two runs, equal except for timings; returns ``b``'s."""
+    left, right = metrics(a), metrics(b)
+    assert len(left) == len(right) > 0
+    for x, y in zip(left, right, strict=True):
+        assert {k: v for k, v in x.items() if k not in TIMING} == {
+            k: v for k, v in y.items() if k not in TIMING
+        }
+    return right
+
+
+def test_in_process_flower_run_equals_fedmoe_run_and_moves_no_expert_through_the_server(
+    reference: Path, tmp_path: Path
+) -> None:
+    client = make_client_app(ClientSettings(str(tmp_path / "exchange"), str(tmp_path / "clients")))
+    grid = LocalGrid(client, 6)
+    settings = fresh_settings(tmp_path, reference / "recipe.yaml")
+    folder = FlowerRun(grid, settings)()
+    rows = same_metrics(reference / "run", folder)
+    da = [r for r in rows if r["method"] == "fedmoe-da"]
+    assert all(r["moved_p2p_bytes"] == r["p2p_bytes"] for r in da)  # the ledger's p2p is real
+    assert any(r["p2p_bytes"] > 0 for r in da)
+    # the plan files are the commands' (same matrices as fedmoe run's)
+    for rnd in (1, 2):
+        ref_plan = json.loads(
+            (reference / "run/rounds/fedmoe-da" / f"round-{rnd:03d}/plan.json").read_text()
+        )
+        plan = json.loads((folder / "rounds/fedmoe-da" / f"round-{rnd:03d}/plan.json").read_text())
+        assert plan["transfers"] == ref_plan["transfers"]
+    assert not list(folder.rglob("*.safetensors"))  # the server wrote no model
+
+
+def test_under_fedmoe_da_no_expert_tensor_crosses_the_server(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("[fedmoe-da, fedavg, oracle-domain]", "[fedmoe-da]"))
+    client = make_client_app(ClientSettings(str(tmp_path / "exchange"), str(tmp_path / "clients")))
+    grid = LocalGrid(client, 6)
+    FlowerRun(grid, fresh_settings(tmp_path, recipe))()
+    cfg = MoEConfig.from_dict(
+        {"input_shape": [64], "num_classes": 10, "embed": "mlp", "embed_hidden": 16,
+         "embed_dim": 8, "num_experts": 4, "top_k": 2, "expert_hidden": 16}
+    )  # fmt: skip
+    schema = schema_for(cfg)
+    assert grid.tensor_names  # the small parts did cross
+    assert all(schema.role(n) is not Role.EXPERT for n in grid.tensor_names)
+    assert (tmp_path / "exchange/fedmoe-da/round-002").is_dir()  # while the peers published
+
+
+def test_a_tampered_expert_stops_the_round_with_exit_3_and_applies_nothing(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        RECIPE.replace("[fedmoe-da, fedavg, oracle-domain]", "[fedmoe-da]").replace(
+            "participation: 0.5", "participation: 1.0"
+        )
+    )
+    exchange = tmp_path / "exchange"
+    clients = tmp_path / "clients"
+
+    def tamper(msg: Message) -> None:  # storage that flips a byte once client 4 has published
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == "2":
+            path = exchange / "fedmoe-da/round-002/client-004.safetensors"
+            if path.is_file() and not getattr(tamper, "done", False):
+                raw = bytearray(path.read_bytes())
+                raw[-5] ^= 0x10  # inside the last expert
+                path.write_bytes(bytes(raw))
+                tamper.done = True  # type: ignore[attr-defined]
+
+    grid = LocalGrid(make_client_app(ClientSettings(str(exchange), str(clients))), 6, tamper)
+    before: dict[Path, bytes] = {}
+    plain = grid.send_and_receive
+
+    def snapshot(messages: Iterable[Message], **kw: Any) -> Iterable[Message]:
+        msgs = list(messages)
+        if msgs and msgs[0].metadata.message_type == "train.merge":
+            before.update({p: p.read_bytes() for p in clients.rglob("client-???.safetensors")})
+        return plain(msgs, **kw)
+
+    grid.send_and_receive = snapshot  # type: ignore[method-assign]
+    with pytest.raises(InputError) as info:
+        FlowerRun(grid, fresh_settings(tmp_path, recipe))()
+    err = info.value
+    assert err.exit_code == 3
+    assert "client 4's expert 3 of MoE layer 0" in err.message and "sha256" in err.message
+    # round 2 is not applied: no metrics line, and every client's model is still the one it
+    # started the round with (the clients that merged before the refusal staged theirs only)
+    assert [r["round"] for r in metrics(tmp_path / "run")] == [1]
+    assert len(before) == 6
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert list(clients.rglob("*.merged.safetensors"))  # staged, never made current
+
+
+# ---------------------------------------------------------------------------- Flower's engines
+
+
+def test_simulation_engine_equals_fedmoe_run_and_the_server_never_opens_the_exchange(
+    reference: Path, tmp_path: Path
+) -> None:
+    exchange = tmp_path / "exchange"
+    opened: list[str] = []
+
+    def audit(event: str, args: tuple[Any, ...]) -> None:
+        if event == "open" and args and str(args[0]).startswith(str(exchange)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)  # cannot be removed: it only records paths under this test's folder
+    start = time.perf_counter()
+    run_in(
+        tmp_path,
+        ("flower", str(reference / "recipe.yaml"), "--out", "run", "--exchange", str(exchange),
+         "-q"),
+    )  # fmt: skip
+    assert time.perf_counter() - start > 0
+    same_metrics(reference / "run", tmp_path / "run")
+    assert (exchange / "fedmoe-da/round-001").is_dir()  # the clients (Ray workers) published
+    assert opened == []  # and the server process never opened a file there
+    next((exchange / "fedmoe-da/round-001").iterdir()).open("rb").close()
+    assert opened  # (the hook does see an open in this process)
+    assert (tmp_path / "run/report.json").is_file()
