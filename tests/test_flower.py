@@ -151,6 +151,8 @@ class LocalGrid(Grid):
         }
         self.tensor_names: set[str] = set()
         self.tamper = tamper
+        self.outbox: dict[str, Message] = {}  # pushed messages' replies, by message id
+        self.done: set[str] = set()
 
     def set_run(self, run: Any) -> None:
         pass
@@ -169,10 +171,20 @@ class LocalGrid(Grid):
         return []
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
+        ids = []
+        for msg in messages:
+            key = str(len(self.outbox) + len(self.done))
+            self.outbox[key] = self.send_and_receive([msg])[0]
+            ids.append(key)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
+        out = []
+        for key in message_ids:
+            if key in self.outbox:
+                out.append(self.outbox.pop(key))
+                self.done.add(key)
+        return out
 
     def _names(self, msg: Message) -> None:
         for record in msg.content.array_records.values():
@@ -328,3 +340,31 @@ def test_simulation_engine_equals_fedmoe_run_and_the_server_never_opens_the_exch
     next((exchange / "fedmoe-da/round-001").iterdir()).open("rb").close()
     assert opened  # (the hook does see an open in this process)
     assert (tmp_path / "run/report.json").is_file()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to find leftover processes")
+def test_local_deployment_superlink_and_two_supernodes_equals_fedmoe_run(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        RECIPE.replace("[fedmoe-da, fedavg, oracle-domain]", "[fedmoe-da]")
+        .replace("clients: 6", "clients: 2")
+        .replace("participation: 0.5", "participation: 1.0")
+    )
+    run_in(tmp_path, ("run", "recipe.yaml", "--out", "reference", "--threads", "1", "-q"))
+    run_in(tmp_path, ("flower", "recipe.yaml", "--out", "deployed", "--engine", "deployment", "-q"))
+    rows = same_metrics(tmp_path / "reference", tmp_path / "deployed")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["moved_p2p_bytes"] == r["p2p_bytes"] > 0 for r in rows)
+    # every process the deployment started is gone
+    from fedmoe.flower.launch import _TAG
+
+    leftovers = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if _TAG.encode() in (d / "environ").read_bytes():
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    leftovers.append(d.name)
+        except OSError:
+            continue
+    assert leftovers == []

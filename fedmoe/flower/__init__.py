@@ -8,3 +8,7 @@ exchanged peer to peer through an exchange location the server never reads.
 - :mod:`~fedmoe.flower.wire`: how a round travels in Flower messages.
 - :mod:`~fedmoe.flower.launch`: a local simulation or deployment of a recipe (``fedmoe flower``).
 """
+
+from pathlib import Path
+
+APP_DIR = Path(__file__).parent / "app"  # the Flower app's pyproject.toml, for ``flwr run``

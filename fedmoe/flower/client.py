@@ -315,7 +315,15 @@ def _merge(settings: ClientSettings, body: dict[str, Any], pending: dict[str, to
     # staged: it becomes the client's model when the server commits the round (see _settle)
     client.save(client.staged, merged, method=str(body.get("method", "flower")))
     client.trained.unlink(missing_ok=True)
-    return {"client": client.id, "fetched_bytes": fetcher.bytes_moved if fetcher else 0}, {}
+    out: dict[str, Any] = {
+        "client": client.id,
+        "fetched_bytes": fetcher.bytes_moved if fetcher else 0,
+    }
+    if "global_test" in body:  # an evaluation round: the merged model is the one evaluated
+        glob = np.asarray(body["global_test"], dtype=np.int64)
+        ev = evaluate_client(client.config, merged, _dataset(body), client.id, _split(body), glob)
+        out["eval"] = ev.to_dict()
+    return out, {}
 
 
 def _evaluate(

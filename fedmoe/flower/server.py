@@ -44,8 +44,8 @@ from fedmoe.affinity import Upload
 from fedmoe.aggregate import Aggregator, StaleProxies
 from fedmoe.aggregate.base import CrossExpert, RoundInputs
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
-from fedmoe.errors import InputError, OutputError, UsageError
-from fedmoe.flower.wire import body_bytes, nbytes, pack, unpack
+from fedmoe.errors import FedMoeError, InputError, OutputError, UsageError
+from fedmoe.flower.wire import body_bytes, error_body, nbytes, pack, unpack, unpack_error
 from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import write_atomic
 from fedmoe.io.exchange import refs_from_json, refs_to_json
@@ -74,6 +74,7 @@ class ServerSettings:
     overrides: tuple[str, ...] = ()  # recipe overrides ``section.key=value``
     force: bool = False  # replace a run already in ``out``
     wait_s: float = 300.0  # how long to wait for every client's node to connect
+    outcome: str = ""  # a file the ServerApp writes how the run ended to (for a launcher)
 
 
 def settings_of(context: Context, defaults: ServerSettings) -> ServerSettings:
@@ -83,6 +84,7 @@ def settings_of(context: Context, defaults: ServerSettings) -> ServerSettings:
     out = cfg.get("out")
     overrides = cfg.get("overrides")
     force = cfg.get("force")
+    outcome = cfg.get("outcome")
     return ServerSettings(
         recipe if isinstance(recipe, str) and recipe else defaults.recipe,
         out if isinstance(out, str) and out else defaults.out,
@@ -91,6 +93,7 @@ def settings_of(context: Context, defaults: ServerSettings) -> ServerSettings:
         else defaults.overrides,
         force if isinstance(force, bool) else defaults.force,
         defaults.wait_s,
+        outcome if isinstance(outcome, str) and outcome else defaults.outcome,
     )
 
 
@@ -116,21 +119,20 @@ class _Link:
         kind: str,
         round_: int,
         bodies: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]],
-        count_body: bool = True,
     ) -> dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """Send each client its (body, tensors); their replies by client id. The bytes moved
-        count the tensors and, with ``count_body``, the JSON bodies both ways (evaluation's
-        bookkeeping is left out, as it is no part of the method)."""
+        count the tensors and the JSON bodies both ways, less the bookkeeping that is no part
+        of the method (data assignment, settings, evaluation: see :func:`body_bytes`)."""
         if not bodies:
             return {}
         by_node = {self.nodes[c]: c for c in bodies}
         messages = []
         for c, (body, tensors) in bodies.items():
             content = pack(body, tensors)
-            self.sent += nbytes(tensors) + (body_bytes(content) if count_body else 0)
+            self.sent += nbytes(tensors) + body_bytes(body)
             messages.append(Message(content, self.nodes[c], kind, group_id=str(round_)))
         replies: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
-        for reply in self.grid.send_and_receive(messages):
+        for reply in exchange(self.grid, messages):
             sender = by_node.get(reply.metadata.src_node_id)
             if sender is None:
                 continue
@@ -139,7 +141,7 @@ class _Link:
                 last = lines[-1].strip(" '>") if lines else "no reason given"
                 raise RuntimeError(f"client {sender} failed on '{kind}': {last}")
             body, tensors = unpack(reply.content, f"reply of client {sender} to '{kind}'")
-            self.received += nbytes(tensors) + (body_bytes(reply.content) if count_body else 0)
+            self.received += nbytes(tensors) + body_bytes(body)
             replies[sender] = (body, tensors)
         missing = sorted(set(bodies) - set(replies))
         if missing:
@@ -148,6 +150,27 @@ class _Link:
                 hint="check that its supernode is running and can reach the superlink",
             )
         return replies
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> list[Message]:
+    """Push ``messages`` and pull a reply from each destination node, polling often (Flower's own
+    ``send_and_receive`` sleeps 3 s between pulls, which adds up over a round's three
+    exchanges). Stops at ``timeout`` seconds when given."""
+    ids = set(grid.push_messages(messages))
+    waiting = {m.metadata.dst_node_id for m in messages}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out: list[Message] = []
+    delay = 0.02
+    while waiting and (deadline is None or time.monotonic() < deadline):
+        for reply in grid.pull_messages(sorted(ids)):
+            ids.discard(reply.metadata.reply_to_message_id)
+            if reply.metadata.src_node_id in waiting:
+                waiting.discard(reply.metadata.src_node_id)
+                out.append(reply)
+        if waiting:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+    return out
 
 
 def _connect(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
@@ -161,7 +184,7 @@ def _connect(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
         time.sleep(0.5)
     messages = [Message(pack({}), n, "query", group_id="hello") for n in nodes]
     found: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=wait_s):
+    for reply in exchange(grid, messages, timeout=wait_s):
         if reply.has_error():
             continue
         body, _ = unpack(reply.content, f"node {reply.metadata.src_node_id}")
@@ -399,15 +422,16 @@ class FlowerRun:
             )
             rplan = plan_round(inputs, merge_method, plan.plan if plan else None)
             outbox.post(rplan.spec, self.schema, fresh.states)
-            fetched = self._merge(arm, rnd, active, rplan.spec, fresh, outbox)
+            due = rnd % recipe.eval_every == 0 or rnd == recipe.rounds
+            fetched, evals = self._merge(arm, rnd, active, rplan.spec, fresh, outbox, due)
             self.committed = rnd  # every participant merged: the round is applied
             if isinstance(method, FedMoEDA) and method.stale is StaleProxies.KEEP:
                 for c, up in fresh.uploads.items():
                     label = f"flower:{arm}/round-{rnd:03d}/client-{c:03d}"
                     held[c] = (up, label, fresh.digests[c])
             row = round_row(arm, rnd, len(active), rplan, self.groups)
-            if rnd % recipe.eval_every == 0 or rnd == recipe.rounds:
-                row.update(self._evaluate(arm, rnd, outbox))
+            if due:
+                row.update(self._evaluate(arm, rnd, outbox, evals))
             row["moved_server_bytes"] = self.link.sent - sent0 + self.link.received - received0
             row["moved_p2p_bytes"] = fetched
             row["seconds"] = round(time.perf_counter() - start, 4)
@@ -415,9 +439,17 @@ class FlowerRun:
             append_line(self.folder.metrics, json.dumps(row, separators=(",", ":")))
 
     def _merge(
-        self, arm: str, rnd: int, active: list[int], spec: Any, fresh: _Round, outbox: Outbox
-    ) -> int:
-        """Each participant's ``train.merge``; returns the expert bytes fetched peer to peer."""
+        self,
+        arm: str,
+        rnd: int,
+        active: list[int],
+        spec: Any,
+        fresh: _Round,
+        outbox: Outbox,
+        evaluate: bool,
+    ) -> tuple[int, list[ClientEval]]:
+        """Each participant's ``train.merge`` (with its evaluation on evaluation rounds, saving
+        a message); returns the expert bytes fetched peer to peer and the evaluations."""
         cross = {layer: m for layer, m in enumerate(spec.experts) if isinstance(m, CrossExpert)}
         bodies = {}
         for c in active:
@@ -444,23 +476,54 @@ class FlowerRun:
                     sources=sources,
                     defence=next(iter(cross.values())).defence.to_dict(),
                 )
+            if evaluate:
+                body["global_test"] = self.partition.global_test.tolist()
             bodies[c] = (body, outbox.take(c))
         replies = self.link.ask("train.merge", rnd, bodies)
-        return sum(int(b.get("fetched_bytes", 0)) for b, _ in replies.values())
+        evals = [ClientEval.from_dict(b["eval"]) for b, _ in replies.values() if evaluate]
+        return sum(int(b.get("fetched_bytes", 0)) for b, _ in replies.values()), evals
 
-    def _evaluate(self, arm: str, rnd: int, outbox: Outbox) -> dict[str, Any]:
-        """Every client's evaluation, combined as ``fedmoe run`` combines them."""
+    def _evaluate(
+        self, arm: str, rnd: int, outbox: Outbox, done: list[ClientEval]
+    ) -> dict[str, Any]:
+        """Every client's evaluation (``done``: the participants', made with their merge),
+        combined as ``fedmoe run`` combines them."""
         part = self.partition
         glob = part.global_test.tolist()
+        have = {e.client for e in done}
         bodies = {}
         for c in range(part.num_clients):
+            if c in have:
+                continue
             body = self._base(arm, rnd, c)
             body["global_test"] = glob
             bodies[c] = (body, outbox.take(c))
-        replies = self.link.ask("evaluate", rnd, bodies, count_body=False)
-        evals = [ClientEval.from_dict(b["eval"]) for b, _ in replies.values()]
+        replies = self.link.ask("evaluate", rnd, bodies)
+        evals = done + [ClientEval.from_dict(b["eval"]) for b, _ in replies.values()]
         ev = summarise(evals, part.num_domains)
         return {key: ev[key] for key in EVAL_KEYS}
+
+
+def _report(settings: ServerSettings, data: dict[str, Any]) -> None:
+    """How the run ended, for a launcher in another process (the Deployment Engine's ServerApp
+    runs in a process of the SuperLink's)."""
+    if settings.outcome:
+        write_atomic(Path(settings.outcome), json.dumps(data).encode(), force=True)
+
+
+def read_outcome(path: Path) -> Path:
+    """The run folder a ServerApp reported in ``path``; its error raised again (same class, same
+    exit code) when it failed."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RuntimeError("the Flower run ended without the ServerApp reporting how") from None
+    if "folder" in data:
+        return Path(data["folder"])
+    if "crash" in data:
+        raise RuntimeError(f"the ServerApp failed: {data['crash']}")
+    unpack_error(data)
+    raise RuntimeError("the ServerApp reported an unreadable outcome")
 
 
 def make_server_app(
@@ -473,11 +536,17 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        settings = settings_of(context, base)
         try:
-            folder = FlowerRun(grid, settings_of(context, base))()
+            folder = FlowerRun(grid, settings)()
             if outcome is not None:
                 outcome.folder = folder
+            _report(settings, {"folder": str(folder)})
         except BaseException as exc:
+            if isinstance(exc, FedMoeError):
+                _report(settings, error_body(exc))
+            else:
+                _report(settings, {"crash": f"{type(exc).__name__}: {exc}"})
             if outcome is None:
                 raise
             outcome.error = exc

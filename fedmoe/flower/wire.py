@@ -43,15 +43,21 @@ def unpack(content: RecordDict, where: str) -> tuple[dict[str, Any], dict[str, t
         raise InputError(f"{where}: not a fedmoe message") from None
     if not isinstance(body, dict):
         raise InputError(f"{where}: not a fedmoe message")
-    error = body.get("error")
-    if isinstance(error, dict):
-        cls = _ERRORS.get(str(error.get("kind")), InputError)
-        raise cls(str(error.get("message")), hint=error.get("hint"))
+    unpack_error(body)
     tensors: dict[str, torch.Tensor] = {}
     if TENSORS in content.array_records:
         for name, array in content.array_records[TENSORS].items():
             tensors[name] = torch.from_numpy(np.array(array.numpy(), copy=True))
     return body, tensors
+
+
+def unpack_error(body: Mapping[str, Any]) -> None:
+    """Raise the error a body carries (see :func:`error_body`), if it carries one."""
+    error = body.get("error")
+    if isinstance(error, dict):
+        cls = _ERRORS.get(str(error.get("kind")), InputError)
+        hint = error.get("hint")
+        raise cls(str(error.get("message")), hint=hint if isinstance(hint, str) else None)
 
 
 def error_body(exc: FedMoeError) -> dict[str, Any]:
@@ -67,9 +73,11 @@ def nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def body_bytes(content: RecordDict) -> int:
-    """Bytes of a message's JSON body."""
-    try:
-        return len(str(content.config_records[BODY]["json"]).encode())
-    except KeyError:
-        return 0
+BOOKKEEPING = ("split", "global_test", "data", "model", "train", "eval")  # no part of the method
+
+
+def body_bytes(body: Mapping[str, Any]) -> int:
+    """Bytes of a message's JSON body, less its bookkeeping (which samples a client holds, the
+    settings, evaluation): what the method itself moves besides tensors."""
+    kept = {k: v for k, v in body.items() if k not in BOOKKEEPING}
+    return len(json.dumps(kept, separators=(",", ":")).encode())
