@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bench import (
+    flower_bench,
     hf_bench,
     merge_bench,
     moe_bench,
@@ -35,6 +36,7 @@ SUITES = {
     "hf": hf_bench.run,
     "round": round_bench.run,
     "run": run_bench.run,
+    "flower": flower_bench.run,
 }
 
 

@@ -71,8 +71,16 @@ def flower(
             f"Flower is not installed ({exc.name} is missing)",
             hint="pip install 'fedmoe[flower]'",
         ) from None
+    from fedmoe.errors import OutputError
     from fedmoe.flower.client import ClientSettings
-    from fedmoe.flower.server import ServerSettings
+    from fedmoe.flower.server import ServerSettings, check_recipe
+    from fedmoe.io.run_folder import RunFolder
+
+    check_recipe(rec)
+    if RunFolder(out).started() and not force:
+        raise OutputError(
+            f"{out} already holds a run", hint="pass --force to replace it, or use a new --out"
+        )
 
     server = ServerSettings(
         str(recipe.resolve()),

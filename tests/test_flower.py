@@ -19,11 +19,12 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
-from helpers import run_in
+from helpers import clean_failure, run_in
 
-from fedmoe.errors import InputError
+from fedmoe.errors import InputError, UsageError
 from fedmoe.flower.client import ClientSettings, make_client_app
 from fedmoe.flower.server import FlowerRun, ServerSettings
+from fedmoe.flower.wire import pack, unpack
 from fedmoe.io.exchange import (
     ExpertFetcher,
     ExpertRef,
@@ -62,7 +63,7 @@ fedmoe:
   top_p: 2
   candidates: 4
 """
-TIMING = {"seconds", "train_seconds", "moved_server_bytes", "moved_p2p_bytes"}
+TIMING = {"seconds", "train_seconds"}
 
 
 def small_model() -> tuple[MoEConfig, dict[str, torch.Tensor]]:
@@ -228,8 +229,9 @@ def same_metrics(a: Path, b: Path) -> list[dict[str, Any]]:
     assert len(left) == len(right) > 0
     for x, y in zip(left, right, strict=True):
         assert {k: v for k, v in x.items() if k not in TIMING} == {
-            k: v for k, v in y.items() if k not in TIMING
+            k: y[k] for k in x if k not in TIMING
         }
+        assert set(y) - set(x) == {"moved_server_bytes", "moved_p2p_bytes", "server_state_bytes"}
     return right
 
 
@@ -311,6 +313,57 @@ def test_a_tampered_expert_stops_the_round_with_exit_3_and_applies_nothing(tmp_p
     assert len(before) == 6
     assert all(p.read_bytes() == data for p, data in before.items())
     assert list(clients.rglob("*.merged.safetensors"))  # staged, never made current
+
+
+def test_a_client_error_reaches_the_server_with_its_exit_code(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("[fedmoe-da, fedavg, oracle-domain]", "[fedmoe-da]"))
+    grid = LocalGrid(make_client_app(ClientSettings("", str(tmp_path / "clients"))), 6)
+    with pytest.raises(UsageError, match="no exchange location to publish its experts to") as info:
+        FlowerRun(grid, fresh_settings(tmp_path, recipe))()
+    assert info.value.exit_code == 2
+
+
+def test_a_client_that_sends_a_wrong_shape_is_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("[fedmoe-da, fedavg, oracle-domain]", "[fedavg]"))
+    base = make_client_app(ClientSettings(str(tmp_path / "x"), str(tmp_path / "clients")))
+
+    def lying(msg: Message, ctx: Context) -> Message:  # client 2 sends a truncated gate
+        reply = base(msg, ctx)
+        if msg.metadata.message_type == "train" and ctx.node_config["partition-id"] == 2:
+            body, tensors = unpack(reply.content, "test")
+            tensors["gate.weight"] = tensors["gate.weight"][:2]
+            return Message(pack(body, tensors), reply_to=msg)
+        return reply
+
+    with pytest.raises(InputError, match=r"client 2 sent tensor gate.weight of shape \(2, 8\)"):
+        FlowerRun(LocalGrid(lying, 6), fresh_settings(tmp_path, recipe))()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [("seeds: [0, 1]", "seeds runs several federations"),
+     ("attack: {kinds: [sign-flip], fraction: 0.2}", "attack simulates malicious clients")],
+)  # fmt: skip
+def test_what_flower_cannot_run_is_refused_before_anything_starts(
+    tmp_path: Path, run_cli: Any, extra: str, needle: str
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE + extra + "\n")
+    r = run_cli("flower", str(recipe), "--out", str(tmp_path / "run"))
+    assert needle in clean_failure(r, 2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_needs_force(tmp_path: Path, run_cli: Any) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/metrics.jsonl").write_text("{}\n")
+    r = run_cli("flower", str(recipe), "--out", str(tmp_path / "run"))
+    assert "already holds a run" in clean_failure(r, 4)
+    assert (tmp_path / "run/metrics.jsonl").read_text() == "{}\n"
 
 
 # ---------------------------------------------------------------------------- Flower's engines

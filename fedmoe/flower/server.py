@@ -48,6 +48,7 @@ from fedmoe.errors import FedMoeError, InputError, OutputError, UsageError
 from fedmoe.flower.wire import body_bytes, error_body, nbytes, pack, unpack, unpack_error
 from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import write_atomic
+from fedmoe.io.checkpoint import all_finite
 from fedmoe.io.exchange import refs_from_json, refs_to_json
 from fedmoe.io.manifest import dumps
 from fedmoe.io.partition_file import LoadedPartition, load_partition
@@ -211,7 +212,8 @@ def _connect(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
     return found
 
 
-def _check_recipe(recipe: Recipe) -> None:
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse what a Flower run cannot do (before any process starts)."""
     if recipe.seeds:
         raise UsageError(
             "recipe: seeds runs several federations; a Flower run is one",
@@ -260,7 +262,7 @@ class FlowerRun:
                 raise UsageError(f"override {o!r} is not section.key=value")
             overrides[key.strip()] = value.strip()
         self.recipe, _ = load_recipe(Path(settings.recipe), overrides)
-        _check_recipe(self.recipe)
+        check_recipe(self.recipe)
         self.grid = grid
         self.settings = settings
         self.folder = RunFolder(Path(settings.out))
@@ -335,6 +337,19 @@ class FlowerRun:
         for c, (body, tensors) in sorted(replies.items()):
             if sorted(tensors) != names:
                 raise InputError(f"client {c} sent other tensors than its small parts")
+            for name, t in tensors.items():
+                entry = self.schema.entry(name)
+                if tuple(t.shape) != entry.shape or not t.is_floating_point():
+                    raise InputError(
+                        f"client {c} sent tensor {name} of shape {tuple(t.shape)} ({t.dtype}); "
+                        f"the model's is {entry.shape}",
+                        hint="every client of a federation must share one architecture",
+                    )
+                if not all_finite(t):
+                    raise InputError(f"client {c} sent tensor {name} with NaN or Inf values")
+            routing = body.get("routing")
+            if routing is not None and not isinstance(routing, dict):
+                raise InputError(f"client {c} sent routing statistics that are not an object")
             proxies: tuple[torch.Tensor, ...] = ()
             if p2p:
                 proxies = tuple(
@@ -343,7 +358,7 @@ class FlowerRun:
             n = body.get("num_samples")
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise InputError(f"client {c} sent a sample count that is not a count: {n!r}")
-            out.uploads[c] = Upload(c, n, rnd, proxies, body.get("routing"))
+            out.uploads[c] = Upload(c, n, rnd, proxies, routing)
             out.states[c] = tensors
             out.digests[c] = str(body.get("sha256", ""))
             if p2p:
@@ -434,6 +449,13 @@ class FlowerRun:
                 row.update(self._evaluate(arm, rnd, outbox, evals))
             row["moved_server_bytes"] = self.link.sent - sent0 + self.link.received - received0
             row["moved_p2p_bytes"] = fetched
+            # what the server holds for this arm at the round's peak: the results not yet
+            # delivered, the proxies kept of every client, this round's small parts
+            row["server_state_bytes"] = (
+                outbox.held_bytes
+                + sum(p.numel() * p.element_size() for h in held.values() for p in h[0].proxies)
+                + sum(nbytes(t) for t in fresh.states.values())
+            )
             row["seconds"] = round(time.perf_counter() - start, 4)
             row["train_seconds"] = round(train_s, 4)
             append_line(self.folder.metrics, json.dumps(row, separators=(",", ":")))
@@ -556,4 +578,12 @@ def make_server_app(
 
 app = make_server_app()  # what ``flwr run`` loads (pyproject: [tool.flwr.app.components])
 
-__all__ = ["FlowerRun", "Outcome", "ServerSettings", "app", "make_server_app", "settings_of"]
+__all__ = [
+    "FlowerRun",
+    "Outcome",
+    "ServerSettings",
+    "app",
+    "check_recipe",
+    "make_server_app",
+    "settings_of",
+]
