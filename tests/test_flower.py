@@ -74,6 +74,14 @@ def small_model() -> tuple[MoEConfig, dict[str, torch.Tensor]]:
     return cfg, state_of(init_model(cfg, 1))
 
 
+def recipe_model() -> MoEConfig:
+    """The model of RECIPE on the digits."""
+    return MoEConfig.from_dict(
+        {"input_shape": [64], "num_classes": 10, "embed": "mlp", "embed_hidden": 16,
+         "embed_dim": 8, "num_experts": 4, "top_k": 2, "expert_hidden": 16}
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- the exchange
 
 
@@ -256,17 +264,34 @@ def test_in_process_flower_run_equals_fedmoe_run_and_moves_no_expert_through_the
     assert not list(folder.rglob("*.safetensors"))  # the server wrote no model
 
 
+def test_in_process_baselines_and_defended_variants_equal_fedmoe_run(tmp_path: Path) -> None:
+    """naive-moe, local, a robust FedAvg (the server's median) and FedMoE-DA whose targets
+    defend their rows (each client's median over its sources, with its own start model)."""
+    text = RECIPE.replace(
+        "[fedmoe-da, fedavg, oracle-domain]", "[naive-moe, local, fedavg-median, da-median]"
+    ) + (
+        "variants:\n"
+        "  fedavg-median: {method: fedavg, reduce: median}\n"
+        "  da-median: {method: fedmoe-da, expert_reduce: median, expert_trust: true}\n"
+    )
+    (tmp_path / "recipe.yaml").write_text(text)
+    run_in(tmp_path, ("run", "recipe.yaml", "--out", "reference", "--threads", "1", "-q"))
+    client = make_client_app(ClientSettings(str(tmp_path / "exchange"), str(tmp_path / "clients")))
+    settings = ServerSettings(str(tmp_path / "recipe.yaml"), str(tmp_path / "flower"))
+    rows = same_metrics(tmp_path / "reference", FlowerRun(LocalGrid(client, 6), settings)())
+    assert {r["method"] for r in rows} == {"naive-moe", "local", "fedavg-median", "da-median"}
+    # local training moves no tensor: its messages are the orchestration's few hundred bytes
+    small_parts = schema_for(recipe_model()).sizes().server_part
+    assert all(0 < r["moved_server_bytes"] < small_parts for r in rows if r["method"] == "local")
+
+
 def test_under_fedmoe_da_no_expert_tensor_crosses_the_server(tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.replace("[fedmoe-da, fedavg, oracle-domain]", "[fedmoe-da]"))
     client = make_client_app(ClientSettings(str(tmp_path / "exchange"), str(tmp_path / "clients")))
     grid = LocalGrid(client, 6)
     FlowerRun(grid, fresh_settings(tmp_path, recipe))()
-    cfg = MoEConfig.from_dict(
-        {"input_shape": [64], "num_classes": 10, "embed": "mlp", "embed_hidden": 16,
-         "embed_dim": 8, "num_experts": 4, "top_k": 2, "expert_hidden": 16}
-    )  # fmt: skip
-    schema = schema_for(cfg)
+    schema = schema_for(recipe_model())
     assert grid.tensor_names  # the small parts did cross
     assert all(schema.role(n) is not Role.EXPERT for n in grid.tensor_names)
     assert (tmp_path / "exchange/fedmoe-da/round-002").is_dir()  # while the peers published
