@@ -4,13 +4,17 @@ Engine (a real SuperLink and SuperNodes) — against ``fedmoe run`` on the same 
 
 from __future__ import annotations
 
+import functools
+import http.server
+import io
 import itertools
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -123,6 +127,64 @@ def test_a_byte_changed_after_publishing_is_refused_naming_client_layer_and_expe
     assert fetcher.expert(5, 0, 1, refs[(0, 1)])  # the other experts are intact
     with pytest.raises(InputError, match=r"client 5's expert 2 of MoE layer 0.*sha256"):
         fetcher.expert(5, 0, 2, refs[(0, 2)])
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers ``Range: bytes=a-b`` (as object stores and web servers
+    do), recording the bytes it sent."""
+
+    sent: ClassVar[list[int]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def send_head(self) -> Any:
+        header = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not header or not path.is_file():
+            if self.command == "GET" and path.is_file():
+                self.sent.append(path.stat().st_size)  # a whole file
+            return super().send_head()
+        lo, _, hi = header.removeprefix("bytes=").partition("-")
+        data = path.read_bytes()
+        start, end = int(lo), min(int(hi) + 1 if hi else len(data), len(data))
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        self.sent.append(end - start)
+        return io.BytesIO(data[start:end])
+
+
+def test_experts_are_fetched_by_byte_range_from_an_http_server(tmp_path: Path) -> None:
+    cfg, state = small_model()
+    schema = schema_for(cfg)
+    key = exchange_key("fedmoe-da", 3, 1)
+    refs = publish_experts(str(tmp_path), key, schema, state, 1)
+    handler = functools.partial(RangeHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        fetcher = ExpertFetcher(url, schema, {k: v.dtype for k, v in state.items()})
+        got = fetcher.expert(1, 0, 3, refs[(0, 3)])
+        for entry in schema.experts(0):
+            assert torch.equal(got[entry.name], state[entry.name][3])
+        expert_bytes = refs[(0, 3)].end - refs[(0, 3)].start
+        assert fetcher.bytes_moved == expert_bytes
+        assert RangeHandler.sent == [expert_bytes]  # one range, not the file
+        assert expert_bytes < (tmp_path / key).stat().st_size / 3
+        raw = bytearray((tmp_path / key).read_bytes())
+        raw[refs[(0, 0)].start] ^= 0xFF
+        (tmp_path / key).write_bytes(bytes(raw))
+        with pytest.raises(InputError, match="client 1's expert 0 of MoE layer 0"):
+            ExpertFetcher(url, schema, {k: v.dtype for k, v in state.items()}).expert(
+                1, 0, 0, refs[(0, 0)]
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(
