@@ -46,21 +46,25 @@ from fedmoe.aggregate.base import CrossExpert, RoundInputs
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
 from fedmoe.errors import FedMoeError, InputError, OutputError, UsageError
 from fedmoe.flower.wire import body_bytes, error_body, nbytes, pack, unpack, unpack_error
-from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import write_atomic
 from fedmoe.io.checkpoint import all_finite
 from fedmoe.io.exchange import refs_from_json, refs_to_json
-from fedmoe.io.manifest import dumps
 from fedmoe.io.partition_file import LoadedPartition, load_partition
-from fedmoe.io.plan_file import LoadedPlan, load_plan
+from fedmoe.io.plan_file import LoadedPlan
 from fedmoe.io.run_folder import RunFolder, append_line, remove_round
 from fedmoe.model import MoEConfig, schema_for
 from fedmoe.model.schema import ModelSchema
 from fedmoe.pipeline.affinity import affinity_of_uploads
-from fedmoe.pipeline.sync import sync_artefact
 from fedmoe.round import plan_round
 from fedmoe.round.deliver import Outbox, row_sources, target_rows, uploaded_names
-from fedmoe.run.orchestrator import EVAL_KEYS, participants, round_row, true_groups, write_setup
+from fedmoe.run.orchestrator import (
+    EVAL_KEYS,
+    participants,
+    round_row,
+    true_groups,
+    write_round_plan,
+    write_setup,
+)
 from fedmoe.run.recipe import Recipe, load_recipe
 from fedmoe.train import ClientEval, summarise
 
@@ -378,7 +382,6 @@ class FlowerRun:
         """FedMoE-DA's affinity (when due) and sync plan, written as the commands write them."""
         rdir = self.folder.round(arm, rnd)
         prev_path = self.folder.round(arm, rnd - 1) / "plan.json"
-        aff_path = rdir / "affinity.json"
         affinity = None
         if method.refresh_due(rnd, previous.plan.matrix_round if previous else None):
             now: dict[int, tuple[Upload, str, str]] = {}
@@ -388,7 +391,7 @@ class FlowerRun:
                 now[c] = (up, f"flower:{arm}/round-{rnd:03d}/client-{c:03d}", fresh.digests[c])
             now = dict(sorted(now.items()))
             part = self.partition
-            _, manifest = affinity_of_uploads(
+            _, affinity = affinity_of_uploads(
                 {c: h[0] for c, h in now.items()},
                 {c: (h[1], h[2]) for c, h in now.items()},
                 self.config,
@@ -397,14 +400,7 @@ class FlowerRun:
                 list(part.domain_names),
                 list(part.class_names),
             )
-            write_atomic(aff_path, dumps(manifest).encode(), force=True)
-            affinity = load_affinity(aff_path)
-        _, manifest = sync_artefact(
-            method, rnd, active, affinity, str(aff_path), previous, str(prev_path), rdir
-        )
-        plan_path = rdir / "plan.json"
-        write_atomic(plan_path, dumps(manifest).encode(), force=True)
-        return load_plan(plan_path)
+        return write_round_plan(method, rnd, active, affinity, rdir, previous, prev_path)
 
     def run_arm(self, arm: str) -> None:
         """Every round of one arm, a metrics line after each."""

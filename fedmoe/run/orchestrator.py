@@ -171,14 +171,13 @@ def _sync(
     prev_path = ctx.folder.round(name, rnd - 1) / "plan.json"
     previous = load_plan(prev_path) if rnd > 1 else None
     affinity = None
-    aff_path = rdir / "affinity.json"
     if method.refresh_due(rnd, previous.plan.matrix_round if previous else None):
         stale: dict[int, Checkpoint] = {}
         uploads = ctx.folder.uploads(name)
         if method.stale is StaleProxies.KEEP and uploads.is_dir():
             stale = client_checkpoints([str(uploads)], "affinity")
         part = ctx.partition
-        _, manifest = affinity_artefact(
+        _, affinity = affinity_artefact(
             fresh,
             stale,
             method.candidates,
@@ -186,10 +185,27 @@ def _sync(
             list(part.domain_names),
             list(part.class_names),
         )
-        write_atomic(aff_path, dumps(manifest).encode(), force=True)
-        affinity = load_affinity(aff_path)
+    return write_round_plan(method, rnd, active, affinity, rdir, previous, prev_path)
+
+
+def write_round_plan(
+    method: FedMoEDA,
+    rnd: int,
+    active: list[int],
+    affinity: dict[str, Any] | None,
+    rdir: Path,
+    previous: LoadedPlan | None,
+    prev_path: Path,
+) -> LoadedPlan:
+    """Write a round's affinity artefact (when the matrices are recomputed: ``affinity`` is its
+    manifest) and sync plan into ``rdir``, as the commands write them, and read the plan back."""
+    aff_path = rdir / "affinity.json"
+    loaded = None
+    if affinity is not None:
+        write_atomic(aff_path, dumps(affinity).encode(), force=True)
+        loaded = load_affinity(aff_path)
     _, manifest = sync_artefact(
-        method, rnd, active, affinity, str(aff_path), previous, str(prev_path), rdir
+        method, rnd, active, loaded, str(aff_path), previous, str(prev_path), rdir
     )
     plan_path = rdir / "plan.json"
     write_atomic(plan_path, dumps(manifest).encode(), force=True)
