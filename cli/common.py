@@ -37,6 +37,10 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout instead of the output path.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress on stderr.")]
+RecipeFile = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+Overrides = Annotated[
+    list[str] | None, typer.Option("--config", "-c", help="Override: section.key=value.")
+]
 LayoutFile = Annotated[
     Path | None,
     typer.Option(

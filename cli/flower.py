@@ -7,10 +7,20 @@ from typing import Annotated
 
 import typer
 
-from .common import Force, Json, Quiet, emit, handle_errors, parse_overrides, stderr_console
+from .common import (
+    Force,
+    Json,
+    Overrides,
+    Quiet,
+    RecipeFile,
+    emit,
+    handle_errors,
+    parse_overrides,
+    stderr_console,
+)
 from .report import make_report
 
-HELP = """Run a recipe on Flower (needs fedmoe[flower]): every method of the recipe, round by
+HELP = """Run a recipe on Flower (needs the flower extra): every method of the recipe, round by
 round, with the same participants, plans and metrics as fedmoe run, but each client is a Flower
 ClientApp on its own SuperNode and the ServerApp sees only the small parts (shared and gate
 tensors), routing statistics and sample counts. Under FedMoE-DA each client publishes its experts
@@ -34,11 +44,9 @@ Examples:
 
 
 def flower(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/flower"),
-    config: Annotated[
-        list[str] | None, typer.Option("--config", "-c", help="Override: section.key=value.")
-    ] = None,
+    config: Overrides = None,
     engine: Annotated[
         str, typer.Option(help="simulation (Ray, this process) or deployment (local processes).")
     ] = "simulation",

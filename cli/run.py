@@ -14,7 +14,17 @@ from fedmoe.errors import Interrupted, OutputError
 if TYPE_CHECKING:
     from fedmoe.pipeline.pool import TrainPool
 
-from .common import Force, Json, Quiet, emit, handle_errors, parse_overrides, stderr_console
+from .common import (
+    Force,
+    Json,
+    Overrides,
+    Quiet,
+    RecipeFile,
+    emit,
+    handle_errors,
+    parse_overrides,
+    stderr_console,
+)
 from .report import make_report
 
 HELP = """Run a whole federation from a recipe: partition → initial model → rounds of
@@ -48,11 +58,9 @@ standard deviation and each seed's value (as fedmoe report A B C --out FILE does
 
 
 def run(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: RecipeFile,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
-    config: Annotated[
-        list[str] | None, typer.Option("--config", "-c", help="Override: section.key=value.")
-    ] = None,
+    config: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     workers: Annotated[
         int | None,
