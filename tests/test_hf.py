@@ -376,3 +376,22 @@ def test_tampered_folder_under_a_manifest(
     )
     line = clean_failure(r, 3)
     assert "client-001" in line and "sha256 differs" in line
+
+
+def test_force_over_an_output_folder_leaves_no_stale_file(
+    tmp_path: Path, run_cli: Run, mixtral_clients: Path
+) -> None:
+    """A folder replaced with --force is the new model only: a shard or file of the model it
+    replaces (another sharding, a tokenizer the new one lacks) does not survive beside it."""
+    args = ("aggregate", "--method", "fedavg", str(mixtral_clients), "--num-samples", "*=1",
+            "--out", str(tmp_path / "agg"), "-q")  # fmt: skip
+    assert run_cli(*args).code == 0
+    folder = tmp_path / "agg" / "client-000"
+    first = sorted(p.name for p in folder.iterdir())
+    (folder / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    (folder / "tokenizer.json").write_text("{}")
+    r = run_cli(*args, "--force")
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in folder.iterdir()) == first
+    r = run_cli("affinity", str(tmp_path / "agg" / "aggregate.json"), "--out", str(tmp_path / "a"))
+    assert r.code == 0, r.err  # the recorded digests are the folders' as they now are

@@ -56,6 +56,7 @@ class OutputSet:
         self._staged: list[tuple[Path, Path]] = []
         self._made: list[Path] = []  # folders this set created, removed again on abort
         self._digests: dict[Path, str] = {}  # sha256 of staged files, noted while writing
+        self._owned: list[Path] = []  # folders whose other files go at a forced commit
 
     def __enter__(self) -> OutputSet:
         return self
@@ -100,6 +101,12 @@ class OutputSet:
         with self.open(path) as handle:
             handle.write(data)
 
+    def own_folder(self, folder: Path) -> None:
+        """Declare ``folder`` to be wholly this set's output (a model folder): at a forced commit,
+        its files that this set did not write are removed, so a replaced folder holds no stale
+        shard of the model it replaces."""
+        self._owned.append(folder)
+
     def record_sha256(self, path: Path, digest: str) -> None:
         """Note the sha256 of the file staged for ``path``, taken while it was written."""
         self._digests[path] = digest
@@ -122,6 +129,7 @@ class OutputSet:
         other gets an :class:`OutputError` (and its files already published are taken back).
         """
         published: list[Path] = []
+        written = {dest for _, dest in self._staged}
         try:
             for tmp, dest in self._staged:
                 if self.force:
@@ -148,6 +156,11 @@ class OutputSet:
                 dest.unlink(missing_ok=True)
             self.abort()
             raise
+        if self.force:
+            for folder in self._owned:
+                for old in folder.iterdir() if folder.is_dir() else ():
+                    if old.is_file() and old not in written and not old.name.startswith("."):
+                        old.unlink(missing_ok=True)
         if self._staged:
             _fsync_dir(self._staged[-1][1].parent)
         self._staged.clear()

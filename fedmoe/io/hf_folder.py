@@ -387,6 +387,7 @@ def hf_outputs(dest: Path, like: HFModel, meta: CheckpointMeta, client: int) -> 
 def copy_hf_files(outputs: OutputSet, dest: Path, like: HFModel) -> str:
     """Stage every other file of ``like`` (config, index, generation and tokenizer files) at
     ``dest``, beside the shards already staged there; returns the folder's digest."""
+    outputs.own_folder(dest)  # a forced replacement leaves no stale file of the old model
     digests = {shard: outputs.staged_sha256(dest / shard) for shard in like.shards}
     for name in like.files:
         if name in digests or name.endswith(".safetensors"):  # a shard the index does not use
@@ -491,6 +492,7 @@ def stage_lm(
     """Stage ``lm`` as a model folder at ``dest`` in the layout ``transformers`` saves (the
     published per-expert one), with fedmoe's provenance in every shard's metadata; the other files
     of ``like`` (tokenizer, generation config) are copied. Returns the folder's digest."""
+    outputs.own_folder(dest)  # a forced replacement leaves no stale file of the old model
     import tempfile
 
     metadata = hf_metadata(meta)
