@@ -63,6 +63,9 @@ def affinity(
     candidates: Annotated[
         int, typer.Option(help=help_of(FedMoEDA, "candidates").capitalize() + "; ≥ P+1.")
     ] = default_of(FedMoEDA, "candidates"),
+    pool_layers: Annotated[
+        bool, typer.Option(help=help_of(FedMoEDA, "pool_layers").capitalize() + ".")
+    ] = False,
     partition: Annotated[
         str | None, typer.Option(help="Partition manifest, to name domains and labels.")
     ] = None,
@@ -97,7 +100,7 @@ def affinity(
         if plot is not None:
             outputs.reserve(plot)
         aff, manifest = affinity_artefact(
-            fresh, earlier, candidates, base_dir(out), domain_names, class_names
+            fresh, earlier, candidates, base_dir(out), domain_names, class_names, pool_layers
         )
         text = dumps(manifest)
         if plot is not None:

@@ -342,3 +342,39 @@ def test_compute_affinity_refuses_bad_gates() -> None:
         compute_affinity(uploads({0: torch.ones(2, 3), 1: torch.ones(3, 3)}, {}), 2, 2)
     with pytest.raises(InputError, match="all zeros"):
         compute_affinity(uploads({0: torch.ones(2, 3), 1: torch.zeros(2, 3)}, {}), 2, 2)
+
+
+def test_pooled_layers_compare_expert_j_over_every_layer_by_hand() -> None:
+    """Two clients, two MoE layers of two experts. Layer 0 says expert 0 of client 0 is like
+    expert 1 of client 1 (cosine 1), layer 1 says the opposite (cosine -1 there, +1 with expert
+    0): pooled, each cosine is the mean of the layers' (1 + 0)/2, (1 - 1)/2, ..."""
+    a0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b0 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # client 1's layer 0: experts swapped
+    a1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b1 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])  # client 1's layer 1: expert 0 alike, 1 opposed
+    ups = {0: Upload(0, 5, 1, (a0, a1), None), 1: Upload(1, 5, 1, (b0, b1), None)}
+    pooled = compute_affinity(ups, 4, 2, pooled=True)
+    assert pooled.pooled and len(pooled.layers) == 2
+    nb = pooled.layers[0].neighbours
+    assert pooled.layers[1].neighbours is nb  # one neighbour list for every layer
+    sims = {(0, int(m2)): float(v) for m2, v in zip(*nb.row(0), strict=True)}
+    # client-expert 0 = (client 0, expert 0): against itself 1; (0, 1): (0 + 0)/2;
+    # (1, 0) = m 2: layer 0 cos(a0[0], b0[0]) = 0, layer 1 cos(a1[0], b1[0]) = 1 → 0.5;
+    # (1, 1) = m 3: layer 0 1, layer 1 0 → 0.5
+    assert sims == pytest.approx({(0, 0): 1.0, (0, 1): 0.0, (0, 2): 0.5, (0, 3): 0.5})
+    sims1 = {int(m2): float(v) for m2, v in zip(*nb.row(1), strict=True)}
+    # (0, 1) against (1, 0): layer 0 1, layer 1 0 → 0.5; against (1, 1): 0 and -1 → -0.5
+    assert sims1[2] == pytest.approx(0.5) and sims1[3] == pytest.approx(-0.5)
+    # per layer, the same uploads give other neighbours
+    plain = compute_affinity(ups, 4, 2)
+    assert not plain.pooled
+    cols, vals = plain.layers[0].neighbours.row(0)
+    per_layer = {int(m2): float(v) for m2, v in zip(cols, vals, strict=True)}
+    assert per_layer[3] == pytest.approx(1.0)  # layer 0 alone: (0, 0) is (1, 1)
+
+
+def test_pooling_needs_one_expert_count_in_every_layer() -> None:
+    ups = {c: Upload(c, 5, 1, (torch.eye(3) + c, torch.eye(2) + c), None) for c in (0, 1)}
+    with pytest.raises(InputError, match="one expert count in every layer"):
+        compute_affinity(ups, 2, 2, pooled=True)
+    assert len(compute_affinity(ups, 2, 2).layers) == 2  # per layer it is fine

@@ -395,3 +395,50 @@ def test_force_over_an_output_folder_leaves_no_stale_file(
     assert sorted(p.name for p in folder.iterdir()) == first
     r = run_cli("affinity", str(tmp_path / "agg" / "aggregate.json"), "--out", str(tmp_path / "a"))
     assert r.code == 0, r.err  # the recorded digests are the folders' as they now are
+
+
+def test_pooled_layers_one_matrix_from_every_layers_gate_rows(tmp_path: Path, run_cli: Run) -> None:
+    """--pool-layers: expert j of a client is compared over every MoE layer at once (cosine =
+    mean over layers of the per-layer cosines), every layer gets the same matrix, and the merge
+    applies it to each layer's experts."""
+    folder = _make_clients(tmp_path, "mixtral")
+    samples = [f"--num-samples={c}={n}" for c, n in SAMPLES.items()]
+    aff_path, plan_path = tmp_path / "aff.json", tmp_path / "plan.json"
+    r = run_cli("affinity", str(folder), *samples, "--pool-layers", "--out", str(aff_path), "-q")
+    assert r.code == 0, r.err
+    aff = json.loads(aff_path.read_text())
+    assert aff["pooled"] is True and len(aff["layers"]) == 2
+    assert aff["layers"][0]["neighbours"] == aff["layers"][1]["neighbours"]
+    # the pooled similarity by hand, from the routers of both layers
+    routers = {
+        c: [_tensors(folder / f"client-{c}")[f"model.layers.{b}.block_sparse_moe.gate.weight"]
+            for b in _moe_blocks("mixtral")]
+        for c in range(4)
+    }  # fmt: skip
+    e = routers[0][0].shape[0]
+    for m, row in enumerate(aff["layers"][0]["neighbours"]):
+        for m2, sim in row:
+            (c1, j1), (c2, j2) = divmod(m, e), divmod(m2, e)
+            want = sum(
+                float(torch.nn.functional.cosine_similarity(g1[j1], g2[j2], dim=0))
+                for g1, g2 in zip(routers[c1], routers[c2], strict=True)
+            ) / len(routers[c1])
+            assert abs(sim - want) < 1e-5
+    r = run_cli("plan-sync", str(aff_path), "--top-p", "3", "--out", str(plan_path), "-q")
+    assert r.code == 0, r.err
+    plan = json.loads(plan_path.read_text())
+    assert plan["layers"][0]["targets"] == plan["layers"][1]["targets"]
+    r = run_cli("aggregate", "--plan", str(plan_path), str(folder), *samples,
+                "--out", str(tmp_path / "agg"), "-q")  # fmt: skip
+    assert r.code == 0, r.err
+    inputs = {c: _tensors(folder / f"client-{c}") for c in range(4)}
+    target = plan["layers"][1]["targets"][5]  # the second layer merged by the pooled rows
+    slot = _expert_slots("mixtral", _moe_blocks("mixtral")[1])[0]
+    want = sum(
+        s["weight"] * inputs[s["client"]][slot.format(j=s["expert"])].double()
+        for s in target["sources"]
+    )
+    got = _tensors(tmp_path / "agg" / f"client-{target['client']:03d}")[
+        slot.format(j=target["expert"])
+    ]
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)

@@ -474,6 +474,21 @@ def test_two_moe_layers_end_to_end(work: Path, run_cli: Run) -> None:
     assert report["methods"]["fedmoe-da"]["mean_local_acc"] is not None
 
 
+def test_two_moe_layers_pooled(work: Path, run_cli: Run) -> None:
+    """``fedmoe.pool_layers: true``: one affinity over both layers' gate rows, the same matrix
+    for each layer, recorded in the plan's parameters."""
+    r = run_cli(*RUN, "--out", "pooled", "-c", "model.moe_layers=2", "-c", "methods=[fedmoe-da]",
+                "-c", "fedmoe.pool_layers=true")  # fmt: skip
+    assert r.code == 0, r.err
+    rdir = work / "pooled" / "rounds" / "fedmoe-da" / "round-002"
+    aff = json.loads((rdir / "affinity.json").read_text())
+    assert aff["pooled"] is True
+    assert aff["layers"][0]["neighbours"] == aff["layers"][1]["neighbours"]
+    plan = json.loads((rdir / "plan.json").read_text())
+    assert plan["layers"][0]["targets"] == plan["layers"][1]["targets"]
+    assert plan["params"]["pool_layers"] is True
+
+
 def test_report_summarises_several_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Any
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from fedmoe.affinity.domain import share_table
 from fedmoe.affinity.proxies import ExpertIndex, Upload, stack_proxies
 from fedmoe.affinity.topk import Neighbours, topk_cosine
 from fedmoe.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,13 @@ class LayerAffinity:
 
 @dataclass(frozen=True)
 class Affinity:
-    """Every MoE layer's affinity; each layer gets its own Eq. 9–10 matrix from it."""
+    """Every MoE layer's affinity; each layer gets its own Eq. 9–10 matrix from it (the same one
+    for every layer when ``pooled``)."""
 
     layers: tuple[LayerAffinity, ...]
     round: int  # the round of the freshest upload
     stale: tuple[int, ...]  # clients whose proxies are older than ``round`` (kept, marked)
+    pooled: bool = False  # one neighbour list for every layer, from the layers' proxies together
 
     @property
     def clients(self) -> tuple[int, ...]:
@@ -39,7 +45,24 @@ class Affinity:
         return self.layers[0].index.clients
 
 
-def compute_affinity(uploads: Mapping[int, Upload], candidates: int, num_classes: int) -> Affinity:
+def pooled_proxies(gates: list[torch.Tensor]) -> torch.Tensor:
+    """One client's proxies over every MoE layer: row j is the concatenation of expert j's
+    unit-norm gate rows of each layer, divided by √L, so the cosine of two pooled rows is the mean
+    over layers of their per-layer cosines."""
+    import torch
+
+    scale = 1.0 / len(gates) ** 0.5
+    parts = []
+    for g in gates:
+        g = g.detach().to(torch.float32)
+        norms = g.norm(dim=1, keepdim=True)
+        parts.append(torch.where(norms > 0, g / norms.clamp_min(1e-30), g) * scale)
+    return torch.cat(parts, dim=1)  # (E, Σ H_l)
+
+
+def compute_affinity(
+    uploads: Mapping[int, Upload], candidates: int, num_classes: int, pooled: bool = False
+) -> Affinity:
     """Neighbours and share tables of every MoE layer for the clients in ``uploads``.
 
     Parameters
@@ -50,6 +73,12 @@ def compute_affinity(uploads: Mapping[int, Upload], candidates: int, num_classes
         Neighbours kept per row (itself included); plan-sync's P may be at most ``candidates - 1``.
     num_classes
         C, the width of the label table.
+    pooled
+        Pool the MoE layers (beyond the paper, which has one MoE layer): expert j of a client is
+        compared across every layer at once (:func:`pooled_proxies`), and every layer gets the
+        same neighbours, hence the same matrix. For models whose expert j serves one domain in
+        every layer (experts upcycled from one dense model per domain); it needs the same E in
+        every layer. Share tables stay per layer.
     """
     from fedmoe.train.routing import layer_stats
 
@@ -59,8 +88,27 @@ def compute_affinity(uploads: Mapping[int, Upload], candidates: int, num_classes
     if len(layer_counts) != 1:
         raise InputError(f"uploads with different numbers of MoE layers: {sorted(layer_counts)}")
     current = max(u.round for u in uploads.values())
+    num_layers = layer_counts.pop()
+    shared: Neighbours | None = None
+    if pooled and num_layers > 1:
+        experts = {int(g.shape[0]) for u in uploads.values() for g in u.proxies}
+        if len(experts) != 1:
+            raise InputError(
+                f"pooling the MoE layers needs one expert count in every layer, got {sorted(experts)}",
+                hint="compute a matrix per layer (leave pool_layers off)",
+            )
+        for layer in range(num_layers):
+            found = {tuple(u.proxies[layer].shape) for u in uploads.values()}
+            if len(found) != 1:
+                raise InputError(
+                    f"MoE layer {layer}: gate weights of different shapes {sorted(found)}"
+                )
+        pooled_rows, _ = stack_proxies(
+            {c: pooled_proxies(list(u.proxies)) for c, u in uploads.items()}
+        )
+        shared = topk_cosine(pooled_rows, candidates)
     layers = []
-    for layer in range(layer_counts.pop()):
+    for layer in range(num_layers):
         gates = {c: u.proxies[layer] for c, u in uploads.items()}
         shapes = {tuple(g.shape) for g in gates.values()}
         if len(shapes) != 1:
@@ -68,7 +116,7 @@ def compute_affinity(uploads: Mapping[int, Upload], candidates: int, num_classes
                 f"MoE layer {layer}: gate weights of different shapes {sorted(shapes)}"
             )
         proxies, index = stack_proxies(gates)
-        neighbours = topk_cosine(proxies, candidates)
+        neighbours = shared if shared is not None else topk_cosine(proxies, candidates)
         stats = {c: layer_stats(u.routing, layer) for c, u in uploads.items()}
         widths = [len(r["by_domain"][0]) for r in stats.values() if r and r.get("by_domain")]
         num_domains = max(widths, default=1)
@@ -82,4 +130,4 @@ def compute_affinity(uploads: Mapping[int, Upload], candidates: int, num_classes
             )
         )
     stale = tuple(sorted(c for c, u in uploads.items() if u.round < current))
-    return Affinity(tuple(layers), current, stale)
+    return Affinity(tuple(layers), current, stale, shared is not None)

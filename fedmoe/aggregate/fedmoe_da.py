@@ -70,6 +70,11 @@ class FedMoEDA(ReduceParams, Aggregator):
     refresh_interval: int = param(1, "I: recompute A every I rounds", ge=1)
     gate: GateMode = param(GateMode.PER_CLIENT, "per-client (each keeps its gate) or shared")
     candidates: int = param(16, "neighbours kept per client-expert by the affinity pass", ge=1)
+    pool_layers: bool = param(
+        False,
+        "one matrix for every MoE layer, from expert j's gate rows of all layers together"
+        " (for experts that serve one domain in every layer)",
+    )
     stale: StaleProxies = param(
         StaleProxies.KEEP, "keep or drop the proxies of clients that sat the round out"
     )

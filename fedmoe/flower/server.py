@@ -399,6 +399,7 @@ class FlowerRun:
                 method.candidates,
                 list(part.domain_names),
                 list(part.class_names),
+                method.pool_layers,
             )
         return write_round_plan(method, rnd, active, affinity, rdir, previous, prev_path)
 

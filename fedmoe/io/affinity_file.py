@@ -8,6 +8,7 @@ Layout (schema 2; schema 1, one MoE layer with ``neighbours`` at the top level, 
     inputs:  [{client, path, sha256, num_samples, round, stale}]
     clients: [client ids]; client-expert m = position(client)·E + expert
     stale:   [clients whose proxies are older than ``round``: kept, marked]
+    pooled:  true when the layers were pooled (every layer then lists the same neighbours)
     layers:  [{layer, num_experts,
                neighbours: one row per m: [[m', similarity], ...], decreasing (ties kept),
                expert_domain: {names, shares}, expert_label: {names, shares}}]
@@ -99,6 +100,7 @@ def affinity_to_manifest(
         "inputs": inputs,
         "clients": list(aff.clients),
         "stale": list(aff.stale),
+        **({"pooled": True} if aff.pooled else {}),
         "layers": layers,
     }
 
@@ -197,4 +199,15 @@ def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, ModelConfig,
                 hint="re-create it with fedmoe affinity",
             )
     stale = tuple(int(c) for c in manifest.get("stale", []))
-    return Affinity(layers, int(manifest.get("round", 0)), stale), config, sizes
+    pooled = manifest.get("pooled", False)
+    if not isinstance(pooled, bool):
+        raise InputError(f"{where}: 'pooled' must be true or false")
+    first = layers[0].neighbours
+    if pooled and not all(
+        torch.equal(la.neighbours.indptr, first.indptr)
+        and torch.equal(la.neighbours.indices, first.indices)
+        and torch.equal(la.neighbours.values, first.values)
+        for la in layers[1:]
+    ):
+        raise InputError(f"{where}: 'pooled' but its layers' neighbours differ")
+    return Affinity(layers, int(manifest.get("round", 0)), stale, pooled), config, sizes

@@ -24,8 +24,10 @@ def affinity_artefact(
     base: Path,
     domain_names: list[str] | None = None,
     class_names: list[str] | None = None,
+    pooled: bool = False,
 ) -> tuple[Affinity, dict[str, Any]]:
-    """Compute the affinity of ``fresh`` plus the ``stale`` clients not in it.
+    """Compute the affinity of ``fresh`` plus the ``stale`` clients not in it (``pooled``: one
+    neighbour list for every MoE layer, see :func:`fedmoe.affinity.compute.compute_affinity`).
 
     Parameters
     ----------
@@ -64,6 +66,7 @@ def affinity_artefact(
         candidates,
         domain_names,
         class_names,
+        pooled,
     )
 
 
@@ -75,11 +78,12 @@ def affinity_of_uploads(
     candidates: int,
     domain_names: list[str] | None = None,
     class_names: list[str] | None = None,
+    pooled: bool = False,
 ) -> tuple[Affinity, dict[str, Any]]:
     """The affinity artefact of the uploads the server holds (client id → upload, increasing),
     where ``sources`` names each upload (path or label, sha256) in the artefact's inputs: for an
     engine whose server receives uploads as messages, not files."""
-    aff = compute_affinity(held, candidates, config.num_classes)
+    aff = compute_affinity(held, candidates, config.num_classes, pooled)
     inputs = [
         {
             "client": c,

@@ -80,7 +80,11 @@ def sync_artefact(
                 hint="fedmoe affinity CKPTS | fedmoe plan-sync -",
             )
         matrices = build_matrices(affinity.affinity, method.top_p, method.tau)
-        method = dataclasses.replace(method, candidates=affinity.affinity.layers[0].neighbours.k)
+        method = dataclasses.replace(
+            method,
+            candidates=affinity.affinity.layers[0].neighbours.k,
+            pool_layers=affinity.affinity.pooled,
+        )
         matrix_round, config, sizes = round_, affinity.config, affinity.sizes
         aff_ref = {"path": _ref(str(affinity_source), base), "sha256": affinity.sha256}
     if participants is None:

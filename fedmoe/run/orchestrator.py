@@ -184,6 +184,7 @@ def _sync(
             rdir,
             list(part.domain_names),
             list(part.class_names),
+            method.pool_layers,
         )
     return write_round_plan(method, rnd, active, affinity, rdir, previous, prev_path)
 
