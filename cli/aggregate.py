@@ -118,9 +118,17 @@ def aggregate(
         if param or previous:
             raise UsageError("--param and --previous are for a federated merge into a folder --out")
         _plain(checkpoints, out, method or "mean", weights, on_missing, force, json_, console)
+    elif _model_folders(checkpoints) and (weights is not None or method in ("mean", "linear")):
+        if plan is not None or param or previous:
+            raise UsageError("--plan, --param and --previous are for a federated merge")
+        _plain_folders(
+            checkpoints, out, method or "mean", weights, on_missing, force, json_, console
+        )
     else:
         if weights is not None:
-            raise UsageError("--weights is for a plain merge into one .safetensors --out")
+            raise UsageError(
+                "--weights is for a plain merge (into one .safetensors --out, or of model folders)"
+            )
         options = folder_options(layout, num_samples)
         _federated(
             checkpoints,
@@ -255,38 +263,7 @@ def _plain(
         raise UsageError("give at least one file to merge")
     files = [MappedFile(p) for p in _plain_files(inputs)]
     try:
-        if weights is not None:
-            try:
-                w = [float(x) for x in weights.split(",")]
-            except ValueError:
-                raise UsageError(f"--weights {weights!r}: expected numbers like 0.5,0.5") from None
-            if len(w) != len(files):
-                raise UsageError(f"--weights has {len(w)} values for {len(files)} files")
-            used = "linear"
-        elif method == "linear":
-            raise UsageError("--method linear needs --weights")
-        elif method == "fedavg":
-            try:
-                counts = [int(f.metadata["num_samples"]) for f in files]
-            except (KeyError, ValueError):
-                raise InputError(
-                    "fedavg needs an integer num_samples metadata entry in every file",
-                    hint="use --method mean or --weights",
-                ) from None
-            for f, c in zip(files, counts, strict=True):
-                if not 0 <= c < 2**53:
-                    raise InputError(
-                        f"{f.path}: num_samples = {c} is not a sample count",
-                        hint="use --method mean or --weights",
-                    )
-            total = sum(counts)
-            if total <= 0:
-                raise InputError("fedavg: num_samples sum to 0")
-            w, used = [c / total for c in counts], "fedavg"
-        else:
-            w, used = [1.0 / len(files)] * len(files), "mean"
-        if any(not np.isfinite(x) for x in w):
-            raise UsageError("--weights must be finite")
+        w, used = _weights(files, method, weights)
         specs = plan_linear(files, on_missing)
         digests = [sha256_file(f.path) for f in files]
         meta = merged_metadata(files, w, used, digests)
@@ -316,6 +293,96 @@ def _plain(
     )
 
 
+def _model_folders(inputs: list[str]) -> bool:
+    """True when every input is a model folder (a ``config.json`` beside its safetensors)."""
+    from fedmoe.io.hf_folder import is_hf_folder
+
+    return bool(inputs) and all(is_hf_folder(Path(i)) for i in inputs)
+
+
+def _weights(files: list[Any], method: str, weights: str | None) -> tuple[list[float], str]:
+    """The plain merge's weights, one per input, and the method they amount to."""
+    if weights is not None:
+        try:
+            w = [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise UsageError(f"--weights {weights!r}: expected numbers like 0.5,0.5") from None
+        if len(w) != len(files):
+            raise UsageError(f"--weights has {len(w)} values for {len(files)} inputs")
+        if any(not np.isfinite(x) for x in w):
+            raise UsageError("--weights must be finite")
+        return w, "linear"
+    if method == "linear":
+        raise UsageError("--method linear needs --weights")
+    if method == "fedavg":
+        try:
+            counts = [int(f.metadata["num_samples"]) for f in files]
+        except (KeyError, ValueError):
+            raise InputError(
+                "fedavg needs an integer num_samples metadata entry in every file",
+                hint="use --method mean or --weights",
+            ) from None
+        for f, c in zip(files, counts, strict=True):
+            if not 0 <= c < 2**53:
+                raise InputError(
+                    f"{f.path}: num_samples = {c} is not a sample count",
+                    hint="use --method mean or --weights",
+                )
+        total = sum(counts)
+        if total <= 0:
+            raise InputError("fedavg: num_samples sum to 0")
+        return [c / total for c in counts], "fedavg"
+    return [1.0 / len(files)] * len(files), "mean"
+
+
+def _plain_folders(
+    inputs: list[str],
+    out: Path,
+    method: str,
+    weights: str | None,
+    on_missing: str,
+    force: bool,
+    json_: bool,
+    console: Any,
+) -> None:
+    """A plain merge of whole model folders (every tensor, as mergekit's linear merge) into one
+    folder in the first input's layout."""
+    from fedmoe.io.atomic import OutputSet
+    from fedmoe.io.hf_folder import folder_digest
+    from fedmoe.io.linear_merge import (
+        MappedFolder,
+        merged_metadata,
+        plan_linear,
+        write_linear_folder,
+    )
+
+    folders: list[MappedFolder] = []
+    try:
+        for item in inputs:
+            folders.append(MappedFolder(Path(item)))
+        w, used = _weights(folders, method, weights)
+        specs = plan_linear(list(folders), on_missing)
+        digests = [
+            folder_digest({p.name: sha256_file(p) for p in f.path.iterdir() if p.is_file()})
+            for f in folders
+        ]
+        meta = merged_metadata(list(folders), w, used, digests)
+        with OutputSet(force) as outputs:
+            shards = write_linear_folder(outputs, out, folders, w, specs, meta)
+    finally:
+        for f in folders:
+            f.close()
+    if not console.quiet:
+        table = Table(title=f"merge ({used})", title_justify="left")
+        table.add_column("model folder")
+        table.add_column("weight", justify="right")
+        for f, x in zip(folders, w, strict=True):
+            table.add_row(str(f.path), f"{x:.4f}")
+        console.print(table)
+        console.print(f"{len(specs)} tensors in {shards} shard(s) → {out}")
+    emit(out, {"ok": True, "path": str(out), "weights": w, "tensors": len(specs)}, json_)
+
+
 def _plain_files(inputs: list[str]) -> list[Path]:
     """The files a plain merge reads: each file given, and every ``.safetensors`` file of each
     folder given (in name order)."""
@@ -326,8 +393,8 @@ def _plain_files(inputs: list[str]) -> list[Path]:
         path = Path(item)
         if is_hf_folder(path):
             raise UsageError(
-                f"{path} is a Hugging Face model folder; the plain merge takes safetensors files",
-                hint="merge model folders with --method fedavg and a folder --out",
+                f"{path} is a model folder; a plain merge of model folders writes a folder",
+                hint="give a folder --out (fedmoe aggregate A/ B/ --method mean --out merged/)",
             )
         if path.is_dir():
             found = sorted(path.glob("*.safetensors"))

@@ -442,3 +442,46 @@ def test_pooled_layers_one_matrix_from_every_layers_gate_rows(tmp_path: Path, ru
         slot.format(j=target["expert"])
     ]
     torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)
+
+
+def test_plain_merge_of_whole_model_folders(
+    tmp_path: Path, run_cli: Run, mixtral_clients: Path
+) -> None:
+    """mergekit's linear merge on model folders: every tensor is Σ w_f · folder_f, written in the
+    first folder's sharding (client-1 is sharded, client-0 is one file), with its config copied;
+    transformers loads the result."""
+    folders = [mixtral_clients / f"client-{c}" for c in (1, 0, 2)]
+    out = tmp_path / "merged"
+    r = run_cli("aggregate", *map(str, folders), "--weights", "0.5,0.3,0.2", "--out", str(out),
+                "-q")  # fmt: skip
+    assert r.code == 0, r.err
+    src = [_tensors(f) for f in folders]
+    got = _tensors(out)
+    assert set(got) == set(src[0])
+    for name, t in got.items():
+        want = 0.5 * src[0][name].double() + 0.3 * src[1][name].double() + 0.2 * src[2][name]
+        torch.testing.assert_close(t, want.float(), rtol=0, atol=2e-6)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folders[0].iterdir())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert (
+        index["weight_map"]
+        == json.loads((folders[0] / "model.safetensors.index.json").read_text())["weight_map"]
+    )
+    assert (out / "config.json").read_bytes() == (folders[0] / "config.json").read_bytes()
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as h:
+        meta = h.metadata()
+    assert meta["format"] == "pt"
+    assert [s["weight"] for s in json.loads(meta["fedmoe_merge"])["sources"]] == [0.5, 0.3, 0.2]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert bool(torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all())
+    # --method mean into a folder that exists needs --force, and then holds only the new model
+    r = run_cli("aggregate", str(folders[1]), str(folders[2]), "--method", "mean",
+                "--out", str(out), "-q")  # fmt: skip
+    assert "exists" in clean_failure(r, 4)
+    r = run_cli("aggregate", str(folders[1]), str(folders[2]), "--method", "mean",
+                "--out", str(out), "-q", "--force")  # fmt: skip
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folders[1].iterdir())
+    mean = _tensors(out)
+    name = "model.embed_tokens.weight"
+    torch.testing.assert_close(mean[name], (src[1][name] + src[2][name]) / 2, rtol=0, atol=1e-6)

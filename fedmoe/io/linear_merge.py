@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -129,7 +129,92 @@ class MappedFile:
         self._file.close()
 
 
-def plan_linear(files: list[MappedFile], on_missing: str) -> list[TensorSpec]:
+class Mapped(Protocol):
+    """A file or a model folder opened for streaming (:class:`MappedFile`, :class:`MappedFolder`)."""
+
+    path: Path
+    metadata: dict[str, str]
+    tensors: dict[str, MappedTensor]
+
+    def read_into(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` from element ``offset`` of tensor ``name``."""
+        ...
+
+    def close(self) -> None:
+        """Release the files."""
+        ...
+
+
+class MappedFolder:
+    """A model folder (``config.json`` beside ``model.safetensors``, or shards listed by
+    ``model.safetensors.index.json``) opened for streaming: every shard's tensors by name."""
+
+    def __init__(self, path: Path) -> None:
+        import json
+
+        from fedmoe.io.hf_folder import INDEX, SINGLE
+
+        self.path = Path(path)
+        index = self.path / INDEX
+        weight_map: dict[str, str] | None = None
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+                weight_map = data["weight_map"]
+                ok = isinstance(weight_map, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) and "/" not in v and v != ".."
+                    for k, v in weight_map.items()
+                )
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+                ok = False
+            if not ok or not weight_map:
+                raise InputError(
+                    f"{index}: not a readable index (a weight_map of tensor → shard file)",
+                    hint="re-save the model with save_pretrained",
+                )
+            self.shards = sorted(set(weight_map.values()))
+        elif (self.path / SINGLE).is_file():
+            self.shards = [SINGLE]
+        else:
+            raise InputError(
+                f"{self.path}: no {SINGLE} and no {INDEX}", hint="save the model with safetensors"
+            )
+        self.files: dict[str, MappedFile] = {}
+        try:
+            for shard in self.shards:
+                self.files[shard] = MappedFile(self.path / shard)
+        except InputError:
+            self.close()
+            raise
+        self.tensors: dict[str, MappedTensor] = {}
+        self.shard_of: dict[str, str] = {}
+        for shard, f in self.files.items():
+            for name, t in f.tensors.items():
+                if name in self.tensors:
+                    self.close()
+                    raise InputError(f"{self.path}: tensor {name} is in two shards")
+                self.tensors[name] = t
+                self.shard_of[name] = shard
+        if weight_map is not None and weight_map != self.shard_of:
+            self.close()
+            wrong = sorted(set(weight_map.items()) ^ set(self.shard_of.items()))[0][0]
+            raise InputError(
+                f"{index}: maps tensor {wrong} to a shard that does not hold it (or misses it)",
+                hint="re-save the model with save_pretrained",
+            )
+        self.metadata: dict[str, str] = self.files[self.shards[0]].metadata
+
+    def read_into(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` from element ``offset`` of tensor ``name`` (from the shard holding it)."""
+        return self.files[self.shard_of[name]].read_into(name, offset, out)
+
+    def close(self) -> None:
+        """Close every shard."""
+        for f in self.files.values():
+            f.close()
+
+
+def plan_linear(files: Sequence[Mapped], on_missing: str) -> list[TensorSpec]:
     """The output tensors: names shared by every file (``intersection``) or all of them
     (``error`` refuses any name missing from a file), with matching dtype and shape."""
     if on_missing not in ON_MISSING:
@@ -173,7 +258,7 @@ class _Buffers:
 
 
 def _merge_chunk(
-    files: list[MappedFile], weights: list[float], spec: TensorSpec, lo: int, n: int, b: _Buffers
+    files: Sequence[Mapped], weights: list[float], spec: TensorSpec, lo: int, n: int, b: _Buffers
 ) -> torch.Tensor:
     """Σ w_f · file_f over elements [lo, lo + n) of tensor ``spec``, in ``b``'s buffers."""
     acc, buf = b.acc[:n], b.read[:n]
@@ -205,7 +290,7 @@ def _merge_chunk(
 def _chunks(
     pool: ThreadPoolExecutor,
     sets: list[_Buffers],
-    files: list[MappedFile],
+    files: Sequence[Mapped],
     weights: list[float],
     spec: TensorSpec,
 ) -> Iterator[memoryview]:
@@ -232,7 +317,7 @@ def _chunks(
 
 def write_linear(
     handle: BinaryIO,
-    files: list[MappedFile],
+    files: Sequence[Mapped],
     weights: list[float],
     specs: list[TensorSpec],
     metadata: dict[str, str],
@@ -273,7 +358,7 @@ def write_linear(
 
 
 def merged_metadata(
-    files: list[MappedFile], weights: list[float], method: str, digests: list[str]
+    files: Sequence[Mapped], weights: list[float], method: str, digests: list[str]
 ) -> dict[str, str]:
     """Provenance of a linear merge: keys equal in every input are kept as they are; every input's
     full metadata, path, sha256 and weight go into ``fedmoe_merge`` (JSON), so nothing is dropped."""
@@ -293,3 +378,47 @@ def merged_metadata(
         "fedmoe_version": __version__,
         "fedmoe_merge": json.dumps({"method": method, "sources": sources}, separators=(",", ":")),
     }
+
+
+def write_linear_folder(
+    outputs: Any,
+    out: Path,
+    folders: list[MappedFolder],
+    weights: list[float],
+    specs: list[TensorSpec],
+    metadata: dict[str, str],
+) -> int:
+    """Stage Σ w_f · folder_f as a model folder at ``out`` in the first folder's sharding (its
+    index rewritten when tensors were left out), with its other files (config, tokenizer,
+    generation config) copied; the folder holds nothing else afterwards. Returns the shards
+    written."""
+    import json
+
+    from fedmoe.io.hf_folder import INDEX
+
+    like = folders[0]
+    outputs.own_folder(out)
+    by_shard: dict[str, list[TensorSpec]] = {}
+    for spec in specs:
+        by_shard.setdefault(like.shard_of[spec.name], []).append(spec)
+    for shard in like.shards:
+        if shard in by_shard:
+            with outputs.open(out / shard) as handle:
+                write_linear(handle, list(folders), weights, by_shard[shard], metadata)
+    if (like.path / INDEX).is_file():
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs)},
+            "weight_map": {
+                s.name: like.shard_of[s.name] for s in sorted(specs, key=lambda s: s.name)
+            },
+        }
+        outputs.write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    for item in sorted(like.path.iterdir()):
+        if (
+            item.is_file()
+            and item.suffix != ".safetensors"
+            and item.name != INDEX
+            and not item.name.startswith(".")
+        ):
+            outputs.write_bytes(out / item.name, item.read_bytes())
+    return len(by_shard)
