@@ -1,6 +1,9 @@
 """A weighted merge of 8 safetensors files (warm page cache): input GB/s and peak extra memory,
-against a plain sequential read of the same files in the same run, and a mergekit-style
-stack-then-sum merge (load every file, stack, weighted sum, save) written here."""
+against a plain sequential read of the same files in the same run, and a stack-then-sum merge
+(load every file, stack, weighted sum, save) written here, labelled as such. Then the commands
+users run on model folders: ``fedmoe aggregate A/ B/ C/ --weights ... --out merged/`` against the
+real mergekit's ``mergekit-yaml`` linear merge of the same Mixtral-shaped folders (when
+installed), each timed as a process with its own peak RSS, and their outputs compared."""
 
 from __future__ import annotations
 
@@ -11,7 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.common import Row, peak_bytes, peak_in_subprocess, reset_peak, rss_bytes, sequential_read
+from bench.common import (
+    Row,
+    peak_bytes,
+    peak_in_subprocess,
+    reset_peak,
+    rss_bytes,
+    sequential_read,
+    skipped,
+)
 from fedmoe.io.linear_merge import MappedFile, plan_linear, write_linear
 
 
@@ -111,7 +122,7 @@ def run(quick: bool) -> list[Row]:
         peer = time.perf_counter() - start
         rows.append(
             Row(
-                "peer: mergekit-style stack-then-sum of the same files",
+                "peer: stack-then-sum written in this benchmark (load all, stack, sum), same files",
                 total / seconds,
                 total / peer,
                 "B/s",
@@ -119,4 +130,121 @@ def run(quick: bool) -> list[Row]:
                 note="ratio = peer time / ours",
             )
         )
+    rows.extend(_folders_vs_mergekit(quick))
     return rows
+
+
+_LAUNCH = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss * 1024, status)
+"""
+
+
+def _timed(cmd: list[str], cwd: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command run as its own process. A small launcher
+    process starts it: a process forked from this one would inherit this benchmark's peak RSS
+    (Linux folds the forked memory's high-water mark into the exec'd command's)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCH, *cmd], cwd=cwd, env=env, capture_output=True, text=True,
+        check=True,
+    )  # fmt: skip
+    seconds, rss, status = done.stdout.split()[-3:]
+    if int(status) != 0:
+        raise RuntimeError(f"{cmd[0]} failed (status {status})")
+    return float(seconds), int(rss)
+
+
+def _folders_vs_mergekit(quick: bool) -> list[Row]:
+    import shutil
+    import sys
+
+    label = "model folders: fedmoe aggregate --weights into a folder vs mergekit-yaml linear"
+    if shutil.which("mergekit-yaml") is None:
+        return [skipped(f"peer: {label}", "mergekit")]
+    try:
+        import transformers
+    except ImportError:
+        return [skipped(f"peer: {label}", "transformers")]
+    transformers.logging.set_verbosity_error()
+    hidden, ffn, vocab = (128, 256, 2000) if quick else (512, 1024, 8000)
+    cfg = transformers.MixtralConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2,
+        num_local_experts=8, num_attention_heads=8, num_key_value_heads=4,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    weights = [0.5, 0.3, 0.2]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folders = []
+        for c in range(3):
+            torch.manual_seed(c)
+            model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+            model.save_pretrained(root / f"m{c}", max_shard_size="60MB")
+            folders.append(root / f"m{c}")
+        size = sum(p.stat().st_size for f in folders for p in f.glob("*.safetensors"))
+        yml = root / "linear.yml"
+        yml.write_text(
+            "merge_method: linear\ndtype: bfloat16\nmodels:\n"
+            + "".join(f"  - model: {f}\n    parameters: {{weight: {w}}}\n"
+                      for f, w in zip(folders, weights, strict=True))
+        )  # fmt: skip
+        fedmoe = [sys.executable, "-m", "fedmoe_cli.app", "aggregate", *map(str, folders),
+                  "--weights", ",".join(map(str, weights)), "-q"]  # fmt: skip
+        mergekit = [str(Path(shutil.which("mergekit-yaml") or "")), str(yml)]
+        ours_s, ours_rss = _timed([*fedmoe, "--out", str(root / "warm-f")], root)
+        peer_s, peer_rss = _timed([*mergekit, str(root / "warm-m"), "--lazy-unpickle"], root)
+        ours_s, ours_rss = _timed([*fedmoe, "--out", str(root / "f")], root)
+        peer_s, peer_rss = _timed([*mergekit, str(root / "m"), "--lazy-unpickle"], root)
+        same = _same_linear_merge(root / "f", root / "m")
+    what = f"3 Mixtral-shaped bf16 folders × {size / 3 / (1 << 20):.0f} MiB"
+    return [
+        Row(
+            f"peer: {label}, {what}: time (outputs bit-identical: {'yes' if same else 'NO'})",
+            ours_s,
+            peer_s,
+            "s",
+            peer_s / ours_s,
+            note="ratio = mergekit time / ours",
+        ),
+        Row(
+            f"peer: {label}, {what}: peak RSS",
+            float(ours_rss),
+            float(peer_rss),
+            "B",
+            peer_rss / ours_rss,
+            note="each command's own process; ratio = mergekit / ours",
+        ),
+    ]
+
+
+def _same_linear_merge(ours: Path, peer: Path) -> bool:
+    """Whether two merged folders hold the same values: mergekit writes transformers 5's
+    stacked expert layout (gate_up_proj, down_proj), ours keeps the inputs' per-expert one."""
+    from safetensors import safe_open
+
+    def load(folder: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out |= {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+        return out
+
+    a, b = load(ours), load(peer)
+    for layer in range(2):
+        pre = f"model.layers.{layer}"
+        w = {n: torch.stack([a.pop(f"{pre}.block_sparse_moe.experts.{j}.{n}.weight")
+                             for j in range(8)]) for n in ("w1", "w2", "w3")}  # fmt: skip
+        a[f"{pre}.mlp.experts.gate_up_proj"] = torch.cat([w["w1"], w["w3"]], dim=1)
+        a[f"{pre}.mlp.experts.down_proj"] = w["w2"]
+        a[f"{pre}.mlp.gate.weight"] = a.pop(f"{pre}.block_sparse_moe.gate.weight")
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
