@@ -3,6 +3,7 @@ weighted merge of any safetensors files."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -272,14 +273,7 @@ def _plain(
     finally:
         for f in files:
             f.close()
-    if not console.quiet:
-        table = Table(title=f"merge ({used})", title_justify="left")
-        table.add_column("file")
-        table.add_column("weight", justify="right")
-        for f, x in zip(files, w, strict=True):
-            table.add_row(str(f.path), f"{x:.4f}")
-        console.print(table)
-        console.print(f"{len(specs)} tensors → {out}")
+    _print_weights(console, used, "file", files, w, f"{len(specs)} tensors → {out}")
     emit(
         out,
         {
@@ -291,6 +285,21 @@ def _plain(
         },
         json_,
     )
+
+
+def _print_weights(
+    console: Any, used: str, what: str, inputs: Sequence[Any], w: list[float], tail: str
+) -> None:
+    """The plain merge's table of inputs and weights, then ``tail``."""
+    if console.quiet:
+        return
+    table = Table(title=f"merge ({used})", title_justify="left")
+    table.add_column(what)
+    table.add_column("weight", justify="right")
+    for f, x in zip(inputs, w, strict=True):
+        table.add_row(str(f.path), f"{x:.4f}")
+    console.print(table)
+    console.print(tail)
 
 
 def _model_folders(inputs: list[str]) -> bool:
@@ -372,14 +381,14 @@ def _plain_folders(
     finally:
         for f in folders:
             f.close()
-    if not console.quiet:
-        table = Table(title=f"merge ({used})", title_justify="left")
-        table.add_column("model folder")
-        table.add_column("weight", justify="right")
-        for f, x in zip(folders, w, strict=True):
-            table.add_row(str(f.path), f"{x:.4f}")
-        console.print(table)
-        console.print(f"{len(specs)} tensors in {shards} shard(s) → {out}")
+    _print_weights(
+        console,
+        used,
+        "model folder",
+        folders,
+        w,
+        f"{len(specs)} tensors in {shards} shard(s) → {out}",
+    )
     emit(out, {"ok": True, "path": str(out), "weights": w, "tensors": len(specs)}, json_)
 
 

@@ -1059,7 +1059,7 @@ def test_half_precision_merge_is_rounded_once(
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (("--weights", "0.5"), 2, "--weights has 1 values for 2 files"),
+        (("--weights", "0.5"), 2, "--weights has 1 values for 2 inputs"),
         (("--weights", "0.5,x"), 2, "--weights '0.5,x': expected numbers like 0.5,0.5"),
         (("--weights", "0.5,nan"), 2, "--weights must be finite"),
         (("--method", "linear"), 2, "--method linear needs --weights"),
