@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from fedmoe.affinity.proxies import ExpertIndex
-from fedmoe.aggregate.base import CrossExpert, MergeSpec, SameIndex
+from fedmoe.aggregate.base import MergeSpec, SameIndex
 from fedmoe.aggregate.engine import Merger
 from fedmoe.errors import InputError
-from fedmoe.model.schema import ModelSchema
+from fedmoe.model.schema import ModelSchema, TensorEntry
 from fedmoe.plan.matrix import AggregationMatrix
 
 Part = tuple[str, int]  # ("shared", 0), ("gate", 0) or ("experts", MoE layer)
@@ -70,7 +70,7 @@ class Outbox:
         """Compute the group results of ``spec`` from ``states`` (what the participants sent:
         at least the tensors of every part the spec merges on the server) and queue them for
         their members."""
-        dtypes = {e.name: _dtype(states, spec, e.name) for e in _server_entries(spec, schema)}
+        dtypes = {e.name: _dtype(states, e.name) for e in _server_entries(spec, schema)}
         from fedmoe.aggregate.engine import MemorySource
 
         merger = Merger(spec, schema, MemorySource(states), dtypes)
@@ -104,7 +104,7 @@ class Outbox:
         return sum(t.numel() * t.element_size() for r in self._results.values() for t in r.values())
 
 
-def _server_entries(spec: MergeSpec, schema: ModelSchema) -> list[Any]:
+def _server_entries(spec: MergeSpec, schema: ModelSchema) -> list[TensorEntry]:
     entries = list(schema.shared()) + list(schema.gates())
     for layer, merge in enumerate(spec.experts):
         if isinstance(merge, SameIndex):
@@ -112,18 +112,18 @@ def _server_entries(spec: MergeSpec, schema: ModelSchema) -> list[Any]:
     return entries
 
 
-def _dtype(states: Mapping[int, Mapping[str, torch.Tensor]], spec: MergeSpec, name: str) -> Any:
+def _dtype(states: Mapping[int, Mapping[str, torch.Tensor]], name: str) -> torch.dtype:
     for state in states.values():
         if name in state:
             return state[name].dtype
     return torch.float32  # a tensor no group reduces: never read
 
 
-def uploaded_names(spec_experts_on_server: bool, schema: ModelSchema) -> list[str]:
+def uploaded_names(with_experts: bool, schema: ModelSchema) -> list[str]:
     """The tensors a participant sends the server: its small parts (shared and gate tensors),
     plus its experts for a method that merges experts on the server."""
     names = [e.name for e in schema.shared()] + [e.name for e in schema.gates()]
-    if spec_experts_on_server:
+    if with_experts:
         names += [e.name for e in schema.experts()]
     return sorted(names)
 
@@ -197,8 +197,3 @@ def row_sources(matrix: AggregationMatrix, client: int) -> list[tuple[int, int]]
     lo, hi = int(matrix.indptr[m0]), int(matrix.indptr[m0 + e])
     keys = {index.key(int(s)) for s in matrix.sources[lo:hi]}
     return sorted(k for k in keys if k[0] != client)
-
-
-def merges_on_clients(spec: MergeSpec) -> bool:
-    """Whether any MoE layer is merged by Eq. 11 on the clients this round."""
-    return any(isinstance(m, CrossExpert) for m in spec.experts)
