@@ -150,6 +150,15 @@ class _Client:
             )
         return state_of(init_model(self.config, self.seed))
 
+    def current_model(self, pending: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The client's model with the server's pending results applied; they are saved, so they
+        are the client's own from now on."""
+        state = self.load()
+        if pending:
+            self.apply(state, pending)
+            self.save(self.current, state)
+        return state
+
     def apply(self, state: dict[str, torch.Tensor], pending: Mapping[str, torch.Tensor]) -> None:
         """Overwrite the parts the server sent (its group results) in ``state``."""
         for name, t in pending.items():
@@ -189,10 +198,7 @@ def _split(body: Mapping[str, Any]) -> ClientSplit:
 
 def _train(settings: ClientSettings, body: dict[str, Any], pending: dict[str, torch.Tensor]) -> Any:
     client = _Client(settings, body)
-    state = client.load()
-    if pending:
-        client.apply(state, pending)
-        client.save(client.current, state)  # the pending parts are the client's own from now on
+    state = client.current_model(pending)
     dataset = _dataset(body)
     cfg = from_mapping(TrainConfig, dict(body["train"]))
     update = train_client(
@@ -330,10 +336,7 @@ def _evaluate(
     settings: ClientSettings, body: dict[str, Any], pending: dict[str, torch.Tensor]
 ) -> Any:
     client = _Client(settings, body)
-    state = client.load()
-    if pending:
-        client.apply(state, pending)
-        client.save(client.current, state)
+    state = client.current_model(pending)
     dataset = _dataset(body)
     glob = np.asarray(body["global_test"], dtype=np.int64)
     ev = evaluate_client(client.config, state, dataset, client.id, _split(body), glob)
