@@ -70,8 +70,9 @@ def parse_clients(client: str, num_clients: int) -> list[int]:
 def train_round(
     partition: Annotated[str, typer.Option(help="Partition manifest (or -).")],
     model: Annotated[
-        list[str], typer.Option(help="Global checkpoint, or per-client folder/manifest/files.")
-    ],
+        list[str] | None,
+        typer.Option(help="Global checkpoint, or per-client folder/manifest/files."),
+    ] = None,
     client: Annotated[str, typer.Option(help="Client id, ids (0,3,5), or 'all'.")] = "all",
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Checkpoint file (one client) or folder.")
@@ -82,6 +83,15 @@ def train_round(
     lr: Annotated[float, typer.Option(help=_h("lr"))] = _t("lr"),
     weight_decay: Annotated[float, typer.Option(help=_h("weight_decay"))] = _t("weight_decay"),
     balance_coef: Annotated[float, typer.Option(help=_h("balance_coef"))] = _t("balance_coef"),
+    prox_mu: Annotated[float, typer.Option(help=_h("prox_mu"))] = _t("prox_mu"),
+    candidates: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Clustered FL (IFCA): the k cluster models (files, a folder or clusters.json); "
+            "each client starts from the one with the lowest loss on its train split, instead "
+            "of --model."
+        ),
+    ] = None,
     round_: Annotated[
         int | None, typer.Option("--round", help="Round number (default: parent round + 1).")
     ] = None,
@@ -101,7 +111,7 @@ def train_round(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    from fedmoe.io.checkpoint_set import load_checkpoint_set
+    from fedmoe.io.checkpoint_set import load_candidates, load_checkpoint_set
     from fedmoe.io.hf_folder import HFModel
     from fedmoe.io.partition_file import load_partition
     from fedmoe.pipeline.pool import TrainPool, default_workers
@@ -118,6 +128,7 @@ def train_round(
             "optimizer": optimizer,
             "weight_decay": weight_decay,
             "balance_coef": balance_coef,
+            "prox_mu": prox_mu,
         },
     )
     part = load_partition(partition)
@@ -125,7 +136,16 @@ def train_round(
     ids = parse_clients(client, part.num_clients)
     for cid in ids:
         part.client(cid)  # an unknown id is an input error naming the valid range
-    models = load_checkpoint_set(model)
+    if bool(model) == bool(candidates):
+        raise UsageError(
+            "give either --model (the models clients start from) or --candidates (IFCA's "
+            "cluster models)",
+            hint="see fedmoe train-round --help",
+        )
+    options = load_candidates(candidates) if candidates else None
+    models: dict[int | None, Any] = (
+        {None: options[0]} if options else load_checkpoint_set(model or [])
+    )
     language = isinstance(next(iter(models.values())), HFModel)
     if language:  # Hugging Face model folders in, model folders out
         if out.suffix == ".safetensors":
@@ -186,6 +206,7 @@ def train_round(
             pool,
             force,
             lambda: progress.advance(task),
+            options,
         )
     _summary(console, manifest["clients"], rnd)
     emit(manifest_path, manifest, json_)

@@ -83,9 +83,8 @@ def states() -> dict[int, State]:
 
 def upload(client: int, routing: dict[str, Any] | None = None, layers: int = 1) -> Upload:
     """Client ``client``'s upload (its proxies play no part in a merge)."""
-    return Upload(
-        client, SAMPLES[client], 1, tuple(torch.eye(3, 4) for _ in range(layers)), routing
-    )
+    proxies = tuple(torch.eye(3, 4) for _ in range(layers))
+    return Upload(client, SAMPLES[client], 1, proxies, routing, GROUPS[client])  # IFCA: by domain
 
 
 def round_inputs(
@@ -159,7 +158,9 @@ def fedavg_by_hand(states: dict[int, State], name: str, present: tuple[int, ...]
 
 
 def test_registry_and_declared_parameters() -> None:
-    assert list(AGGREGATORS) == ["fedmoe-da", "fedavg", "naive-moe", "local", "oracle-domain"]
+    assert list(AGGREGATORS) == [
+        "fedmoe-da", "fedavg", "naive-moe", "local", "oracle-domain", "fedprox", "fedper", "ifca",
+    ]  # fmt: skip
     assert all(cls.name == key and cls.summary for key, cls in AGGREGATORS.items())
     robust = ["reduce", "trim", "clip"]
     assert list(FedAvg.parameters()) == robust
@@ -172,7 +173,7 @@ def test_registry_and_declared_parameters() -> None:
     ]  # fmt: skip
     assert all(FedMoEDA.parameters().values())  # every parameter has a help text
     assert [name for name, cls in AGGREGATORS.items() if cls.uses_matrix] == ["fedmoe-da"]
-    assert [name for name, cls in AGGREGATORS.items() if not cls.moves_models] == ["local"]
+    assert [name for name, cls in AGGREGATORS.items() if not cls.moves] == ["local"]
 
 
 def test_sample_weights() -> None:
@@ -193,7 +194,9 @@ def test_make_method_builds_the_declared_values() -> None:
     assert FedMoEDA(top_p=20, candidates=21).candidates == 21  # candidates ≥ P + 1 is enough
     with pytest.raises(UsageError, match="unknown method 'nope'") as info:
         make_method("nope")
-    assert info.value.hint == "use one of fedmoe-da, fedavg, naive-moe, local, oracle-domain"
+    assert info.value.hint == (
+        "use one of fedmoe-da, fedavg, naive-moe, local, oracle-domain, fedprox, fedper, ifca"
+    )
 
 
 @pytest.mark.parametrize(

@@ -326,9 +326,9 @@ def test_plain_safetensors_without_metadata(tmp_path: Path) -> None:
             {"format": "fedmoe-moe/9"},
             "format 'fedmoe-moe/9' is not one of fedmoe-moe/1, fedmoe-moe/2",
         ),
-        ({"round": "two"}, "malformed client_id/round/num_samples/routing metadata"),
+        ({"round": "two"}, "malformed client_id/round/num_samples/routing/cluster metadata"),
         ({"client_id": "1.5"}, "malformed client_id"),
-        ({"routing": "{oops"}, "malformed client_id/round/num_samples/routing metadata"),
+        ({"routing": "{oops"}, "malformed client_id/round/num_samples/routing/cluster metadata"),
         ({"model_config": "{"}, "model_config metadata is not valid JSON"),
         ({"model_config": '{"input_shape":[16],"num_classes":3,"x":1}'}, "unknown key 'x'"),
         ({"num_samples": "-10"}, "metadata num_samples = -10 is out of range"),
@@ -336,6 +336,8 @@ def test_plain_safetensors_without_metadata(tmp_path: Path) -> None:
         ({"client_id": "-1"}, "metadata client_id = -1 is out of range"),
         ({"round": "-2"}, "metadata round = -2 is out of range"),
         ({"routing": "[1, 2]"}, "routing metadata must be a JSON object"),
+        ({"cluster": "first"}, "malformed client_id/round/num_samples/routing/cluster metadata"),
+        ({"cluster": "-3"}, "metadata cluster = -3 is out of range"),
     ],
 )
 def test_bad_metadata(tmp_path: Path, change: dict[str, str | None], message: str) -> None:

@@ -1430,8 +1430,8 @@ def test_param_without_a_value_names_param(work: Path, run_cli: Run) -> None:
         (("--plan", "plan.json", "--method", "fedavg"),
          "--plan is the fedmoe-da merge; it cannot be combined with --method fedavg"),
         (("--method", "fedmoe-da"), "fedmoe-da needs --plan PLAN"),
-        (("--method", "fedprox"), "federated --method must be one of fedmoe-da, fedavg, naive-moe, "
-         "local, oracle-domain, got 'fedprox'"),
+        (("--method", "fedbn"), "federated --method must be one of fedmoe-da, fedavg, naive-moe, "
+         "local, oracle-domain, fedprox, fedper, ifca, got 'fedbn'"),
         ((), "federated --method must be one of"),
         (("--method", "fedavg", "--weights", "1,1,1,1"), "--weights is for a plain merge"),
         (("--plan", "plan.json", "--gate", "both"),

@@ -384,9 +384,12 @@ def test_traffic_ledger_by_hand() -> None:
 def test_server_ledger_by_hand() -> None:
     sizes = PartSizes(shared=1000, gate=64, expert=(300,), num_experts=(2,))
     # the whole model (1664 bytes) up and down for each of 3 participants
-    assert server_ledger(sizes, 3, moves=True) == Ledger(3, 4992, 4992, 0, 0, 9984, 0)
-    assert server_ledger(sizes, 3, moves=False) == Ledger(3, 0, 0, 0, 0, 9984, 0)
-    assert server_ledger(sizes, 3, True).to_dict()["server_vs_fedavg"] == 1.0
+    every = frozenset(Role)
+    assert server_ledger(sizes, 3, moves=every) == Ledger(3, 4992, 4992, 0, 0, 9984, 0)
+    assert server_ledger(sizes, 3, moves=frozenset()) == Ledger(3, 0, 0, 0, 0, 9984, 0)
+    assert server_ledger(sizes, 3, every).to_dict()["server_vs_fedavg"] == 1.0
+    shared = server_ledger(sizes, 3, frozenset({Role.SHARED}))
+    assert shared.server_up == shared.server_down == 3 * sizes.shared
 
 
 # ---------------------------------------------------------------------------------------------

@@ -349,7 +349,7 @@ def test_resume_needs_the_same_recipe(work: Path, run_cli: Run) -> None:
          "recipe: unknown key 'model.num_expert' (did you mean 'num_experts'?)"),
         ("methods: [fedmoe-da, fedavgg]\n", (),
          "recipe: unknown method 'fedavgg' (did you mean 'fedavg'?)"),
-        ("methods: [fedprox]\n", (), "recipe: unknown method 'fedprox'"),
+        ("methods: [fedbn]\n", (), "recipe: unknown method 'fedbn'"),
         ("rounds: 2\n", ("-c", "fedmoe.top_p=16"), "recipe: fedmoe.candidates must be >= top_p + 1"),
         ("rounds: 2\n", ("-c", "fedmoe.tau=0"), "recipe: fedmoe.tau must be > 0"),
         ("rounds: 2\n", ("-c", "rounds=0"), "recipe: rounds must be an integer >= 1"),

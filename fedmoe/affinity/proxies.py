@@ -60,3 +60,4 @@ class Upload:
     proxies: tuple[torch.Tensor, ...]  # (E, H) gate weight of each MoE layer (Eq. 8 proxies);
     # empty when the consumer needs none (a merge)
     routing: dict[str, Any] | None = None  # routing statistics of that training
+    cluster: int | None = None  # clustered FL (IFCA): the cluster model it trained from

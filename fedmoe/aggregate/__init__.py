@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     )
     from fedmoe.aggregate.fedavg import FedAvg
     from fedmoe.aggregate.fedmoe_da import FedMoEDA, GateMode, Interval, StaleProxies
+    from fedmoe.aggregate.fedper import FedPer
+    from fedmoe.aggregate.fedprox import FedProx
+    from fedmoe.aggregate.ifca import IFCA
     from fedmoe.aggregate.local import Local
     from fedmoe.aggregate.naive_moe import NaiveMoE
     from fedmoe.aggregate.oracle_domain import OracleDomain
@@ -39,10 +42,13 @@ _EXPORTS = {
     "Upload": "base",
     "sample_weights": "base",
     "FedAvg": "fedavg",
+    "FedPer": "fedper",
+    "FedProx": "fedprox",
     "FedMoEDA": "fedmoe_da",
     "GateMode": "fedmoe_da",
     "Interval": "fedmoe_da",
     "StaleProxies": "fedmoe_da",
+    "IFCA": "ifca",
     "Local": "local",
     "NaiveMoE": "naive_moe",
     "OracleDomain": "oracle_domain",
@@ -55,11 +61,14 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "AGGREGATORS",
+    "IFCA",
     "Aggregator",
     "CrossExpert",
     "ExpertGroup",
     "FedAvg",
     "FedMoEDA",
+    "FedPer",
+    "FedProx",
     "GateMode",
     "Group",
     "Interval",

@@ -23,9 +23,10 @@ from fedmoe.affinity.proxies import Upload
 from fedmoe.aggregate.defence import ExpertDefence
 from fedmoe.aggregate.reduce import Reduce
 from fedmoe.errors import InputError
-from fedmoe.model.schema import ModelSchema
+from fedmoe.model.schema import ModelSchema, Role
 from fedmoe.params import check_params, help_of
 from fedmoe.plan.matrix import AggregationMatrix
+from fedmoe.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,10 @@ class Aggregator(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     uses_matrix: ClassVar[bool] = False  # needs FedMoE-DA's matrices in the round inputs
-    moves_models: ClassVar[bool] = True  # a server-mediated baseline moves whole models
+    uses_clusters: ClassVar[bool] = False  # clustered FL: the engine keeps k cluster models
+    # the parts a participant sends the server and gets back (FedMoE-DA's experts go peer to peer
+    # and are counted by its own ledger): the server ledger and the Flower upload follow this
+    moves: ClassVar[frozenset[Role]] = frozenset(Role)
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -144,6 +148,11 @@ class Aggregator(ABC):
     def parameters(cls) -> dict[str, str]:
         """Parameter name → help text."""
         return {f.name: help_of(cls, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    def local_training(self, base: TrainConfig) -> TrainConfig:
+        """The local training this method asks of its clients, given the run's (default:
+        unchanged; FedProx adds its proximal term). Every engine trains with what this returns."""
+        return base
 
     @abstractmethod
     def spec(self, inputs: RoundInputs) -> MergeSpec:

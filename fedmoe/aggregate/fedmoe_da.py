@@ -32,6 +32,7 @@ from fedmoe.aggregate.defence import ExpertDefence
 from fedmoe.aggregate.reduce import Reduce, ReduceKind
 from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.errors import InputError
+from fedmoe.model.schema import Role
 from fedmoe.params import param
 from fedmoe.plan.matrix import restrict
 
@@ -63,6 +64,7 @@ class FedMoEDA(ReduceParams, Aggregator):
 
     name: ClassVar[str] = "fedmoe-da"
     summary: ClassVar[str] = "domain-aware expert merge by the sync plan (FedMoE-DA Eq. 9-11)"
+    moves: ClassVar[frozenset[Role]] = frozenset((Role.SHARED, Role.GATE))  # experts: peer to peer
     uses_matrix: ClassVar[bool] = True
 
     top_p: int = param(4, "P: similar client-experts kept besides the target itself", ge=0)

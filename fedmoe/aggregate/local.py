@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fedmoe.aggregate.base import Aggregator, MergeSpec, RoundInputs
+from fedmoe.model.schema import Role
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,7 +15,7 @@ class Local(Aggregator):
 
     name: ClassVar[str] = "local"
     summary: ClassVar[str] = "no communication: every client keeps its own model"
-    moves_models: ClassVar[bool] = False
+    moves: ClassVar[frozenset[Role]] = frozenset()
 
     def spec(self, inputs: RoundInputs) -> MergeSpec:
         return MergeSpec(

@@ -5,12 +5,16 @@ from __future__ import annotations
 from fedmoe.aggregate.base import Aggregator
 from fedmoe.aggregate.fedavg import FedAvg
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
+from fedmoe.aggregate.fedper import FedPer
+from fedmoe.aggregate.fedprox import FedProx
+from fedmoe.aggregate.ifca import IFCA
 from fedmoe.aggregate.local import Local
 from fedmoe.aggregate.naive_moe import NaiveMoE
 from fedmoe.aggregate.oracle_domain import OracleDomain
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FedMoEDA, FedAvg, NaiveMoE, Local, OracleDomain)
+    cls.name: cls
+    for cls in (FedMoEDA, FedAvg, NaiveMoE, Local, OracleDomain, FedProx, FedPer, IFCA)
 }
 
 

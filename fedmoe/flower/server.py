@@ -230,6 +230,12 @@ def check_recipe(recipe: Recipe) -> None:
         )
     for arm in recipe.arms:
         method = recipe.method(arm)
+        if method.uses_clusters:
+            raise UsageError(
+                f"recipe: method {arm} keeps k cluster models that every participant evaluates; "
+                "the Flower app does not send them yet",
+                hint=f"run {arm} with fedmoe run, or leave it out of the Flower recipe",
+            )
         reducer = getattr(method, "reducer", None)
         if reducer is not None and reducer().needs_start:
             raise UsageError(
@@ -328,13 +334,12 @@ class FlowerRun:
         self, arm: str, method: Aggregator, rnd: int, active: list[int], outbox: Outbox
     ) -> _Round:
         p2p = isinstance(method, FedMoEDA)
-        names = uploaded_names(not p2p and method.moves_models, self.schema)
-        if not (p2p or method.moves_models):
-            names = []  # a method that merges nothing needs no tensor
+        names = uploaded_names(method.moves, self.schema)
         bodies = {}
         for c in active:
             body = self._base(arm, rnd, c)
-            body.update(train=self.recipe.train.to_dict(), publish=p2p, upload=names)
+            train = method.local_training(self.recipe.train)
+            body.update(train=train.to_dict(), publish=p2p, upload=names)
             bodies[c] = (body, outbox.take(c))
         replies = self.link.ask("train", rnd, bodies)
         out = _Round({}, {}, {}, {})

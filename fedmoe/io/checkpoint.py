@@ -54,6 +54,7 @@ class CheckpointMeta:
     parent_sha256: str = ""  # sha256 of the checkpoint it was derived from, if one
     routing: dict[str, Any] | None = None  # routing statistics, see fedmoe.train.routing
     extra: dict[str, str] = field(default_factory=dict)  # further provenance, kept by merges
+    cluster: int | None = None  # clustered FL (IFCA): the cluster model it was trained from
 
     def to_metadata(self) -> dict[str, str]:
         """The str→str ``__metadata__`` map."""
@@ -71,6 +72,8 @@ class CheckpointMeta:
         }
         if self.routing is not None:
             meta["routing"] = json.dumps(self.routing, separators=(",", ":"))
+        if self.cluster is not None:
+            meta["cluster"] = str(self.cluster)
         return meta
 
 
@@ -92,12 +95,15 @@ def parse_meta(meta: Mapping[str, str], where: str) -> CheckpointMeta:
         rnd, num = int(meta["round"]), int(meta["num_samples"])
         seed = int(meta.get("seed", "0"))
         routing = json.loads(meta["routing"]) if meta.get("routing") else None
+        cluster = int(meta["cluster"]) if "cluster" in meta else None
     except (ValueError, json.JSONDecodeError):
         raise InputError(
-            f"{where}: malformed client_id/round/num_samples/routing metadata"
+            f"{where}: malformed client_id/round/num_samples/routing/cluster metadata"
         ) from None
     limit = 2**53  # beyond what a float64 FedAvg weight represents exactly
-    for key, value in (("client_id", client), ("round", rnd), ("num_samples", num), ("seed", seed)):
+    values = (("client_id", client), ("round", rnd), ("num_samples", num), ("seed", seed),
+              ("cluster", cluster))  # fmt: skip
+    for key, value in values:
         if value is not None and not 0 <= value < limit:
             raise InputError(
                 f"{where}: metadata {key} = {value} is out of range (0 ≤ {key} < 2^53)",
@@ -105,7 +111,8 @@ def parse_meta(meta: Mapping[str, str], where: str) -> CheckpointMeta:
             )
     if routing is not None and not isinstance(routing, dict):
         raise InputError(f"{where}: routing metadata must be a JSON object")
-    known = {*REQUIRED_META, "fedmoe_version", "parent_sha256", "seed", "method", "routing"}
+    known = {*REQUIRED_META, "fedmoe_version", "parent_sha256", "seed", "method", "routing",
+             "cluster"}  # fmt: skip
     extra = {k: v for k, v in meta.items() if k not in known}
     return CheckpointMeta(
         config,
@@ -117,6 +124,7 @@ def parse_meta(meta: Mapping[str, str], where: str) -> CheckpointMeta:
         meta.get("parent_sha256", ""),
         routing,
         extra,
+        cluster,
     )
 
 
@@ -185,14 +193,15 @@ class Checkpoint:
         """What this client checkpoint sends the server: its gates' proxies (read alone, no
         expert byte; left out with ``proxies=False``, for a merge that does not need them),
         routing statistics and sample count."""
-        if self.meta.client_id is None:
+        meta = self.meta
+        if meta.client_id is None:
             raise InputError(f"{self.path} is a global model, not a client's upload")
         schema = self.schema
         rows = tuple(
             self.tensor(schema.proxy(layer)) for layer in range(schema.num_layers if proxies else 0)
         )
         return Upload(
-            self.meta.client_id, self.meta.num_samples, self.meta.round, rows, self.meta.routing
+            meta.client_id, meta.num_samples, meta.round, rows, meta.routing, meta.cluster
         )
 
     @property

@@ -16,7 +16,7 @@ from fedmoe.io.hf_folder import FolderOptions, HFModel, is_hf_folder
 from fedmoe.io.manifest import STDIO, malformed, read_manifest, relative, require, resolve
 from fedmoe.model.hf import HFConfig
 
-SET_KINDS = ("train-round", "aggregate", "init")
+SET_KINDS = ("train-round", "aggregate", "init", "clusters")
 SERVER_FILE = "server.safetensors"
 
 
@@ -110,6 +110,37 @@ def load_checkpoint_set(
         by_client[cid] = ckpt
     check_same_architecture(list(by_client.values()))
     return by_client
+
+
+def load_candidates(inputs: list[str]) -> list[Checkpoint]:
+    """The models a clustered-FL client chooses its start among (IFCA's k cluster models), in
+    cluster order: files in the order given, a folder's files by name, or a ``clusters`` manifest
+    (what ``fedmoe run`` writes to each round's ``clusters/``) in its order.
+
+    Raises
+    ------
+    InputError
+        For fewer than two candidates, a missing or unreadable file, or mixed architectures.
+    """
+    found: list[Checkpoint] = []
+    for item in inputs:
+        path = Path(item)
+        if item == STDIO or path.suffix == ".json":
+            found.extend(_from_manifest(item, None))
+        elif path.is_dir():
+            files = sorted(f for f in path.glob("*.safetensors") if f.name != SERVER_FILE)
+            if not files:
+                raise InputError(f"{path}: folder holds no .safetensors checkpoint")
+            found.extend(open_checkpoint(f) for f in files)
+        else:
+            found.append(open_checkpoint(path))
+    if len(found) < 2:
+        raise InputError(
+            f"{len(found)} candidate model given; choosing needs at least 2",
+            hint="pass the k cluster models (files, a folder or their clusters.json)",
+        )
+    check_same_architecture(found)
+    return found
 
 
 def check_same_architecture(models: list[Checkpoint]) -> None:

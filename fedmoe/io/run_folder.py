@@ -199,7 +199,7 @@ def publish_upload(source: Path, folder: Path) -> None:
 
 def prune_checkpoints(round_dir: Path) -> None:
     """Remove a finished round's checkpoint folders (its JSON artefacts stay)."""
-    for name in ("train", "attack", "models"):
+    for name in ("train", "attack", "models", "clusters"):
         shutil.rmtree(round_dir / name, ignore_errors=True)
 
 

@@ -276,6 +276,7 @@ def merge_round(
                 parent_sha256=own.sha256,
                 routing=own.meta.routing,
                 extra={**own.meta.extra, "merge": provenance},
+                cluster=own.meta.cluster,
             )
             if isinstance(own, HFModel):
                 files.extend(hf_outputs(paths[c], own, metas[c], c))

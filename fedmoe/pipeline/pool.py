@@ -42,6 +42,7 @@ class Job:
     seed: int  # the run seed
     round: int
     client: int
+    candidates: tuple[dict[str, torch.Tensor], ...] = ()  # clustered FL: start from the best
 
 
 def _die_with_parent(parent: int) -> None:
@@ -90,8 +91,9 @@ def _run(job: Job) -> ClientUpdate:
 
 def _train(job: Job, dataset: Dataset) -> ClientUpdate:
     return train_client(
-        job.config, job.state, dataset, job.split, job.train, job.seed, job.round, job.client
-    )
+        job.config, job.state, dataset, job.split, job.train, job.seed, job.round, job.client,
+        job.candidates,
+    )  # fmt: skip
 
 
 def default_workers() -> int:

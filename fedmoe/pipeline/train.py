@@ -10,6 +10,7 @@ from typing import Any
 from fedmoe.errors import InputError
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, save_checkpoint
+from fedmoe.io.checkpoint_set import check_same_architecture
 from fedmoe.io.manifest import dumps, header, relative
 from fedmoe.io.partition_file import LoadedPartition
 from fedmoe.pipeline.pool import Job, TrainPool
@@ -47,6 +48,7 @@ def train_clients(
     pool: TrainPool,
     force: bool = False,
     advance: Callable[[], None] | None = None,
+    candidates: list[Checkpoint] | None = None,
 ) -> dict[str, Any]:
     """Train every client of ``paths`` one round and publish their checkpoints and the manifest
     together (nothing is written if any client fails).
@@ -65,6 +67,10 @@ def train_clients(
         The training processes.
     advance
         Called once per trained client (progress).
+    candidates
+        Clustered FL (IFCA): every client starts from the candidate with the lowest loss on its
+        train split instead of its entry of ``starts``; the checkpoint records the choice
+        (``cluster``) and the candidate as its parent.
 
     Returns
     -------
@@ -72,18 +78,24 @@ def train_clients(
         The ``train-round`` manifest.
     """
     ids = sorted(paths)
+    if candidates:
+        check_same_architecture(candidates)
+        starts = {c: candidates[0] for c in ids}  # replaced by each client's choice
     config = next(iter(starts.values())).moe_config
+    options = tuple(k.state() for k in candidates or ())
     rows: dict[int, dict[str, Any]] = {}
     with OutputSet(force) as outputs:
         for p in [*paths.values(), manifest_path]:
             outputs.reserve(p)
         for first in range(0, len(ids), BATCH):
             jobs = [
-                Job(config, starts[c].state(), part.client(c), cfg, seed, round_, c)
+                Job(config, starts[c].state(), part.client(c), cfg, seed, round_, c, options)
                 for c in ids[first : first + BATCH]
             ]
             for update in pool.run(jobs):
                 cid = update.client
+                if candidates and update.choice is not None:
+                    starts[cid] = candidates[update.choice]
                 meta = CheckpointMeta(
                     config,
                     cid,
@@ -93,6 +105,7 @@ def train_clients(
                     "train",
                     parent_sha256=starts[cid].sha256,
                     routing=update.routing,
+                    cluster=update.choice,
                 )
                 save_checkpoint(outputs, paths[cid], update.result.state, meta)
                 r = update.result
@@ -105,10 +118,14 @@ def train_clients(
                     "seconds": round(r.seconds, 4),
                     "samples_per_s": round(r.samples / r.seconds, 1) if r.seconds > 0 else None,
                 }
+                if update.choice is not None:
+                    rows[cid]["cluster"] = update.choice
+                    rows[cid]["candidate_losses"] = [round(v, 6) for v in update.candidate_losses]
                 if advance is not None:
                     advance()
         manifest = train_manifest(
-            round_, seed, {**cfg.to_dict()}, part, partition_ref, starts,
+            round_, seed, {**cfg.to_dict()}, part, partition_ref,
+            {i: k for i, k in enumerate(candidates)} if candidates else starts,
             {c: outputs.staged_sha256(paths[c]) for c in ids}, paths, rows, manifest_path.parent,
             threads_per_client=1,
         )  # fmt: skip

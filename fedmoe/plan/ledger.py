@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmoe.model.schema import PartSizes
+from fedmoe.model.schema import PartSizes, Role
 from fedmoe.plan.transfers import Transfer
 
 
@@ -81,8 +81,9 @@ def traffic_ledger(
     )
 
 
-def server_ledger(sizes: PartSizes, n: int, moves: bool) -> Ledger:
-    """Traffic of a server-mediated baseline: the whole model up and down for each of the ``n``
-    participants (nothing when ``moves`` is false: local training)."""
-    moved = 2 * n * sizes.model if moves else 0
-    return Ledger(n, moved // 2, moved // 2, 0, 0, 2 * n * sizes.model, 0)
+def server_ledger(sizes: PartSizes, n: int, moves: frozenset[Role]) -> Ledger:
+    """Traffic of a server-mediated baseline: the parts in ``moves`` up and down for each of the
+    ``n`` participants (every part: FedAvg; the shared parts: FedPer; none: local training)."""
+    part = {Role.SHARED: sizes.shared, Role.GATE: sizes.gate, Role.EXPERT: sizes.experts}
+    one_way = n * sum(part[r] for r in moves)
+    return Ledger(n, one_way, one_way, 0, 0, 2 * n * sizes.model, 0)

@@ -26,7 +26,7 @@ from fedmoe.affinity.proxies import ExpertIndex
 from fedmoe.aggregate.base import MergeSpec, SameIndex
 from fedmoe.aggregate.engine import Merger
 from fedmoe.errors import InputError
-from fedmoe.model.schema import ModelSchema, TensorEntry
+from fedmoe.model.schema import ModelSchema, Role, TensorEntry
 from fedmoe.plan.matrix import AggregationMatrix
 
 Part = tuple[str, int]  # ("shared", 0), ("gate", 0) or ("experts", MoE layer)
@@ -119,13 +119,10 @@ def _dtype(states: Mapping[int, Mapping[str, torch.Tensor]], name: str) -> torch
     return torch.float32  # a tensor no group reduces: never read
 
 
-def uploaded_names(with_experts: bool, schema: ModelSchema) -> list[str]:
-    """The tensors a participant sends the server: its small parts (shared and gate tensors),
-    plus its experts for a method that merges experts on the server."""
-    names = [e.name for e in schema.shared()] + [e.name for e in schema.gates()]
-    if with_experts:
-        names += [e.name for e in schema.experts()]
-    return sorted(names)
+def uploaded_names(roles: frozenset[Role], schema: ModelSchema) -> list[str]:
+    """The tensors a participant sends the server: those of the parts in ``roles`` (FedMoE-DA:
+    shared and gate; FedAvg: every part; FedPer: the shared parts; local training: none)."""
+    return sorted(e.name for e in schema.entries if e.role in roles)
 
 
 def target_rows(matrix: AggregationMatrix, client: int) -> dict[str, Any]:

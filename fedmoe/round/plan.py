@@ -47,5 +47,5 @@ def plan_round(inputs: RoundInputs, method: Aggregator, sync: SyncPlan | None = 
         inputs = dataclasses.replace(inputs, matrices=sync.matrices, matrix_round=sync.matrix_round)
         ledger = sync.ledger
     else:
-        ledger = server_ledger(inputs.schema.sizes(), len(inputs.participants), method.moves_models)
+        ledger = server_ledger(inputs.schema.sizes(), len(inputs.participants), method.moves)
     return RoundPlan(method.spec(inputs), ledger, sync)

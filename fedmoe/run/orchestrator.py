@@ -23,13 +23,14 @@ import numpy as np
 
 from fedmoe.aggregate import Aggregator, StaleProxies
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
+from fedmoe.aggregate.ifca import IFCA
 from fedmoe.attack import AttackContext, AttackKind, malicious_clients, poison_upload
 from fedmoe.data import DataSpec
 from fedmoe.errors import InputError
 from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import OutputSet, write_atomic
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, open_checkpoint, save_checkpoint
-from fedmoe.io.checkpoint_set import client_checkpoints
+from fedmoe.io.checkpoint_set import client_checkpoints, load_candidates
 from fedmoe.io.datasets import load_dataset
 from fedmoe.io.manifest import dumps, header
 from fedmoe.io.partition_file import LoadedPartition, load_partition, partition_to_manifest
@@ -234,6 +235,7 @@ def run_method(
     groups = true_groups(ctx.partition)
     n = ctx.num_clients
     models = _models(ctx, name, resume_from)  # every client's current model, opened once a round
+    clusters = _clusters(ctx, name, method, resume_from) if isinstance(method, IFCA) else None
     for rnd in range(resume_from + 1, recipe.rounds + 1):
         start = time.perf_counter()
         rdir = ctx.folder.round(name, rnd)
@@ -244,13 +246,14 @@ def run_method(
             ctx.partition,
             str(ctx.folder.partition),
             {c: models[c] for c in active},
-            recipe.train,
+            method.local_training(recipe.train),
             recipe.seed,
             rnd,
             {c: train_dir / f"client-{c:03d}.safetensors" for c in active},
             train_dir / "train-round.json",
             pool,
             force=True,
+            candidates=clusters,
         )
         train_s = time.perf_counter() - start
         fresh = client_checkpoints([str(train_dir / "train-round.json")], "run")
@@ -271,6 +274,8 @@ def run_method(
             force=True,
         )
         models = _models(ctx, name, rnd)
+        if clusters is not None:
+            clusters = _next_clusters(ctx, rnd, clusters, fresh, models, rdir / "clusters")
         if isinstance(method, FedMoEDA) and method.stale is StaleProxies.KEEP:
             for k in fresh.values():
                 publish_upload(k.path, ctx.folder.uploads(name))
@@ -284,10 +289,82 @@ def run_method(
         row["seconds"] = round(time.perf_counter() - start, 4)
         row["train_seconds"] = round(train_s, 4)
         append_line(ctx.folder.metrics, json.dumps(row, separators=(",", ":")))
-        if rnd > 1:
-            prune_checkpoints(ctx.folder.round(name, rnd - 1))
+        prune_checkpoints(ctx.folder.round(name, rnd - 1))
         if progress is not None:
             progress(name, rnd, recipe.rounds, row)
+
+
+def _clusters(ctx: RunContext, name: str, method: IFCA, done: int) -> list[Checkpoint]:
+    """IFCA's k cluster models after round ``done``: read back from that round's ``clusters/``, or
+    before round 1 made and written to ``round-000/clusters/``: cluster 0 is the run's initial
+    model, cluster c > 0 is initialised from a seed derived from (seed, c) (the paper's random
+    initialisation; all clusters equal would make every client choose cluster 0)."""
+    folder = ctx.folder.round(name, done) / "clusters"
+    if done > 0:
+        found = load_candidates([str(folder / "clusters.json")])
+        if len(found) != method.clusters:
+            raise InputError(
+                f"{folder}: holds {len(found)} cluster models, the recipe's ifca {method.clusters}",
+                hint="start the run again with --force",
+            )
+        return found
+    init = open_checkpoint(ctx.folder.init)
+    seed = ctx.recipe.seed
+    states = [init.state()] + [
+        state_of(
+            init_model(
+                ctx.config, int(np.random.SeedSequence([seed, k, 0x1FCA]).generate_state(1)[0])
+            )
+        )
+        for k in range(1, method.clusters)
+    ]
+    return _write_clusters(ctx, 0, states, [init.sha256] * len(states), [0] * len(states), folder)
+
+
+def _next_clusters(
+    ctx: RunContext,
+    rnd: int,
+    clusters: list[Checkpoint],
+    fresh: dict[int, Checkpoint],
+    models: dict[int, Checkpoint],
+    folder: Path,
+) -> list[Checkpoint]:
+    """IFCA's cluster models after round ``rnd``: a cluster some participant chose is the merged
+    model of its members; a cluster nobody chose keeps its model."""
+    states, parents, counts = [], [], []
+    for k, old in enumerate(clusters):
+        chose = [c for c in sorted(fresh) if fresh[c].meta.cluster == k]
+        src = models[chose[0]] if chose else old
+        states.append(src.state())
+        parents.append(src.sha256)
+        counts.append(sum(fresh[c].meta.num_samples for c in chose))
+    return _write_clusters(ctx, rnd, states, parents, counts, folder)
+
+
+def _write_clusters(
+    ctx: RunContext,
+    rnd: int,
+    states: list[dict[str, Any]],
+    parents: list[str],
+    counts: list[int],
+    folder: Path,
+) -> list[Checkpoint]:
+    """Write the cluster models as global checkpoints ``cluster-K.safetensors`` with a
+    ``clusters.json`` manifest, and open them."""
+    paths = [folder / f"cluster-{k}.safetensors" for k in range(len(states))]
+    rows = []
+    with OutputSet(force=True) as outputs:
+        for k, (state, path) in enumerate(zip(states, paths, strict=True)):
+            meta = CheckpointMeta(
+                ctx.config, None, rnd, counts[k], ctx.recipe.seed, "ifca",
+                parent_sha256=parents[k], cluster=k,
+            )  # fmt: skip
+            save_checkpoint(outputs, path, state, meta)
+            rows.append({"cluster": k, "path": path.name, "sha256": outputs.staged_sha256(path),
+                         "num_samples": counts[k]})  # fmt: skip
+        manifest = {**header("clusters"), "round": rnd, "checkpoints": rows}
+        outputs.write_bytes(folder / "clusters.json", dumps(manifest).encode())
+    return [open_checkpoint(p) for p in paths]
 
 
 def _attack(

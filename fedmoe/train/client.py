@@ -1,5 +1,6 @@
 """One client's round, as the CLI and the ``run`` orchestrator both use it: pick the client's
-samples, train locally, count routing statistics."""
+samples, (for clustered FL) pick the start model among candidates, train locally, count routing
+statistics."""
 
 from __future__ import annotations
 
@@ -36,6 +37,34 @@ class ClientUpdate:
     result: TrainResult  # trained tensors and loss curve
     routing: dict[str, Any]  # routing statistics on its train split
     num_samples: int  # train samples (the FedAvg weight)
+    choice: int | None = None  # the candidate it started from (clustered FL), if it had several
+    candidate_losses: tuple[float, ...] = ()  # each candidate's mean loss on the train split
+
+
+@torch.no_grad()
+def mean_loss(config: MoEConfig, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+              batch_size: int = 1024) -> float:  # fmt: skip
+    """Mean cross-entropy of the model in ``state`` on ``(x, y)`` (eval mode)."""
+    model = build_model(config, state)
+    model.eval()
+    total = 0.0
+    for first in range(0, int(y.shape[0]), batch_size):
+        logits = model(x[first : first + batch_size]).logits
+        ce = torch.nn.functional.cross_entropy(
+            logits, y[first : first + batch_size], reduction="sum"
+        )
+        total += float(ce)
+    return total / max(int(y.shape[0]), 1)
+
+
+def choose(
+    config: MoEConfig, candidates: tuple[dict[str, torch.Tensor], ...], x: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[int, tuple[float, ...]]:  # fmt: skip
+    """IFCA's cluster identity estimate (Ghosh et al., NeurIPS 2020, Alg. 1): the candidate with
+    the lowest loss on the client's train split (the lowest index on a tie), and every loss."""
+    losses = tuple(mean_loss(config, s, x, y) for s in candidates)
+    return min(range(len(losses)), key=lambda k: (losses[k], k)), losses
 
 
 def train_client(
@@ -47,9 +76,16 @@ def train_client(
     seed: int,
     round_: int,
     client: int,
+    candidates: tuple[dict[str, torch.Tensor], ...] = (),
 ) -> ClientUpdate:
-    """Train ``client`` for one round from ``state`` and measure its routing."""
+    """Train ``client`` for one round from ``state`` (or, given ``candidates``, from the one with
+    the lowest loss on its train split) and measure its routing."""
     x, y = tensors(dataset, split.train)
+    choice: int | None = None
+    losses: tuple[float, ...] = ()
+    if candidates:
+        choice, losses = choose(config, candidates, x, y)
+        state = candidates[choice]
     model = build_model(config, state)  # built once: trained, then measured
     result = fit(model, x, y, cfg, client_seed(seed, round_, client))
     routing = routing_stats(
@@ -59,4 +95,4 @@ def train_client(
         np.asarray(dataset.domain[split.train]),
         dataset.num_domains,
     )
-    return ClientUpdate(client, result, routing, int(split.train.size))
+    return ClientUpdate(client, result, routing, int(split.train.size), choice, losses)

@@ -27,6 +27,11 @@ class TrainConfig:
     optimizer: Optimizer = param(Optimizer.ADAM, "adam, adamw or sgd (momentum 0.9)")
     weight_decay: float = param(0.0, "L2 (adam, sgd) or decoupled (adamw) weight decay", ge=0.0)
     balance_coef: float = param(0.01, "weight of the load-balancing loss (Switch: 0.01)", ge=0.0)
+    prox_mu: float = param(
+        0.0,
+        "FedProx proximal weight mu: adds mu/2 * ||w - w_start||^2 to the loss (0: off)",
+        ge=0.0,
+    )
 
     def __post_init__(self) -> None:
         check_params(self)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fedmoe.train.config import Optimizer, TrainConfig
+from fedmoe.train.local import proximal_term
 
 
 class TrainParts(str, Enum):
@@ -80,6 +81,7 @@ def train_lm(
     data = torch.from_numpy(tokens)
     params = _trainable(model, parts, is_expert or (lambda _n: True))
     opt = _optimizer(params, cfg)
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     model.train()
     losses: list[float] = []
     steps, start, n = 0, time.perf_counter(), int(data.shape[0])
@@ -93,6 +95,8 @@ def train_lm(
             nll = _next_byte_nll(out.logits, batch)
             aux = getattr(out, "aux_loss", None)
             loss = nll if aux is None else nll + coef * aux
+            if anchors is not None:
+                loss = loss + proximal_term(params, anchors, cfg.prox_mu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

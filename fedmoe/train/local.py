@@ -64,6 +64,18 @@ def train_local(
     return fit(build_model(config, state), x, y, cfg, seed)
 
 
+def proximal_term(
+    params: list[nn.Parameter], anchors: list[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's proximal term mu/2 * ||w - w_start||^2 over every trained tensor (Li et al.,
+    "Federated Optimization in Heterogeneous Networks", MLSys 2020, Eq. 2): it keeps a client's
+    local optimum near the model it started the round from."""
+    total = torch.zeros((), dtype=torch.float32)
+    for p, a in zip(params, anchors, strict=True):
+        total = total + (p - a).pow(2).sum()
+    return 0.5 * mu * total
+
+
 def fit(
     model: MoEClassifier, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int
 ) -> TrainResult:
@@ -71,6 +83,7 @@ def fit(
     start = time.perf_counter()
     model.train()
     params = list(model.parameters())
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     opt = make_optimizer(params, cfg)
     generator = torch.Generator().manual_seed(seed)
     n = int(y.shape[0])
@@ -86,6 +99,8 @@ def fit(
             task = nn.functional.cross_entropy(out.logits, y[idx])
             bal = out.balance_loss()
             loss = task + cfg.balance_coef * bal
+            if anchors is not None:
+                loss = loss + proximal_term(params, anchors, cfg.prox_mu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
