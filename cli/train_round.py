@@ -39,6 +39,10 @@ Examples:
   fedmoe train-round --partition p.json --client 0,4,7 --model agg1/aggregate.json --out r2/
 
   fedmoe train-round --partition p.json --client 3 --model r1/aggregate.json --out c3.safetensors
+
+  fedmoe train-round --partition p.json --candidates k0.safetensors k1.safetensors --out r1/
+
+(--candidates: clustered FL, IFCA; --prox-mu: FedProx's proximal term.)
 """
 
 
