@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -11,9 +12,17 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.data import BUILTIN, DataSpec
+from fedmoe.data.spec import IMAGE_SIZE
 from fedmoe.io.manifest import STDIO, base_dir, dumps
-from fedmoe.partition import PARTITIONERS, Partition, get_partitioner, make_partition
+from fedmoe.partition import (
+    PARTITIONERS,
+    ClientSplit,
+    Partition,
+    get_partitioner,
+    make_partition,
+)
 from fedmoe.partition.pipeline import GLOBAL_TEST, LOCAL_TEST, NUM_CLIENTS
+from fedmoe.partition.small import MIN_TEST, MIN_TRAIN, SMALL_HINT, small_clients
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
 
@@ -22,10 +31,15 @@ HELP = f"""Split a dataset into federated clients with domain and/or label skew.
 Schemes: {"; ".join(f"[bold]{k}[/bold] {v.summary}" for k, v in PARTITIONERS.items())}.
 
 Built-in datasets: {"; ".join(f"{k} ({v.summary})" for k, v in BUILTIN.items())}; or a .npz file
-(arrays x, y, optional domain) or a .csv file (--label-column, --domain-column).
+(arrays x, y, optional domain); a table (--label-column, --domain-column): a .csv file, a .parquet
+file or folder of them, a folder saved by datasets' save_to_disk; a folder of images
+root/DOMAIN/CLASS/*.png|jpg (--image-size, --grayscale); a .jsonl file or a folder of text by
+domain. --standardize z-scores a table's features over all its samples (the global and local test
+sets included).
 
 Each client gets a local train/test split; a stratified global test set is held out first.
-Prints the manifest path on stdout (the manifest itself with --json, or --out -).
+Prints the manifest path on stdout (the manifest itself with --json, or --out -). Warns on stderr
+when a client gets fewer than --min-train training or --min-test local test samples.
 
 Examples:
 
@@ -34,11 +48,17 @@ Examples:
   fedmoe partition --dataset data.csv --label-column y --domain-column site --scheme domain-label
 
   fedmoe partition --dataset digits-style --clients 12 --scheme domain --domains-per-client 1
+
+  fedmoe partition --dataset pacs/ --image-size 64 --scheme domain --domains-per-client 1
+
+  fedmoe partition --dataset train.parquet --label-column label --standardize
 """
 
 
 def partition(
-    dataset: Annotated[str, typer.Option(help="Built-in name or a .npz/.csv path.")] = "digits-rot",
+    dataset: Annotated[
+        str, typer.Option(help="Built-in name, or a file or folder (see above).")
+    ] = "digits-rot",
     clients: Annotated[
         int, typer.Option("--clients", "-n", help="Number of clients N.")
     ] = NUM_CLIENTS,
@@ -73,8 +93,34 @@ def partition(
     local_test: Annotated[
         float, typer.Option(help="Share of each client kept as local test.")
     ] = LOCAL_TEST,
-    label_column: Annotated[str, typer.Option(help="CSV: the label column.")] = "label",
-    domain_column: Annotated[str | None, typer.Option(help="CSV: the domain column.")] = None,
+    label_column: Annotated[
+        str, typer.Option(help="Tables (CSV, Parquet, Arrow): the label column.")
+    ] = "label",
+    domain_column: Annotated[
+        str | None, typer.Option(help="Tables (CSV, Parquet, Arrow): the domain column.")
+    ] = None,
+    standardize: Annotated[
+        bool,
+        typer.Option(
+            "--standardize",
+            help="Tables and .npz: z-score each feature over all samples (recorded).",
+        ),
+    ] = False,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=1024, help=f"Image folders: resize to SIZE×SIZE (default {IMAGE_SIZE})."
+        ),
+    ] = None,
+    grayscale: Annotated[
+        bool, typer.Option("--grayscale", help="Image folders: one grey channel, not RGB.")
+    ] = False,
+    min_train: Annotated[
+        int, typer.Option(min=0, help="Warn when a client has fewer training samples (0: off).")
+    ] = MIN_TRAIN,
+    min_test: Annotated[
+        int, typer.Option(min=0, help="Warn when a client has fewer local test samples (0: off).")
+    ] = MIN_TEST,
     plot: Annotated[
         Path | None,
         typer.Option(help="Also write client×label / client×domain heatmaps (needs fedmoe[plot])."),
@@ -103,7 +149,14 @@ def partition(
         "min_size": min_size,
     }
     partitioner = get_partitioner(scheme, {k: v for k, v in options.items() if v is not None})
-    spec = DataSpec(dataset, label_column, domain_column)
+    data_options: dict[str, object] = {}
+    if standardize:
+        data_options["standardize"] = True
+    if image_size is not None:
+        data_options["image_size"] = image_size
+    if grayscale:
+        data_options["grayscale"] = True
+    spec = DataSpec(dataset, label_column, domain_column, data_options)
     with OutputSet(force) as outputs:
         if out != STDIO:
             outputs.reserve(Path(out))
@@ -136,6 +189,17 @@ def partition(
     else:
         emit(out, manifest, json_)
     _summary(console, part, data.class_names, data.domain_names, scheme)
+    warn_small_clients(console, part.clients, min_train, min_test if local_test > 0 else 0)
+
+
+def warn_small_clients(
+    console: Console, clients: Sequence[ClientSplit], min_train: int, min_test: int
+) -> None:
+    """One warning and its hint on stderr when clients fall below the minimum sample counts."""
+    message = small_clients(clients, min_train, min_test)
+    if message is not None:
+        console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
+        console.print(f"hint: {SMALL_HINT}", markup=False, soft_wrap=True)
 
 
 def _summary(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,10 +12,15 @@ from rich.table import Table
 from fedmoe.errors import UsageError
 from fedmoe.io.manifest import dumps
 
-from .common import Force, Json, Quiet, emit, handle_errors, pct, stderr_console
+from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
 
-HELP = """Rebuild report.json of a run folder, print the comparison table on stderr and write the
-plots (accuracy.png, traffic.png, affinity.png, sync_graph.png; needs fedmoe[plot]).
+HELP = """Rebuild report.json and metrics.csv of a run folder, print the comparison table on
+stderr and write the plots (accuracy.png, traffic.png, affinity.png, sync_graph.png; needs
+fedmoe[plot]).
+
+The table marks the best compared method of each accuracy column with * and the reference methods
+(oracle-domain, local) with (ref); its caption explains every column and unit. report.json keeps
+the table, the command line and environment of the run (from its run.json) and those of the report.
 
 Given several run folders (the same recipe with other seeds, say), also summarise them: per method
 the mean, sample standard deviation and each run's value of every quantity, as a table and as
@@ -29,17 +35,26 @@ Examples:
 
 
 def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Write ``report.json`` (and the plots) for ``run_dir``; print the table."""
+    """Write ``report.json``, ``metrics.csv`` (and the plots) for ``run_dir``; print the table."""
     from fedmoe.io.atomic import write_atomic
-    from fedmoe.run.report import build_report, read_metrics, run_context, write_plots
+    from fedmoe.io.run_folder import RunFolder
+    from fedmoe.run.metrics_csv import metrics_csv
+    from fedmoe.run.provenance import read_run_info
+    from fedmoe.run.report import build_report, read_metrics, report_environment, run_context
 
     rows = read_metrics(run_dir)
     recipe, domain_names = run_context(run_dir)
-    report = build_report(rows, recipe, domain_names)
+    env = report_environment(sys.argv)
+    report = build_report(rows, recipe, domain_names, read_run_info(run_dir), env)
     path = run_dir / "report.json"
     write_atomic(path, dumps(report).encode(), force=True)
-    print_table(console, report)
+    write_atomic(
+        RunFolder(run_dir).metrics_csv, metrics_csv(rows, domain_names).encode(), force=True
+    )
+    print_table(console, report["table"], "fedmoe run")
     if plots:
+        from fedmoe.run.figures import write_plots
+
         try:
             written = write_plots(run_dir, report)
             console.print("plots: " + ", ".join(p.name for p in written))
@@ -48,35 +63,27 @@ def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, 
     return path, report
 
 
-def print_table(console: Any, report: dict[str, Any]) -> None:
-    """The comparison table: accuracy and traffic per method."""
+def print_table(console: Any, data: dict[str, Any], title: str) -> None:
+    """A comparison table (``table`` of a report or a summary, see
+    :func:`fedmoe.run.results_table.results_table`): the best cell of each accuracy column bold
+    with a ``*``, reference methods with ``(ref)``, the caption under it."""
+    from fedmoe.run.results_table import BEST_MARK, REFERENCE_MARK
+
     if console.quiet:
         return
-    table = Table(
-        title="fedmoe run: accuracy % (local = each client on its own test split), MiB per round",
-        title_justify="left",
-    )
-    attacked = any(d.get("attack") for d in report["methods"].values())
-    cols = ["method", "local", "worst", "global", "server", "p2p", "÷FedAvg", "s"]
-    if attacked:
-        cols[4:4] = ["drop"]
-    for col in cols:
-        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
-    for m, d in report["methods"].items():
-        fedavg = d["fedavg_bytes_per_round"] or 1
-        drop = d.get("drop_vs_clean")
-        extra = [pct(drop) if drop is not None else "-"] if attacked else []
-        table.add_row(
-            m,
-            pct(d["mean_local_acc"]),
-            pct(d["worst_local_acc"]),
-            pct(d["mean_global_acc"]),
-            *extra,
-            f"{d['server_bytes_per_round'] / 2**20:.3f}",
-            f"{d['p2p_bytes_per_round'] / 2**20:.3f}",
-            f"{d['server_bytes_per_round'] / fedavg:.2f}",
-            f"{d['wall_seconds']:.1f}",
-        )
+    table = Table(title=f"{title}: {data['caption'][0]}", title_justify="left",
+                  caption="\n".join(data["caption"][1:]), caption_justify="left")  # fmt: skip
+    columns = data["columns"]
+    for col in columns:
+        left = col["key"] == "method"
+        table.add_column(col["header"], justify="left" if left else "right", no_wrap=True)
+    for row in data["rows"]:
+        method = row[0]
+        cells = [f"{method} {REFERENCE_MARK}" if method in data["reference"] else method]
+        for col, value in zip(columns[1:], row[1:], strict=True):
+            best = method in data["best"].get(col["key"], [])
+            cells.append(f"[bold]{value}{BEST_MARK}[/bold]" if best else f"{value} ")
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -118,47 +125,13 @@ def write_summary(summary: dict[str, Any], path: Path, console: Any, force: bool
     from fedmoe.run.report import summary_plot
 
     write_atomic(path, dumps(summary).encode(), force=force)
-    print_summary(console, summary)
+    print_table(console, summary["table"], "fedmoe report")
     try:
         png = path.with_suffix(".png")
         write_atomic(png, summary_plot(summary), force=True)
         console.print(f"plot: {png.name}")
     except UsageError as exc:
         console.print(f"[yellow]no plot: {exc.message} ({exc.hint})[/yellow]")
-
-
-def print_summary(console: Any, summary: dict[str, Any]) -> None:
-    """Mean ± sample standard deviation per method over the runs (accuracies in %)."""
-    if console.quiet:
-        return
-    seeds = ", ".join(str(s) for s in summary["seeds"])
-    table = Table(
-        title=f"fedmoe report: {len(summary['runs'])} runs (seeds {seeds}); accuracy % as "
-        "mean ± std (n − 1), MiB per round",
-        title_justify="left",
-    )
-    for col in ("method", "local", "worst", "global", "drop", "server", "p2p", "n"):
-        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
-
-    def acc(q: dict[str, Any] | None) -> str:
-        return "-" if q is None else f"{100 * q['mean']:.1f} ± {100 * q['std']:.1f}"
-
-    def mib(q: dict[str, Any] | None) -> str:
-        return "-" if q is None else f"{q['mean'] / 2**20:.3f}"
-
-    for m, d in summary["methods"].items():
-        n = d["mean_local_acc"]["n"] if d["mean_local_acc"] else 0
-        table.add_row(
-            m,
-            acc(d["mean_local_acc"]),
-            acc(d["worst_local_acc"]),
-            acc(d["mean_global_acc"]),
-            acc(d["drop_vs_clean"]),
-            mib(d["server_bytes_per_round"]),
-            mib(d["p2p_bytes_per_round"]),
-            str(n),
-        )
-    console.print(table)
 
 
 command = handle_errors(report)

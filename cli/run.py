@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -132,6 +133,7 @@ def _one_run(
     from fedmoe.io.run_folder import RunFolder, completed_rounds, publish_run, remove_round
     from fedmoe.pipeline.pool import TrainPool, default_workers
     from fedmoe.run.orchestrator import check_resume, prepare, write_setup
+    from fedmoe.run.provenance import record_run
 
     resolved = rec.to_dict()
     final = RunFolder(out)
@@ -150,7 +152,15 @@ def _one_run(
         if staged:
             remove_round(folder.root)  # what an earlier --force left there
         write_setup(rec, folder, resolved)
+    record_run(folder.root, sys.argv, resumed=resume)  # run.json: the command and environment
     ctx = prepare(rec, folder.root)
+    if not resume:  # a new split: say once if it leaves clients with too few samples
+        from fedmoe.partition.small import MIN_TEST, MIN_TRAIN
+
+        from .partition import warn_small_clients
+
+        has_test = rec.partition.local_test > 0
+        warn_small_clients(console, ctx.partition.clients, MIN_TRAIN, MIN_TEST if has_test else 0)
     done = completed_rounds(folder.metrics) if resume else {}
     progress = Progress(
         TextColumn("{task.description:>14}"),

@@ -41,6 +41,7 @@ from fedmoe.aggregate import (
     sample_weights,
 )
 from fedmoe.aggregate.engine import merge_states
+from fedmoe.aggregate.fedmoe_da import SharedMix
 from fedmoe.aggregate.reduce import reduce_tensors
 from fedmoe.errors import InputError, ParamError, UsageError
 from fedmoe.io.manifest import sha256_file
@@ -167,7 +168,8 @@ def test_registry_and_declared_parameters() -> None:
     assert list(NaiveMoE.parameters()) == robust and list(OracleDomain.parameters()) == robust
     assert list(Local.parameters()) == []
     assert list(FedMoEDA.parameters()) == [
-        *robust, "top_p", "tau", "refresh_interval", "gate", "candidates", "pool_layers", "stale",
+        *robust, "top_p", "tau", "refresh_interval", "gate", "candidates", "shared", "pool_layers",
+        "stale",
         "interval",
         "expert_reduce", "expert_bound", "expert_outlier", "expert_trust",
     ]  # fmt: skip
@@ -569,6 +571,33 @@ def test_fedmoe_da_reproduces_eq_11(states: dict[int, State], gate: str) -> None
             assert torch.equal(out[c]["gate.weight"], states[c]["gate.weight"])
         assert out[c].keys() == states[c].keys()
         assert all(out[c][k].dtype == torch.float32 for k in out[c])
+
+
+def test_fedmoe_da_shared_affinity_averages_with_the_clients_the_experts_draw_on(
+    states: dict[int, State],
+) -> None:
+    spec = FedMoEDA(shared=SharedMix.AFFINITY).spec(da_inputs())
+    # client weights = the mean over the client's 3 rows of EQ11 of each client's share, by hand
+    mix = {
+        0: {0: (0.5 + 1.0 + 1.0) / 3, 3: 0.3 / 3, 7: 0.2 / 3},
+        3: {0: (0.25 + 0.3) / 3, 3: (0.25 + 0.1 + 0.7) / 3, 7: (0.5 + 0.9) / 3},
+        7: {3: (0.45 + 0.5) / 3, 7: (1.0 + 0.55 + 0.5) / 3},
+    }
+    assert [g.members for g in spec.shared] == [(0,), (3,), (7,)] and spec.gate == ()
+    for g in spec.shared:
+        assert dict(zip(g.sources, g.weights, strict=True)) == pytest.approx(mix[g.members[0]])
+    out = merge_states(spec, SCHEMA, states)
+    for c in CLIENTS:
+        for name in SHARED_NAMES:
+            assert close(out[c][name], average(states, name, mix[c])), (c, name)
+        for (t, j), sources in EQ11.items():  # the experts are Eq. 11 as before
+            if t == c:
+                assert close(out[c]["experts.w1"][j], eq11(states, "experts.w1", sources))
+    # a client that sat the round out keeps its shared parts
+    part = merge_states(FedMoEDA(shared=SharedMix.AFFINITY).spec(da_inputs(PRESENT)), SCHEMA,
+                        states)  # fmt: skip
+    absent = next(c for c in CLIENTS if c not in PRESENT)
+    assert all(torch.equal(part[absent][n], states[absent][n]) for n in SHARED_NAMES)
 
 
 def test_fedmoe_da_under_partial_participation(states: dict[int, State]) -> None:

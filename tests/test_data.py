@@ -105,7 +105,7 @@ def test_builtin_registry_is_filled_on_import() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    assert out.strip() == "['digits-rot', 'digits-style', 'text-mix'] False"
+    assert out.strip() == "['digits-rot', 'digits-style', 'mnist1d-shift', 'text-mix'] False"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def test_data_imports_no_io_and_atomic_no_manifest() -> None:
     ).stdout
     assert out.strip() == (
         "[] [('digits-rot', 'UCI digits,'), ('digits-style', 'UCI digits,'), "
-        "('text-mix', 'text for by')]"
+        "('mnist1d-shift', 'MNIST-1D (n'), ('text-mix', 'text for by')]"
     )
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,14 @@ def metrics(folder: Path) -> list[dict[str, Any]]:
 
 
 def report_numbers(folder: Path) -> dict[str, Any]:
-    """report.json without its wall-clock field."""
+    """report.json without its wall-clock fields and its provenance (command lines, times)."""
     report = json.loads((folder / "report.json").read_text())
     for d in report["methods"].values():
         d.pop("wall_seconds")
+    for row in report["table"]["rows"]:
+        row.pop()  # the seconds column
+    report.pop("run")
+    report.pop("environment")
     return report
 
 
@@ -110,7 +115,9 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.delenv("FEDMOE_DEBUG", raising=False)
-        code, out = _main("run", "recipe.yaml", "--out", "run", "--threads", "1", "-q")
+        argv = ("run", "recipe.yaml", "--out", "run", "--threads", "1", "-q")
+        mp.setattr(sys, "argv", ["fedmoe", *argv])  # what the console script sees
+        code, out = _main(*argv)
     torch.set_num_threads(threads)
     assert code == 0
     return folder, out
@@ -138,8 +145,9 @@ def test_run_folder_and_stdout(base: tuple[Path, str]) -> None:
     assert out == "run/report.json\n"  # stdout is the report's path, nothing else
     names = files_in(run)
     assert [n for n in names if "/" not in n] == [
-        "accuracy.png", "affinity.png", "init.safetensors", "metrics.jsonl",
-        "partition.json", "recipe.yaml", "report.json", "sync_graph.png", "traffic.png",
+        "accuracy.png", "affinity.png", "init.safetensors", "metrics.csv", "metrics.jsonl",
+        "partition.json", "recipe.yaml", "report.json", "run.json", "sync_graph.png",
+        "traffic.png",
     ]  # fmt: skip
     # FedMoE-DA keeps every round's affinity and plan; checkpoints only for the latest round
     da = [n for n in names if n.startswith("rounds/fedmoe-da/round-")]
@@ -426,15 +434,30 @@ def test_existing_run_folder_needs_force(work: Path, run_cli: Run) -> None:
 
 
 def test_report_rebuilds_report_json(work: Path, run_cli: Run) -> None:
-    original = (work / "run" / "report.json").read_text()
+    """The same report but for where and when it was made; the run's own record (run.json,
+    written by fedmoe run) is kept as it was."""
+
+    def made(report: dict[str, Any]) -> dict[str, Any]:
+        assert report.pop("environment")["command"]["argv"]
+        return report
+
+    original = made(json.loads((work / "run" / "report.json").read_text()))
+    run_json = (work / "run" / "run.json").read_bytes()
+    assert original["run"] == json.loads(run_json)
+    assert original["run"]["command"]["argv"][1:5] == ["run", "recipe.yaml", "--out", "run"]
     (work / "run" / "report.json").unlink()
+    (work / "run" / "metrics.csv").unlink()
     (work / "run" / "accuracy.png").unlink()
     r = run_cli("report", "run", "-q")
     assert (r.code, r.out) == (0, "run/report.json\n"), r.err
-    assert (work / "run" / "report.json").read_text() == original
+    assert made(json.loads((work / "run" / "report.json").read_text())) == original
+    assert (work / "run" / "run.json").read_bytes() == run_json
     assert (work / "run" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    head = (work / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert head[:3] == ["method", "round", "participants"]
+    assert "local_acc_by_domain.rot90" in head
     r = run_cli("report", "run", "--json", "-q")
-    assert r.code == 0 and json.loads(r.out) == json.loads(original)
+    assert r.code == 0 and made(json.loads(r.out)) == original
     r = run_cli("report", "run")
     assert r.code == 0 and "fedmoe run: accuracy %" in r.err and "÷FedAvg" in r.err
 

@@ -21,9 +21,12 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 from fedmoe.aggregate.base import (
     Aggregator,
     CrossExpert,
+    Group,
     MergeSpec,
     RoundInputs,
     fedavg_group,
@@ -34,7 +37,7 @@ from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.errors import InputError
 from fedmoe.model.schema import Role
 from fedmoe.params import param
-from fedmoe.plan.matrix import restrict
+from fedmoe.plan.matrix import AggregationMatrix, restrict
 
 
 class GateMode(str, enum.Enum):
@@ -42,6 +45,13 @@ class GateMode(str, enum.Enum):
 
     PER_CLIENT = "per-client"  # each client keeps its own gate: its rows say what its experts do
     SHARED = "shared"  # the gate is averaged with the embedding
+
+
+class SharedMix(str, enum.Enum):
+    """Whom a client's shared parts are averaged with (beyond the paper: an option)."""
+
+    GLOBAL = "global"  # the paper: FedAvg of the shared parts over every client
+    AFFINITY = "affinity"  # the clients its experts draw on, in the proportions of A's rows
 
 
 class StaleProxies(str, enum.Enum):
@@ -72,6 +82,11 @@ class FedMoEDA(ReduceParams, Aggregator):
     refresh_interval: int = param(1, "I: recompute A every I rounds", ge=1)
     gate: GateMode = param(GateMode.PER_CLIENT, "per-client (each keeps its gate) or shared")
     candidates: int = param(16, "neighbours kept per client-expert by the affinity pass", ge=1)
+    shared: SharedMix = param(
+        SharedMix.GLOBAL,
+        "global (paper: FedAvg of the shared parts) or affinity (each client averages them with"
+        " the clients its experts draw on, weighted as in its rows of A)",
+    )
     pool_layers: bool = param(
         False,
         "one matrix for every MoE layer, from expert j's gate rows of all layers together"
@@ -142,15 +157,41 @@ class FedMoEDA(ReduceParams, Aggregator):
         present = inputs.participants
         group = fedavg_group(inputs.clients, [inputs.uploads[c] for c in present])
         merge = self.interval is Interval.MATRIX or inputs.matrix_round == inputs.round
-        experts = tuple(
-            CrossExpert(restrict(m, present), self.defence()) if merge else None
-            for m in inputs.matrices
-        )
+        applied = tuple(restrict(m, present) for m in inputs.matrices)
+        experts = tuple(CrossExpert(m, self.defence()) if merge else None for m in applied)
+        shared: tuple[Group, ...] = (group,)
+        if self.shared is SharedMix.AFFINITY:
+            shared = client_groups(applied)
         return MergeSpec(
             self.name,
             inputs.clients,
-            (group,),
-            (group,) if self.gate is GateMode.SHARED else (),
+            shared,
+            shared if self.gate is GateMode.SHARED else (),
             experts,
             self.reducer(),
         )
+
+
+def client_groups(matrices: tuple[AggregationMatrix, ...]) -> tuple[Group, ...]:
+    """One group per target client of the applied matrices: its sources are the clients its
+    experts draw on, each weighted by the mean over its rows (every expert of every MoE layer) of
+    the weight the row gives that client's experts. Each row of A sums to one, so the client
+    weights do too; the target itself is always among them (Eq. 9–10 keep its own expert)."""
+    index = matrices[0].index
+    n, e = len(index.clients), index.num_experts
+    keys, mass = [], []
+    for m in matrices:
+        keys.append((m.targets // e) * n + m.sources // e)  # (target client, source client)
+        mass.append(m.weights / (e * len(matrices)))
+    flat, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    total = np.bincount(inverse, weights=np.concatenate(mass))
+    groups = []
+    for t in range(n):
+        sel = (flat // n) == t
+        src, w = flat[sel] % n, total[sel]
+        w = w / w.sum()
+        groups.append(
+            Group((index.clients[t],), tuple(index.clients[int(s)] for s in src),
+                  tuple(float(x) for x in w))
+        )  # fmt: skip
+    return tuple(groups)

@@ -1,8 +1,9 @@
 """Data in memory: the :class:`Dataset`, the :class:`DataSpec` that names its source, the label
-encoding, and the built-in digits transforms with their registry :data:`BUILTIN`.
+encoding, feature standardisation, and the built-ins' transforms (digits, MNIST-1D, text) with
+their registry :data:`BUILTIN`.
 
 Nothing in this package touches the disk: :func:`fedmoe.io.datasets.load_dataset` reads a
-:class:`DataSpec`'s source (a built-in's raw arrays, a ``.npz`` or ``.csv`` file) into a
+:class:`DataSpec`'s source (a built-in's raw arrays, a user file or folder) into a
 :class:`Dataset`.
 """
 

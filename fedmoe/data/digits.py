@@ -23,8 +23,9 @@ _DOMAIN_SEED = 241102115
 _CLASS_NAMES = tuple(str(i) for i in range(10))
 
 
-def _domains(n: int, num_domains: int) -> np.ndarray:
-    """Balanced domain ids: a fixed permutation of 0..n-1, taken modulo ``num_domains``."""
+def balanced_domains(n: int, num_domains: int) -> np.ndarray:
+    """Balanced domain ids: a fixed permutation of 0..n-1 (seed 2411_02115), taken modulo
+    ``num_domains``."""
     order = np.random.default_rng(_DOMAIN_SEED).permutation(n)
     domain = np.empty(n, dtype=np.int64)
     domain[order] = np.arange(n) % num_domains
@@ -47,7 +48,7 @@ def digits_rot(pixels: np.ndarray, labels: np.ndarray) -> Dataset:
         ``digits-rot``: x (n, 1, 8, 8) float32 in [0, 1], four balanced domains.
     """
     images = pixels / 16.0  # (n, 8, 8)
-    domain = _domains(len(labels), 4)
+    domain = balanced_domains(len(labels), 4)
     out = np.empty_like(images)
     for d in range(4):
         sel = domain == d
@@ -78,7 +79,7 @@ def digits_style(pixels: np.ndarray, labels: np.ndarray) -> Dataset:
         ``digits-style``: x (n, 1, 8, 8) float32 in [0, 1], four balanced domains.
     """
     images = pixels / 16.0  # (n, 8, 8)
-    domain = _domains(len(labels), 4)
+    domain = balanced_domains(len(labels), 4)
     noise = np.random.default_rng(_DOMAIN_SEED + 1).normal(0.0, 0.25, size=images.shape)
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), mode="edge")
     blurred = np.zeros_like(images)

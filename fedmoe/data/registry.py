@@ -13,6 +13,7 @@ import numpy as np
 
 from fedmoe.data.base import Dataset
 from fedmoe.data.digits import digits_rot, digits_style
+from fedmoe.data.mnist1d import mnist1d_shift
 from fedmoe.data.text import text_mix
 
 
@@ -21,7 +22,7 @@ class BuiltinSource:
     """One built-in dataset: what ``--help`` says about it and how it is made from raw arrays."""
 
     summary: str  # one line for --help
-    raw: str  # which raw arrays fedmoe.io.datasets reads for it ("uci-digits")
+    raw: str  # which raw arrays fedmoe.io.datasets reads for it ("uci-digits", "mnist1d")
     transform: Callable[[np.ndarray, np.ndarray], Dataset]  # (raw features, raw labels) -> data
 
 
@@ -31,6 +32,11 @@ BUILTIN: dict[str, BuiltinSource] = {
     ),
     "digits-style": BuiltinSource(
         "UCI digits, 4 domains: clean/inverted/noisy/blurred", "uci-digits", digits_style
+    ),
+    "mnist1d-shift": BuiltinSource(
+        "MNIST-1D (needs the mnist1d package), 4 domains: plain/reversed/negated/reversed+negated",
+        "mnist1d",
+        mnist1d_shift,
     ),
     "text-mix": BuiltinSource(
         "text for byte-level language models, 3 domains: Python code, English docs, CSV data",

@@ -28,6 +28,7 @@ The exchange location and the client folder come from the node config (``exchang
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,16 @@ def settings_of(context: Context, defaults: ClientSettings) -> ClientSettings:
     )
 
 
-_DATA: dict[tuple[str, str, str | None], Dataset] = {}  # loaded by this process, kept
+_DATA: dict[tuple[str, str, str | None, str], Dataset] = {}  # loaded by this process, kept
 
 
 def _dataset(body: Mapping[str, Any]) -> Dataset:
     data = body["data"]
-    spec = DataSpec(str(data["source"]), str(data["label_column"]), data.get("domain_column"))
-    key = (spec.source, spec.label_column, spec.domain_column)
+    options = dict(data.get("options") or {})  # how the data is read (DataSpec.options)
+    spec = DataSpec(
+        str(data["source"]), str(data["label_column"]), data.get("domain_column"), options
+    )
+    key = (spec.source, spec.label_column, spec.domain_column, json.dumps(options, sort_keys=True))
     if key not in _DATA:
         _DATA.clear()  # one dataset at a time
         _DATA[key] = load_dataset(spec)

@@ -324,6 +324,7 @@ class FlowerRun:
                 "source": spec.source,
                 "label_column": spec.label_column,
                 "domain_column": spec.domain_column,
+                "options": dict(spec.options),
                 "fingerprint": part.fingerprint,
             },
             "split": {"train": split.train.tolist(), "test": split.test.tolist()},

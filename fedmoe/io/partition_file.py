@@ -4,12 +4,18 @@ step reads to find a client's samples.
 Layout (schema 1)::
 
     schema_version, kind, fedmoe_version
-    dataset:  {source, path?, file_sha256?, label_column?, domain_column?, sha256, num_samples,
-               input_shape, num_classes, num_domains, has_domains, class_names, domain_names}
+    dataset:  {source, path?, file_sha256?, label_column?, domain_column?, options?, sha256,
+               num_samples, input_shape, num_classes, num_domains, has_domains, class_names,
+               domain_names}
     scheme, params, seed, num_clients, global_test_fraction, local_test_fraction
     metrics:  skew metrics (fedmoe.partition.metrics)
     global_test: [indices]       unassigned: [indices]
     clients:  [{id, num_samples, num_train, num_test, label_counts, domain_counts, train, test}]
+
+``file_sha256`` of a folder (Parquet, Arrow, images, text) is :func:`fedmoe.io.digest.sha256_path`'s
+digest over its files; ``options`` (only when given) are the :class:`DataSpec` options the data
+was read with (``standardize``, ``image_size``, ``grayscale``), so every later step reads it the
+same way.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from fedmoe.data import Dataset, DataSpec
+from fedmoe.data.spec import option_problem
 from fedmoe.errors import InputError
 from fedmoe.io.datasets import load_dataset
+from fedmoe.io.digest import sha256_path
 from fedmoe.io.manifest import (
     header,
     malformed,
@@ -31,7 +39,6 @@ from fedmoe.io.manifest import (
     relative,
     require,
     resolve,
-    sha256_file,
 )
 from fedmoe.partition import ClientSplit, Partition
 
@@ -44,12 +51,14 @@ def dataset_record(dataset: Dataset, spec: DataSpec, base: Path) -> dict[str, An
     if spec.is_file:
         path = Path(spec.source)
         rec["path"] = relative(path, base)
-        rec["file_sha256"] = sha256_file(path)
-        if path.suffix == ".csv":
+        rec["file_sha256"] = sha256_path(path)
+        if path.suffix in (".csv", ".parquet") or is_table_folder(path):
             rec["label_column"] = spec.label_column
             rec["domain_column"] = spec.domain_column
     else:
         rec["name"] = spec.source
+    if spec.options:
+        rec["options"] = dict(spec.options)
     rec.update(
         sha256=dataset.fingerprint(),
         num_samples=dataset.num_samples,
@@ -61,6 +70,13 @@ def dataset_record(dataset: Dataset, spec: DataSpec, base: Path) -> dict[str, An
         domain_names=list(dataset.domain_names),
     )
     return rec
+
+
+def is_table_folder(path: Path) -> bool:
+    """True for a folder read as a table (Parquet files, or ``save_to_disk`` Arrow files)."""
+    from fedmoe.io.tables import is_arrow_folder, is_parquet_folder
+
+    return path.is_dir() and (is_arrow_folder(path) or is_parquet_folder(path))
 
 
 def partition_to_manifest(
@@ -269,12 +285,12 @@ def load_partition(source: str | Path) -> LoadedPartition:
         rec = require(manifest, "dataset", name)
         if rec.get("source") == "file":
             path = resolve(require(rec, "path", name), base)
-            if not path.is_file():
+            if not path.exists():
                 raise InputError(
                     f"{name}: its dataset file {path} is missing",
                     hint="keep the data file where the manifest expects it (paths are relative)",
                 )
-            if sha256_file(path) != rec.get("file_sha256"):
+            if sha256_path(path) != rec.get("file_sha256"):
                 raise InputError(
                     f"{name}: dataset file {path} changed since the partition was made "
                     "(sha256 mismatch)",
@@ -286,6 +302,13 @@ def load_partition(source: str | Path) -> LoadedPartition:
             if not isinstance(builtin, str):
                 raise InputError(f"{name}: dataset 'name' must be a string, got {builtin!r}")
             spec = DataSpec(builtin)
+        options = rec.get("options", {})
+        problem = option_problem(options)
+        if problem is not None:
+            raise InputError(
+                f"{name}: dataset {problem}", hint="re-create it with fedmoe partition"
+            )
+        spec = DataSpec(spec.source, spec.label_column, spec.domain_column, dict(options))
         n, shape, class_names, domain_names = _shape_and_names(rec, name)
         clients = tuple(
             ClientSplit(

@@ -3,7 +3,8 @@ are not a manifest or a checkpoint (the metrics log, upload links, pruning old r
 
 Layout::
 
-    recipe.yaml  partition.json  init.safetensors  metrics.jsonl  report.json  *.png
+    recipe.yaml  partition.json  init.safetensors  run.json  metrics.jsonl  metrics.csv
+    report.json  *.png
     rounds/<method>/round-XXX/train/        train-round output (client-XXX.safetensors, manifest)
     rounds/<method>/round-XXX/affinity.json FedMoE-DA, rounds where the matrices are recomputed
     rounds/<method>/round-XXX/plan.json     FedMoE-DA's sync plan
@@ -27,7 +28,9 @@ from pathlib import Path
 from fedmoe.errors import OutputError
 
 RUN_FILES = (
+    "run.json",
     "metrics.jsonl",
+    "metrics.csv",
     "report.json",
     "recipe.yaml",
     "partition.json",
@@ -50,6 +53,16 @@ class RunFolder:
     def metrics(self) -> Path:
         """The metrics log, one JSON line per method and round."""
         return self.root / "metrics.jsonl"
+
+    @property
+    def metrics_csv(self) -> Path:
+        """The metrics log as a flat table (written by the report)."""
+        return self.root / "metrics.csv"
+
+    @property
+    def run_info(self) -> Path:
+        """The command line and environment that made the run (``run.json``)."""
+        return self.root / "run.json"
 
     @property
     def partition(self) -> Path:
@@ -161,7 +174,7 @@ def read_lines(path: Path) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     if not path.is_file():
         return rows
-    for line in path.read_text("utf-8").splitlines():
+    for line in path.read_text("utf-8", errors="replace").splitlines():  # bad bytes: line skipped
         try:
             row = json.loads(line, parse_constant=_refuse)
         except (json.JSONDecodeError, RecursionError, ValueError):

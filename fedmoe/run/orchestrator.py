@@ -25,7 +25,6 @@ from fedmoe.aggregate import Aggregator, StaleProxies
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
 from fedmoe.aggregate.ifca import IFCA
 from fedmoe.attack import AttackContext, AttackKind, malicious_clients, poison_upload
-from fedmoe.data import DataSpec
 from fedmoe.errors import InputError
 from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import OutputSet, write_atomic
@@ -99,7 +98,7 @@ def write_setup(
     dataset, a bad split) leaves the previous run as it was."""
     import yaml
 
-    spec = DataSpec(recipe.data.dataset, recipe.data.label_column, recipe.data.domain_column)
+    spec = recipe.data.spec()
     dataset = load_dataset(spec)
     p = recipe.partition
     partition = make_partition(

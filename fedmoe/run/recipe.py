@@ -17,11 +17,14 @@ import yaml
 
 from fedmoe.aggregate import AGGREGATORS, Aggregator, FedMoEDA, make_method
 from fedmoe.attack import AttackConfig, AttackKind
+from fedmoe.data import BUILTIN, DataSpec
+from fedmoe.data.spec import option_problem
 from fedmoe.errors import InputError, ParamError, UsageError
 from fedmoe.model.config import MoEConfig
 from fedmoe.params import params_dict
 from fedmoe.partition import PARTITIONERS, get_partitioner
 from fedmoe.partition.pipeline import GLOBAL_TEST, LOCAL_TEST, NUM_CLIENTS
+from fedmoe.run.recipe_yaml import load_yaml as load_yaml  # re-exported (the orchestrator)
 from fedmoe.train import TrainConfig
 
 METHODS = tuple(AGGREGATORS)
@@ -31,9 +34,29 @@ METHODS = tuple(AGGREGATORS)
 class DataSection:
     """Where the data comes from."""
 
-    dataset: str = "digits-rot"  # built-in name, or a .npz/.csv path (relative to the recipe)
-    label_column: str = "label"  # CSV: label column
-    domain_column: str | None = None  # CSV: domain column
+    dataset: str = "digits-rot"  # built-in name, or a file or folder (relative to the recipe)
+    label_column: str = "label"  # tables (CSV, Parquet, Arrow): label column
+    domain_column: str | None = None  # tables: domain column
+    standardize: bool = False  # tables and .npz: z-score each feature over all samples
+    image_size: int | None = None  # image folders: side in pixels (None: the default, 32)
+    grayscale: bool = False  # image folders: one grey channel instead of RGB
+
+    def spec(self) -> DataSpec:
+        """The :class:`DataSpec` this section names (options only where given)."""
+        options: dict[str, Any] = {}
+        if self.standardize is not False:
+            options["standardize"] = self.standardize
+        if self.image_size is not None:
+            options["image_size"] = self.image_size
+        if self.grayscale is not False:
+            options["grayscale"] = self.grayscale
+        return DataSpec(self.dataset, self.label_column, self.domain_column, options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; the reading options only where given (so recipes written before they
+        existed read back the same)."""
+        keys = ("dataset", "label_column", "domain_column", *self.spec().options)
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -119,7 +142,7 @@ class Recipe:
             "participation": self.participation,
             "methods": list(self.methods),
             "eval_every": self.eval_every,
-            "data": dataclasses.asdict(self.data),
+            "data": self.data.to_dict(),
             "partition": dataclasses.asdict(self.partition),
             "model": dict(self.model),
             "train": self.train.to_dict(),
@@ -371,6 +394,9 @@ def _check_types(r: Recipe) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(f"recipe: {message}")
+    problem = option_problem(r.data.spec().options)
+    if problem is not None:
+        raise UsageError(f"recipe: {problem}")
 
 
 def _check(r: Recipe) -> None:
@@ -398,32 +424,6 @@ def yaml_problem(exc: BaseException) -> str:
     if mark is not None:
         text += f" at line {mark.line + 1}, column {mark.column + 1}"
     return text
-
-
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; anything larger is refused
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """A safe loader that refuses YAML aliases (``*name``): a recipe has no use for them, and
-    nested aliases expand exponentially (the "billion laughs")."""
-
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(
-                f"aliases are not allowed in a recipe (alias at line {event.start_mark.line + 1})"
-            )
-        return super().compose_node(parent, index)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse a recipe's YAML safely and within bounds."""
-    if len(text.encode("utf-8")) > MAX_RECIPE_BYTES:
-        raise yaml.YAMLError(f"larger than {MAX_RECIPE_BYTES // 1024} KiB")
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
-    except RecursionError:
-        raise yaml.YAMLError("nested too deeply to be a recipe") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
@@ -457,7 +457,7 @@ def load_recipe(
     data = apply_overrides(data, overrides or {})
     recipe = recipe_from_dict(data)
     ds = recipe.data.dataset
-    if Path(ds).suffix in (".npz", ".csv") and not Path(ds).is_absolute():
+    if ds and ds not in BUILTIN and not Path(ds).is_absolute():  # a file or folder: beside it
         resolved = (Path(path).parent / ds).resolve()
         recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, dataset=str(resolved))

@@ -1,8 +1,11 @@
-"""The run report: ``report.json`` from ``metrics.jsonl``, the comparison table, and the plots.
+"""The run report: ``report.json`` from ``metrics.jsonl``, and the summary of several runs.
 
 ``report.json`` (kind ``run-report``) holds per method: final mean and worst-client personalised
 accuracy, global accuracy, per-domain accuracy, server / peer-to-peer / FedAvg-equivalent bytes per
-round (mean over rounds), wall time, and the per-round series of the same quantities.
+round (mean over rounds), wall time, and the per-round series of the same quantities; then the
+comparison table (:mod:`fedmoe.run.results_table`), the run's command line and environment (its
+``run.json``, :mod:`fedmoe.run.provenance`) and the environment the report itself was made in.
+The figures are :mod:`fedmoe.run.figures`; ``metrics.csv`` is :mod:`fedmoe.run.metrics_csv`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 from fedmoe.errors import InputError
 from fedmoe.io.manifest import header
 from fedmoe.io.run_folder import RunFolder, read_lines, read_text
+from fedmoe.run.provenance import command_line, environment, utc_now
+from fedmoe.run.results_table import references, results_table, summary_table
 
 SERIES = ("mean_local_acc", "worst_local_acc", "mean_global_acc", "server_bytes", "p2p_bytes")
 
@@ -45,37 +50,20 @@ def _usable(row: dict[str, Any]) -> bool:
     )
 
 
-def _latest(run_dir: Path, name: str) -> dict[str, Any] | None:
-    """The newest readable ``name`` (plan.json, affinity.json) among FedMoE-DA's round folders
-    (a damaged file is passed over)."""
-    folder = RunFolder(run_dir).method("fedmoe-da")
-    for rdir in sorted(folder.glob("round-*"), reverse=True) if folder.is_dir() else []:
-        text = read_text(rdir / name)
-        if text is None:
-            continue
-        try:
-            loaded = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
-            continue
-        if isinstance(loaded, dict):
-            return loaded
-    return None
-
-
 def run_context(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The run's resolved recipe and domain names (empty when absent)."""
     import yaml
 
-    from fedmoe.run.recipe import load_yaml
+    from fedmoe.run.recipe_yaml import load_yaml
 
     folder = RunFolder(run_dir)
-    text = read_text(folder.recipe)
     try:
+        text = read_text(folder.recipe)
         recipe = load_yaml(text) if text else {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # UnicodeDecodeError is a ValueError
         recipe = {}  # a damaged recipe.yaml: the report goes without it
-    part = read_text(folder.partition)
     try:
+        part = read_text(folder.partition)
         names = json.loads(part)["dataset"]["domain_names"] if part else []
         names = [str(n) for n in names]
     except (ValueError, KeyError, TypeError, RecursionError):
@@ -84,10 +72,16 @@ def run_context(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
 
 
 def build_report(
-    rows: list[dict[str, Any]], recipe: dict[str, Any], domain_names: list[str]
+    rows: list[dict[str, Any]],
+    recipe: dict[str, Any],
+    domain_names: list[str],
+    run_info: dict[str, Any] | None = None,
+    environment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Summarise the metrics of every method (rows missing a field the report needs, e.g. a line
-    damaged on disk, are left out)."""
+    damaged on disk, are left out), with the comparison table; ``run_info`` is the run's
+    ``run.json`` (None: not recorded) and ``environment`` where the report is made (see
+    :func:`report_environment`; None leaves it out, so the report is a function of the run)."""
     rows = [r for r in rows if _usable(r)]
     methods: dict[str, Any] = {}
     order = list(dict.fromkeys(r["method"] for r in rows))
@@ -123,12 +117,22 @@ def build_report(
             and d["mean_local_acc"] is not None
             else None
         )
-    return {
+    report = {
         **header("run-report"),
         "recipe": recipe,
         "domain_names": domain_names,
         "methods": methods,
+        "table": results_table(methods, recipe),
+        "run": run_info,
     }
+    if environment is not None:
+        report["environment"] = environment
+    return report
+
+
+def report_environment(argv: list[str]) -> dict[str, Any]:
+    """Where and when a report is made: versions, platform, its command line, UTC time."""
+    return {**environment(), "command": command_line(argv), "utc": utc_now()}
 
 
 def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -139,70 +143,6 @@ def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
         if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
     ]
     return round(float(np.mean(vals)), 6) if vals else None
-
-
-def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
-    """accuracy.png, traffic.png, affinity.png and sync_graph.png (those the run has data for)."""
-    from fedmoe import plots
-    from fedmoe.io.atomic import write_atomic
-
-    written = []
-    methods = report["methods"]
-    acc: dict[str, list[float]] = {
-        m: [float(v) if v is not None else float("nan") for v in d["per_round"]["mean_local_acc"]]
-        for m, d in methods.items()
-    }
-    png = plots.curves(acc, "round", "mean personalised accuracy", "accuracy per round")
-    write_atomic(run_dir / "accuracy.png", png, force=True)
-    written.append(run_dir / "accuracy.png")
-    names = list(methods)
-    png = plots.traffic_bars(
-        names,
-        [methods[m]["server_bytes_per_round"] for m in names],
-        [methods[m]["p2p_bytes_per_round"] for m in names],
-    )
-    write_atomic(run_dir / "traffic.png", png, force=True)
-    written.append(run_dir / "traffic.png")
-    for name, draw in (("affinity.png", _affinity_png), ("sync_graph.png", _sync_png)):
-        try:
-            png_or_none = draw(run_dir, plots)
-        except (KeyError, TypeError, ValueError, IndexError):  # a damaged artefact: no plot
-            png_or_none = None
-        if png_or_none is not None:
-            write_atomic(run_dir / name, png_or_none, force=True)
-            written.append(run_dir / name)
-    return written
-
-
-def _affinity_png(run_dir: Path, plots: Any) -> bytes | None:
-    """The expert × domain heatmap of the latest affinity artefact (None without one)."""
-    aff = _latest(run_dir, "affinity.json")
-    if aff is None:
-        return None
-    last = aff["layers"][-1]
-    e = last["num_experts"]
-    labels = [f"c{c}e{j}" for c in aff["clients"] for j in range(e)]
-    png: bytes = plots.affinity_heatmap(
-        np.asarray(last["expert_domain"]["shares"], dtype=np.float64),
-        labels,
-        last["expert_domain"]["names"],
-        f"expert-domain affinity (round {aff['round']})",
-    )
-    return png
-
-
-def _sync_png(run_dir: Path, plots: Any) -> bytes | None:
-    """Who pulls experts from whom in the latest plan (None without one)."""
-    plan = _latest(run_dir, "plan.json")
-    if plan is None:
-        return None
-    clients = plan["clients"]
-    pos = {c: i for i, c in enumerate(clients)}
-    edges = np.zeros((len(clients), len(clients)))
-    for t in plan["transfers"]:
-        edges[pos[t["from"]], pos[t["to"]]] += len(t["experts"])
-    png: bytes = plots.sync_graph(edges, f"who pulls experts from whom (round {plan['round']})")
-    return png
 
 
 SUMMARY_KEYS = (
@@ -247,7 +187,12 @@ def combine_reports(reports: list[dict[str, Any]], sources: list[str]) -> dict[s
             [r["methods"][m]["per_round"] for r in reports if m in r["methods"]]
         )
         methods[m] = entry
-    return {**header("run-summary"), "runs": sources, "seeds": seeds, "methods": methods}
+    summary = {**header("run-summary"), "runs": sources, "seeds": seeds, "methods": methods}
+    recipe: dict[str, Any] = next(
+        (r["recipe"] for r in reports if isinstance(r.get("recipe"), dict)), {}
+    )
+    summary["table"] = summary_table(summary, recipe)
+    return summary
 
 
 def _per_round(series: list[dict[str, Any]]) -> dict[str, Any]:
@@ -276,13 +221,19 @@ def summary_plot(summary: dict[str, Any]) -> bytes:
 
     series = {
         m: (
-            [np.nan if v is None else v for v in d["per_round"]["mean_local_acc"]],
-            [0.0 if v is None else v for v in d["per_round"]["std_local_acc"]],
+            d["per_round"]["round"],
+            [np.nan if v is None else 100 * v for v in d["per_round"]["mean_local_acc"]],
+            [0.0 if v is None else 100 * v for v in d["per_round"]["std_local_acc"]],
         )
         for m, d in summary["methods"].items()
     }
     seeds = ", ".join(str(s) for s in summary["seeds"])
+    refs = references(list(summary["methods"]), summary.get("recipe") or {})
     png: bytes = plots.bands(
-        series, "round", "mean personalised accuracy", f"accuracy per round (seeds {seeds})"
+        series,
+        "round",
+        "personalised accuracy (%), mean ± std",
+        f"accuracy per evaluated round (seeds {seeds})",
+        refs,
     )
     return png
