@@ -261,7 +261,8 @@ def test_a_force_run_that_dies_midway_keeps_the_previous_run(tmp_path: Path, how
     import time
 
     (tmp_path / "old.yaml").write_text(TINY)
-    (tmp_path / "new.yaml").write_text(TINY.replace("rounds: 1", "rounds: 12").replace(
+    # 40 rounds: the new run cannot finish (and be published) between two polls below
+    (tmp_path / "new.yaml").write_text(TINY.replace("rounds: 1", "rounds: 40").replace(
         "methods: [local]", "methods: [fedavg]"))  # fmt: skip
     cmd = [sys.executable, "-m", "fedmoe_cli.app", "run"]
     env = {**os.environ, "FEDMOE_WORKERS": "1"}
@@ -278,6 +279,7 @@ def test_a_force_run_that_dies_midway_keeps_the_previous_run(tmp_path: Path, how
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the new run ended before it could be stopped"
+    assert (tmp_path / ".run.fedmoe-new").is_dir(), "the new run was published before the signal"
     proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=60)
     assert _files(tmp_path / "run") == before
@@ -290,7 +292,7 @@ def test_a_force_run_that_dies_midway_keeps_the_previous_run(tmp_path: Path, how
                        cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert list(report["methods"]) == ["fedavg"] and report["methods"]["fedavg"]["rounds"] == 12
+    assert list(report["methods"]) == ["fedavg"] and report["methods"]["fedavg"]["rounds"] == 40
     assert not (tmp_path / ".run.fedmoe-new").exists()
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
 
