@@ -38,6 +38,7 @@ from fedmoe.plan import (
     Ledger,
     Transfer,
     aggregation_matrix,
+    drop_small,
     identity_matrix,
     restrict,
     server_ledger,
@@ -270,6 +271,29 @@ def test_restrict_keeps_present_sources_renormalised() -> None:
     other = restrict(a, [2, 0])
     for field in ("indptr", "sources", "weights", "similarity"):
         np.testing.assert_array_equal(getattr(other, field), getattr(r, field))
+
+
+def test_drop_small_removes_light_remote_sources_and_renormalises() -> None:
+    index = ExpertIndex((0, 1), 2)
+    # rows of (0,0), (0,1), (1,0), (1,1): target first, then its sources
+    a = AggregationMatrix(
+        index,
+        np.array([0, 3, 5, 7, 8]),
+        np.array([0, 2, 3, 1, 0, 2, 0, 3]),
+        np.array([0.6, 0.3, 0.1, 0.04, 0.96, 0.5, 0.5, 1.0]),
+        np.array([1, 0.9, 0.5, 0.2, 0.99, 1, 0.8, 1]),
+    )
+    d = drop_small(a, 0.2)
+    # (0,0): the 0.1 source goes, 0.6 and 0.3 become 2/3 and 1/3; (0,1): its own entry (0.04)
+    # stays though light, the 0.96 source too; (1,0) keeps both halves; (1,1) is itself
+    np.testing.assert_array_equal(d.indptr, [0, 2, 4, 6, 7])
+    np.testing.assert_array_equal(d.sources, [0, 2, 1, 0, 2, 0, 3])
+    np.testing.assert_allclose(d.weights, [2 / 3, 1 / 3, 0.04, 0.96, 0.5, 0.5, 1.0], atol=1e-12)
+    np.testing.assert_array_equal(d.similarity, [1, 0.9, 0.2, 0.99, 1, 0.8, 1])
+    check_rows_sum_to_one(d)
+    assert drop_small(a, 0.0) is a  # off: the paper's matrix itself
+    # fewer remote sources, fewer peer-to-peer bytes
+    assert sum(t.bytes for t in transfer_list(d, 100)) < sum(t.bytes for t in transfer_list(a, 100))
 
 
 def test_restrict_to_everyone_and_to_one_client() -> None:

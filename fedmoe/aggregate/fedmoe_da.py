@@ -79,6 +79,13 @@ class FedMoEDA(ReduceParams, Aggregator):
 
     top_p: int = param(4, "P: similar client-experts kept besides the target itself", ge=0)
     tau: float = param(0.1, "softmax temperature τ over the kept set", gt=0.0)
+    min_weight: float = param(
+        0.0,
+        "drop sources (other than the target's own expert) whose weight in a row of A is below"
+        " this, renormalising the row (less peer-to-peer traffic; 0: the paper's Eq. 9-10)",
+        ge=0.0,
+        lt=1.0,
+    )
     refresh_interval: int = param(1, "I: recompute A every I rounds", ge=1)
     gate: GateMode = param(GateMode.PER_CLIENT, "per-client (each keeps its gate) or shared")
     candidates: int = param(16, "neighbours kept per client-expert by the affinity pass", ge=1)

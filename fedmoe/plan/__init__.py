@@ -9,7 +9,13 @@ from fedmoe._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from fedmoe.plan.ledger import Ledger, server_ledger, traffic_ledger
-    from fedmoe.plan.matrix import AggregationMatrix, aggregation_matrix, identity_matrix, restrict
+    from fedmoe.plan.matrix import (
+        AggregationMatrix,
+        aggregation_matrix,
+        drop_small,
+        identity_matrix,
+        restrict,
+    )
     from fedmoe.plan.transfers import Transfer, transfer_list
 
 _EXPORTS = {
@@ -18,6 +24,7 @@ _EXPORTS = {
     "traffic_ledger": "ledger",
     "AggregationMatrix": "matrix",
     "aggregation_matrix": "matrix",
+    "drop_small": "matrix",
     "identity_matrix": "matrix",
     "restrict": "matrix",
     "Transfer": "transfers",
@@ -30,6 +37,7 @@ __all__ = [
     "Ledger",
     "Transfer",
     "aggregation_matrix",
+    "drop_small",
     "identity_matrix",
     "restrict",
     "server_ledger",

@@ -106,6 +106,29 @@ def aggregation_matrix(
     )
 
 
+def drop_small(matrix: AggregationMatrix, min_weight: float) -> AggregationMatrix:
+    """``matrix`` without the sources whose weight is below ``min_weight``, each row renormalised
+    (the target's own entry is always kept, so no row empties). Beyond the paper: a remote source
+    that would contribute a few percent of a merged expert still costs a whole expert of
+    peer-to-peer traffic."""
+    if min_weight <= 0:
+        return matrix
+    targets = matrix.targets
+    keep = (matrix.weights >= min_weight) | (matrix.sources == targets)
+    counts = np.bincount(targets[keep], minlength=matrix.index.size)
+    indptr = np.zeros(matrix.index.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    weights = matrix.weights[keep]
+    sums = np.bincount(targets[keep], weights=weights, minlength=matrix.index.size)
+    return AggregationMatrix(
+        matrix.index,
+        indptr,
+        matrix.sources[keep],
+        weights / sums[targets[keep]],
+        matrix.similarity[keep],
+    )
+
+
 def restrict(matrix: AggregationMatrix, clients: tuple[int, ...] | list[int]) -> AggregationMatrix:
     """The rows of ``matrix`` whose target client is in ``clients``, keeping only sources of those
     clients, each row renormalised to sum to one: the rows applied in a round where only

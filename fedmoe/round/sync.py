@@ -22,6 +22,7 @@ from fedmoe.plan import (
     Ledger,
     Transfer,
     aggregation_matrix,
+    drop_small,
     restrict,
     traffic_ledger,
     transfer_list,
@@ -70,10 +71,13 @@ def held_uploads(
     return dict(sorted(held.items()))
 
 
-def build_matrices(affinity: Affinity, top_p: int, tau: float) -> tuple[AggregationMatrix, ...]:
-    """Eq. 9–10 for each MoE layer of ``affinity``."""
+def build_matrices(
+    affinity: Affinity, top_p: int, tau: float, min_weight: float = 0.0
+) -> tuple[AggregationMatrix, ...]:
+    """Eq. 9–10 for each MoE layer of ``affinity`` (sources under ``min_weight`` dropped)."""
     return tuple(
-        aggregation_matrix(layer.neighbours, layer.index, top_p, tau) for layer in affinity.layers
+        drop_small(aggregation_matrix(layer.neighbours, layer.index, top_p, tau), min_weight)
+        for layer in affinity.layers
     )
 
 
