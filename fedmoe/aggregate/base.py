@@ -129,6 +129,17 @@ def same_index_group(group: Group, num_experts: int) -> ExpertGroup:
     return ExpertGroup(group.members, group.sources, (group.weights,) * num_experts)
 
 
+def whole_model_spec(
+    name: str, inputs: RoundInputs, part: tuple[Group, ...], reduce: Reduce
+) -> MergeSpec:
+    """Every part of the model reduced within each group of ``part`` (experts index by index):
+    FedAvg (one group), the oracle (a group per true domain), IFCA (a group per cluster)."""
+    experts = tuple(
+        SameIndex(tuple(same_index_group(g, e) for g in part)) for e in inputs.schema.num_experts
+    )
+    return MergeSpec(name, inputs.clients, part, part, tuple(experts), reduce)
+
+
 class Aggregator(ABC):
     """Base class of the methods: a frozen dataclass whose fields are its parameters (declared
     with :func:`fedmoe.params.param`), a registry ``name`` and a one-line ``summary``."""

@@ -14,9 +14,8 @@ from fedmoe.aggregate.base import (
     Aggregator,
     MergeSpec,
     RoundInputs,
-    SameIndex,
     fedavg_group,
-    same_index_group,
+    whole_model_spec,
 )
 from fedmoe.aggregate.robust import ReduceParams
 
@@ -30,11 +29,4 @@ class FedAvg(ReduceParams, Aggregator):
 
     def spec(self, inputs: RoundInputs) -> MergeSpec:
         group = fedavg_group(inputs.clients, [inputs.uploads[c] for c in inputs.participants])
-        return MergeSpec(
-            self.name,
-            inputs.clients,
-            (group,),
-            (group,),
-            tuple(SameIndex((same_index_group(group, e),)) for e in inputs.schema.num_experts),
-            self.reducer(),
-        )
+        return whole_model_spec(self.name, inputs, (group,), self.reducer())

@@ -23,12 +23,10 @@ from typing import ClassVar
 
 from fedmoe.aggregate.base import (
     Aggregator,
-    Group,
     MergeSpec,
     RoundInputs,
-    SameIndex,
     fedavg_group,
-    same_index_group,
+    whole_model_spec,
 )
 from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.errors import InputError
@@ -64,18 +62,8 @@ class IFCA(ReduceParams, Aggregator):
                     hint="merge with -p clusters=K, K the number of candidates trained from",
                 )
             chosen.setdefault(k, []).append(c)
-        part: tuple[Group, ...] = tuple(
+        part = tuple(
             fedavg_group(tuple(members), [inputs.uploads[c] for c in members])
             for _, members in sorted(chosen.items())
         )
-        return MergeSpec(
-            self.name,
-            inputs.clients,
-            part,
-            part,
-            tuple(
-                SameIndex(tuple(same_index_group(g, e) for g in part))
-                for e in inputs.schema.num_experts
-            ),
-            self.reducer(),
-        )
+        return whole_model_spec(self.name, inputs, part, self.reducer())

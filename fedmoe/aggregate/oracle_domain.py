@@ -14,9 +14,8 @@ from fedmoe.aggregate.base import (
     Group,
     MergeSpec,
     RoundInputs,
-    SameIndex,
     fedavg_group,
-    same_index_group,
+    whole_model_spec,
 )
 from fedmoe.aggregate.robust import ReduceParams
 from fedmoe.errors import UsageError
@@ -42,15 +41,4 @@ class OracleDomain(ReduceParams, Aggregator):
             present = [inputs.uploads[c] for c in inputs.participants if inputs.groups[c] == g]
             if present:
                 groups.append(fedavg_group(members, present))
-        part = tuple(groups)
-        return MergeSpec(
-            self.name,
-            inputs.clients,
-            part,
-            part,
-            tuple(
-                SameIndex(tuple(same_index_group(g, e) for g in part))
-                for e in inputs.schema.num_experts
-            ),
-            self.reducer(),
-        )
+        return whole_model_spec(self.name, inputs, tuple(groups), self.reducer())
