@@ -168,7 +168,7 @@ def test_registry_and_declared_parameters() -> None:
     assert list(NaiveMoE.parameters()) == robust and list(OracleDomain.parameters()) == robust
     assert list(Local.parameters()) == []
     assert list(FedMoEDA.parameters()) == [
-        *robust, "top_p", "tau", "min_weight", "refresh_interval", "gate", "candidates", "shared",
+        *robust, "top_p", "tau", "top_clients", "min_weight", "refresh_interval", "gate", "candidates", "shared",
         "pool_layers",
         "stale",
         "interval",

@@ -38,6 +38,7 @@ from fedmoe.plan import (
     Ledger,
     Transfer,
     aggregation_matrix,
+    client_prior,
     drop_small,
     identity_matrix,
     restrict,
@@ -271,6 +272,27 @@ def test_restrict_keeps_present_sources_renormalised() -> None:
     other = restrict(a, [2, 0])
     for field in ("indptr", "sources", "weights", "similarity"):
         np.testing.assert_array_equal(getattr(other, field), getattr(r, field))
+
+
+def test_client_prior_keeps_the_candidates_of_the_most_similar_clients() -> None:
+    index = ExpertIndex((10, 11, 12), 2)  # ids, not positions
+    nb = Neighbours(
+        torch.tensor([0, 3, 6, 8, 10, 11, 13]),
+        torch.tensor([0, 2, 4, 1, 5, 3, 2, 0, 3, 4, 4, 5, 1]),
+        torch.tensor([1, 0.9, 0.5, 1, 0.8, 0.2, 1, 0.9, 1, 0.7, 1, 1, 0.8]),
+        3,
+    )
+    # client similarity = mean over its experts of the best candidate similarity, by hand:
+    # 10→11 (0.9 + 0.2) / 2 = 0.55, 10→12 (0.5 + 0.8) / 2 = 0.65: client 10 keeps 12's experts;
+    # 11→10 0.45 > 11→12 0.35: 11 keeps 10's; 12→10 0.4 (12→11: no candidate): 12 keeps 10's
+    near = client_prior(nb, index, 1)
+    got = [near.row(m)[0].tolist() for m in range(6)]
+    assert got == [[0, 4], [1, 5], [2, 0], [3], [4], [5, 1]]
+    assert near.row(5)[1].tolist() == pytest.approx([1.0, 0.8])
+    assert client_prior(nb, index, 0) is nb
+    assert [client_prior(nb, index, 2).row(m)[0].tolist() for m in range(6)] == [
+        nb.row(m)[0].tolist() for m in range(6)
+    ]  # every other client allowed: nothing dropped
 
 
 def test_drop_small_removes_light_remote_sources_and_renormalises() -> None:

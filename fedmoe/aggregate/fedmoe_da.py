@@ -79,6 +79,12 @@ class FedMoEDA(ReduceParams, Aggregator):
 
     top_p: int = param(4, "P: similar client-experts kept besides the target itself", ge=0)
     tau: float = param(0.1, "softmax temperature τ over the kept set", gt=0.0)
+    top_clients: int = param(
+        0,
+        "choose each expert's sources among the experts of its own client and of this many most"
+        " similar clients (client similarity: mean best expert similarity; 0: off, the paper)",
+        ge=0,
+    )
     min_weight: float = param(
         0.0,
         "drop sources (other than the target's own expert) whose weight in a row of A is below"

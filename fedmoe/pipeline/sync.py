@@ -79,7 +79,9 @@ def sync_artefact(
                 "an affinity artefact is needed to compute the matrix this round",
                 hint="fedmoe affinity CKPTS | fedmoe plan-sync -",
             )
-        matrices = build_matrices(affinity.affinity, method.top_p, method.tau, method.min_weight)
+        matrices = build_matrices(
+            affinity.affinity, method.top_p, method.tau, method.min_weight, method.top_clients
+        )
         method = dataclasses.replace(
             method,
             candidates=affinity.affinity.layers[0].neighbours.k,

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from fedmoe.plan.matrix import (
         AggregationMatrix,
         aggregation_matrix,
+        client_prior,
         drop_small,
         identity_matrix,
         restrict,
@@ -24,6 +25,7 @@ _EXPORTS = {
     "traffic_ledger": "ledger",
     "AggregationMatrix": "matrix",
     "aggregation_matrix": "matrix",
+    "client_prior": "matrix",
     "drop_small": "matrix",
     "identity_matrix": "matrix",
     "restrict": "matrix",
@@ -37,6 +39,7 @@ __all__ = [
     "Ledger",
     "Transfer",
     "aggregation_matrix",
+    "client_prior",
     "drop_small",
     "identity_matrix",
     "restrict",

@@ -106,6 +106,52 @@ def aggregation_matrix(
     )
 
 
+def client_prior(neighbours: Neighbours, index: ExpertIndex, top_clients: int) -> Neighbours:
+    """Each row's candidates restricted to experts of the row's own client and of the
+    ``top_clients`` clients most similar to it (0: unchanged). Beyond the paper: a client's
+    similarity to another is the mean over its experts of the best candidate similarity to one of
+    the other's experts (0 where none is a candidate), which separates domains more cleanly than
+    single expert pairs do; Eq. 9–10 then choose among the experts of similar clients only."""
+    if top_clients <= 0:
+        return neighbours
+    import torch
+
+    from fedmoe.affinity.topk import Neighbours
+
+    e, n = index.num_experts, len(index.clients)
+    indptr = neighbours.indptr.numpy()
+    cols = neighbours.indices.numpy()
+    vals = neighbours.values.numpy().astype(np.float64)
+    rows = np.repeat(np.arange(index.size), np.diff(indptr))
+    own, other = rows // e, cols // e  # client positions of each entry
+    # best similarity of each row to each other client, then summed over the client's experts
+    pair_rows = rows * n + other
+    uniq, inv = np.unique(pair_rows, return_inverse=True)
+    best = np.full(uniq.size, -np.inf)
+    np.maximum.at(best, inv, vals)
+    client_pair = (uniq // n // e) * n + uniq % n
+    cp, cinv = np.unique(client_pair, return_inverse=True)
+    score = np.bincount(cinv, weights=best) / e
+    a, b = cp // n, cp % n
+    cand = a != b
+    a, b, score = a[cand], b[cand], score[cand]
+    order = np.lexsort((b, -score, a))  # per client: most similar first (ties: lower position)
+    a, b = a[order], b[order]
+    first = np.searchsorted(a, np.arange(n))
+    rank = np.arange(a.size) - first[a]
+    allowed = set((a[rank < top_clients] * n + b[rank < top_clients]).tolist())
+    keep = (own == other) | np.isin(own * n + other, np.fromiter(allowed, dtype=np.int64))
+    counts = np.bincount(rows[keep], minlength=index.size)
+    new_ptr = np.zeros(index.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_ptr[1:])
+    return Neighbours(
+        torch.from_numpy(new_ptr),
+        neighbours.indices[torch.from_numpy(keep)],
+        neighbours.values[torch.from_numpy(keep)],
+        neighbours.k,
+    )
+
+
 def drop_small(matrix: AggregationMatrix, min_weight: float) -> AggregationMatrix:
     """``matrix`` without the sources whose weight is below ``min_weight``, each row renormalised
     (the target's own entry is always kept, so no row empties). Beyond the paper: a remote source

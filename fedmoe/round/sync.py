@@ -22,6 +22,7 @@ from fedmoe.plan import (
     Ledger,
     Transfer,
     aggregation_matrix,
+    client_prior,
     drop_small,
     restrict,
     traffic_ledger,
@@ -72,13 +73,15 @@ def held_uploads(
 
 
 def build_matrices(
-    affinity: Affinity, top_p: int, tau: float, min_weight: float = 0.0
+    affinity: Affinity, top_p: int, tau: float, min_weight: float = 0.0, top_clients: int = 0
 ) -> tuple[AggregationMatrix, ...]:
-    """Eq. 9–10 for each MoE layer of ``affinity`` (sources under ``min_weight`` dropped)."""
-    return tuple(
-        drop_small(aggregation_matrix(layer.neighbours, layer.index, top_p, tau), min_weight)
-        for layer in affinity.layers
-    )
+    """Eq. 9–10 for each MoE layer of ``affinity`` (candidates limited to the ``top_clients``
+    most similar clients, sources under ``min_weight`` dropped; both off at 0)."""
+    out = []
+    for layer in affinity.layers:
+        near = client_prior(layer.neighbours, layer.index, top_clients)
+        out.append(drop_small(aggregation_matrix(near, layer.index, top_p, tau), min_weight))
+    return tuple(out)
 
 
 def _plan_bytes(
