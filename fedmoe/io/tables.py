@@ -55,7 +55,7 @@ def _fail(where: Path, what: str, exc: BaseException) -> InputError:
 
 def read_parquet(path: Path) -> Any:
     """One ``pyarrow.Table`` from a Parquet file or a folder of them (name order)."""
-    pa = _pyarrow()
+    _pyarrow()  # the one-line error when pyarrow is missing
     import pyarrow.parquet as pq
 
     if not path.exists():
@@ -63,19 +63,7 @@ def read_parquet(path: Path) -> Any:
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise InputError(f"{path}: no .parquet file in the folder")
-    tables = []
-    for f in files:
-        try:
-            tables.append(pq.read_table(f))
-        except (OSError, pa.ArrowException) as exc:
-            raise _fail(f, "Parquet file", exc) from None
-    try:
-        return pa.concat_tables(tables)
-    except pa.ArrowException as exc:
-        raise InputError(
-            f"{path}: its Parquet files do not share one schema ({str(exc).splitlines()[0]})",
-            hint="keep one split's files in the folder",
-        ) from None
+    return _concat(path, "Parquet", files, pq.read_table)
 
 
 def read_arrow_folder(folder: Path) -> Any:
@@ -95,22 +83,34 @@ def read_arrow_folder(folder: Path) -> Any:
         raise InputError(
             f"{folder}: no .arrow file", hint="save it with datasets.Dataset.save_to_disk"
         )
+
+    def read(f: Path) -> Any:
+        with pa.memory_map(str(f)) as source:
+            try:
+                return ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return ipc.open_file(source).read_all()
+
+    return _concat(folder, "Arrow", files, read)
+
+
+def _concat(where: Path, kind: str, files: list[Path], read: Any) -> Any:
+    """One table from ``files`` read one by one with ``read``; a file that cannot be read, or
+    files of different schemas, are input errors naming the file or ``where``."""
+    pa = _pyarrow()
     tables = []
     for f in files:
         try:
-            with pa.memory_map(str(f)) as source:
-                try:
-                    tables.append(ipc.open_stream(source).read_all())
-                except pa.ArrowInvalid:
-                    source.seek(0)
-                    tables.append(ipc.open_file(source).read_all())
+            tables.append(read(f))
         except (OSError, pa.ArrowException) as exc:
-            raise _fail(f, "Arrow file", exc) from None
+            raise _fail(f, f"{kind} file", exc) from None
     try:
         return pa.concat_tables(tables)
     except pa.ArrowException as exc:
         raise InputError(
-            f"{folder}: its Arrow files do not share one schema ({str(exc).splitlines()[0]})"
+            f"{where}: its {kind} files do not share one schema ({str(exc).splitlines()[0]})",
+            hint="keep one split's files in the folder",
         ) from None
 
 
