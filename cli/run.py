@@ -182,7 +182,9 @@ def _one_run(
         if pool.fallback:
             console.print(f"[yellow]note: {pool.fallback}[/yellow]")
     try:
-        _run_methods(rec, ctx, pool, progress, console, done, quiet)
+        with _CTRL_C:
+            _run_methods(rec, ctx, pool, progress, console, done, quiet)
+            _CTRL_C.check()  # never publish a run that was interrupted
     except KeyboardInterrupt:
         kept = (
             f"{out} still holds the previous run; the new run's completed rounds are kept in "
@@ -195,6 +197,44 @@ def _one_run(
     if staged:
         publish_run(folder.root, out)
     return make_report(out, console)
+
+
+class _RememberedInterrupt:
+    """Ctrl-C that is never lost. Python raises KeyboardInterrupt wherever the main thread is, and
+    drops it (printing "Exception ignored") when that is inside a finaliser, such as a file or
+    tensor being released; a run would then go on and publish. While active, this handler also
+    remembers the signal, and :meth:`check` raises it again at the next round boundary. A
+    SIGINT that the parent process chose to ignore stays ignored."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _RememberedInterrupt:
+        import signal
+
+        self.seen = False
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+_CTRL_C = _RememberedInterrupt()
 
 
 def _run_methods(
@@ -212,6 +252,7 @@ def _run_methods(
     tasks: dict[str, Any] = {}
 
     def update(method: str, rnd: int, total: int, row: dict[str, Any]) -> None:
+        _CTRL_C.check()  # a Ctrl-C Python swallowed (in a finaliser) stops the run here
         acc = row.get("mean_local_acc")
         progress.update(
             tasks[method], completed=rnd, acc="" if acc is None else f"local acc {100 * acc:.1f}%"

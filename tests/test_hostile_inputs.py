@@ -282,7 +282,7 @@ def test_a_force_run_that_dies_midway_keeps_the_previous_run(tmp_path: Path, how
     assert (tmp_path / ".run.fedmoe-new").is_dir(), "the new run was published before the signal"
     proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=60)
-    assert _files(tmp_path / "run") == before
+    assert _files(tmp_path / "run") == before, err
     if how == "SIGKILL":
         return
     assert proc.returncode == 130 and "Traceback" not in err
@@ -359,3 +359,29 @@ def test_two_runs_into_one_folder_are_refused(
         assert "o is in use by another fedmoe run" in clean_failure(r, 4)
         assert not (tmp_path / "o").exists()
     assert run_cli("run", "r.yaml", "--out", "o", "-q", "--threads", "1").code == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run() -> None:
+    """Python drops a KeyboardInterrupt raised inside a finaliser; ``fedmoe run`` remembers the
+    signal and raises it again at the next round boundary, so an interrupted run is never
+    published."""
+    import gc
+    import os
+    import signal
+
+    from fedmoe_cli.run import _CTRL_C
+
+    class Finalised:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here; Python drops its raise
+
+    before = signal.getsignal(signal.SIGINT)
+    with _CTRL_C:
+        Finalised()
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            _CTRL_C.check()
+    assert signal.getsignal(signal.SIGINT) is before  # given back
+    with _CTRL_C:
+        _CTRL_C.check()  # a new run starts clean
