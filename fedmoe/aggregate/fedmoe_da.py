@@ -198,10 +198,10 @@ def client_groups(matrices: tuple[AggregationMatrix, ...]) -> tuple[Group, ...]:
         mass.append(m.weights / (e * len(matrices)))
     flat, inverse = np.unique(np.concatenate(keys), return_inverse=True)
     total = np.bincount(inverse, weights=np.concatenate(mass))
+    bounds = np.searchsorted(flat // n, np.arange(n + 1))  # ``flat`` is sorted by target
     groups = []
     for t in range(n):
-        sel = (flat // n) == t
-        src, w = flat[sel] % n, total[sel]
+        src, w = flat[bounds[t] : bounds[t + 1]] % n, total[bounds[t] : bounds[t + 1]]
         w = w / w.sum()
         groups.append(
             Group((index.clients[t],), tuple(index.clients[int(s)] for s in src),

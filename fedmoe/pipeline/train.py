@@ -88,9 +88,11 @@ def train_clients(
         for p in [*paths.values(), manifest_path]:
             outputs.reserve(p)
         for first in range(0, len(ids), BATCH):
+            batch = ids[first : first + BATCH]
+            # with candidates a job's start is its choice among them; the state passed is unused
+            begin = {c: options[0] if options else starts[c].state() for c in batch}
             jobs = [
-                Job(config, starts[c].state(), part.client(c), cfg, seed, round_, c, options)
-                for c in ids[first : first + BATCH]
+                Job(config, begin[c], part.client(c), cfg, seed, round_, c, options) for c in batch
             ]
             for update in pool.run(jobs):
                 cid = update.client
