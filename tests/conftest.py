@@ -71,3 +71,16 @@ def _keep_torch_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigint() -> Iterator[None]:
+    """Ctrl-C is the test process's own: a test (or a library it drives) that changes the SIGINT
+    handler, or sets it to ignored, which the subprocesses a later test starts would inherit, gets
+    it given back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)

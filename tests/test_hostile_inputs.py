@@ -271,6 +271,8 @@ def test_a_force_run_that_dies_midway_keeps_the_previous_run(tmp_path: Path, how
     proc = subprocess.Popen(
         [*cmd, "new.yaml", "--out", "run", "--force", "-q"], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal delivers it: not ignored, whatever this test process inherited
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     metrics = tmp_path / ".run.fedmoe-new" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -376,12 +378,13 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run() -> None:
         def __del__(self) -> None:
             os.kill(os.getpid(), signal.SIGINT)  # the handler runs here; Python drops its raise
 
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it
     with _CTRL_C:
         Finalised()
         gc.collect()
         with pytest.raises(KeyboardInterrupt):
             _CTRL_C.check()
-    assert signal.getsignal(signal.SIGINT) is before  # given back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     with _CTRL_C:
         _CTRL_C.check()  # a new run starts clean
+    signal.signal(signal.SIGINT, before)
