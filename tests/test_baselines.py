@@ -266,6 +266,17 @@ def test_ifca_with_one_cluster_is_fedavg_bit_for_bit(run: Path) -> None:
     assert not (run / "rounds" / "ifca" / "round-000" / "clusters").exists()  # pruned
 
 
+def test_a_run_reads_back_ifca_with_one_cluster(run: Path) -> None:
+    """``--resume`` reads the last round's clusters.json back; with k = 1 it holds one model,
+    which a run accepts while ``train-round --candidates`` asks for two."""
+    from fedmoe.io.checkpoint_set import load_candidates
+
+    manifest = str(run / "rounds" / "ifca" / "round-002" / "clusters" / "clusters.json")
+    assert [k.meta.cluster for k in load_candidates([manifest], minimum=1)] == [0]
+    with pytest.raises(InputError, match="choosing needs at least 2"):
+        load_candidates([manifest])
+
+
 def test_fedprox_and_fedper_run_and_count_their_traffic(run: Path) -> None:
     def train(method: str) -> dict[str, Any]:
         path = run / "rounds" / method / "round-002" / "train" / "train-round.json"

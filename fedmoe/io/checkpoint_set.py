@@ -112,10 +112,11 @@ def load_checkpoint_set(
     return by_client
 
 
-def load_candidates(inputs: list[str]) -> list[Checkpoint]:
+def load_candidates(inputs: list[str], minimum: int = 2) -> list[Checkpoint]:
     """The models a clustered-FL client chooses its start among (IFCA's k cluster models), in
     cluster order: files in the order given, a folder's files by name, or a ``clusters`` manifest
-    (what ``fedmoe run`` writes to each round's ``clusters/``) in its order.
+    (what ``fedmoe run`` writes to each round's ``clusters/``) in its order. A client chooses
+    among at least ``minimum`` (a run's IFCA with k = 1 keeps one).
 
     Raises
     ------
@@ -134,9 +135,9 @@ def load_candidates(inputs: list[str]) -> list[Checkpoint]:
             found.extend(open_checkpoint(f) for f in files)
         else:
             found.append(open_checkpoint(path))
-    if len(found) < 2:
+    if len(found) < minimum:
         raise InputError(
-            f"{len(found)} candidate model given; choosing needs at least 2",
+            f"{len(found)} candidate model given; choosing needs at least {minimum}",
             hint="pass the k cluster models (files, a folder or their clusters.json)",
         )
     check_same_architecture(found)

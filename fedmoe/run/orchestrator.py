@@ -300,7 +300,7 @@ def _clusters(ctx: RunContext, name: str, method: IFCA, done: int) -> list[Check
     initialisation; all clusters equal would make every client choose cluster 0)."""
     folder = ctx.folder.round(name, done) / "clusters"
     if done > 0:
-        found = load_candidates([str(folder / "clusters.json")])
+        found = load_candidates([str(folder / "clusters.json")], minimum=1)
         if len(found) != method.clusters:
             raise InputError(
                 f"{folder}: holds {len(found)} cluster models, the recipe's ifca {method.clusters}",
