@@ -23,6 +23,7 @@ from bench import (
     round_bench,
     run_bench,
     startup_bench,
+    sync_bench,
     topk_bench,
 )
 from bench.common import Row, copy_bandwidth, fmt, threads
@@ -32,6 +33,7 @@ SUITES = {
     "partition": partition_bench.run,
     "moe": moe_bench.run,
     "topk": topk_bench.run,
+    "sync": sync_bench.run,
     "merge": merge_bench.run,
     "hf": hf_bench.run,
     "round": round_bench.run,

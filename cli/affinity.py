@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from fedmoe.affinity import Affinity
 
 from .common import (
+    INLINE_HINT_ROWS,
+    ArraysFile,
     Force,
     Json,
     LayoutFile,
@@ -46,6 +48,12 @@ Examples:
   fedmoe affinity r1/ --partition p.json --plot affinity.png --out affinity.json
 
   fedmoe affinity r2/ --stale uploads/ --out affinity2.json
+
+Large federations: --arrays FILE writes the neighbours and share tables to a binary companion
+(the JSON names it by sha256; paths are relative to the JSON's folder, or to the working folder
+on stdout), so the JSON stays small and plan-sync reads it fast:
+
+  fedmoe affinity r1/ --arrays aff.arrays.safetensors | fedmoe plan-sync - --out plan.json
 """
 
 
@@ -73,12 +81,14 @@ def affinity(
     out: Annotated[
         str, typer.Option("--out", "-o", help="Artefact path, or - for stdout.")
     ] = STDIO,
+    arrays: ArraysFile = None,
     layout: LayoutFile = None,
     num_samples: NumSamples = None,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
+    from fedmoe.io.arrays_file import stage_arrays
     from fedmoe.io.atomic import OutputSet
     from fedmoe.io.checkpoint_set import client_checkpoints, newest_per_client
     from fedmoe.io.partition_file import load_partition
@@ -99,9 +109,27 @@ def affinity(
             outputs.reserve(Path(out))
         if plot is not None:
             outputs.reserve(plot)
+        if arrays is not None:
+            outputs.reserve(arrays)
         aff, manifest = affinity_artefact(
-            fresh, earlier, candidates, base_dir(out), domain_names, class_names, pool_layers
+            fresh,
+            earlier,
+            candidates,
+            base_dir(out),
+            domain_names,
+            class_names,
+            pool_layers,
+            inline=arrays is None,
         )
+        if arrays is not None:
+            from fedmoe.io.affinity_file import affinity_arrays
+
+            manifest["arrays"] = stage_arrays(outputs, arrays, affinity_arrays(aff), base_dir(out))
+        elif sum(la.index.size for la in aff.layers) > INLINE_HINT_ROWS:
+            console.print(
+                f"note: {aff.layers[0].index.size:,} client-experts per layer: --arrays FILE "
+                "keeps the artefact small and fast to read"
+            )
         text = dumps(manifest)
         if plot is not None:
             from fedmoe.plots import affinity_heatmap

@@ -41,6 +41,15 @@ RecipeFile = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
 Overrides = Annotated[
     list[str] | None, typer.Option("--config", "-c", help="Override: section.key=value.")
 ]
+ArraysFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--arrays",
+        help="Write the large arrays to this binary file (safetensors) that the JSON names by "
+        "sha256: for large federations, where they keep the JSON small and reading fast.",
+    ),
+]
+INLINE_HINT_ROWS = 16384  # client-experts (all layers) beyond which a hint suggests --arrays
 LayoutFile = Annotated[
     Path | None,
     typer.Option(
@@ -61,7 +70,7 @@ NumSamples = Annotated[
 
 def folder_options(layout: Path | None, num_samples: list[str] | None) -> Any:
     """How to read Hugging Face model folders (:class:`fedmoe.io.hf_folder.FolderOptions`)."""
-    from fedmoe.io.hf_folder import FolderOptions, load_layout, parse_num_samples
+    from fedmoe.io.hf_options import FolderOptions, load_layout, parse_num_samples
 
     per, default = parse_num_samples(num_samples or [])
     return FolderOptions(load_layout(layout) if layout else None, per, default)

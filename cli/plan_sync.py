@@ -14,8 +14,19 @@ from fedmoe.params import default_of, from_mapping, help_of
 
 if TYPE_CHECKING:
     from fedmoe.aggregate import FedMoEDA
+    from fedmoe.round import SyncPlan
 
-from .common import Force, Json, Quiet, emit, handle_errors, parse_params, stderr_console
+from .common import (
+    INLINE_HINT_ROWS,
+    ArraysFile,
+    Force,
+    Json,
+    Quiet,
+    emit,
+    handle_errors,
+    parse_params,
+    stderr_console,
+)
 
 HELP = """Build FedMoE-DA's sparse aggregation matrices and the sync plan each client receives.
 
@@ -43,6 +54,14 @@ Examples:
 
   fedmoe plan-sync --previous-plan plan1.json --round 2 --participants 0,3,5 \\
       --refresh-interval 2 --out plan2.json
+
+Large federations: --arrays FILE writes the matrices and transfers to a binary companion that
+the JSON names by sha256; --per-client FILE also writes each participant's own small plan (its
+rows, the experts it fetches from whom, the sha256 of each upload it merges), one JSON line per
+client, and the plan records each line's byte range and sha256, so a client fetches only its own:
+
+  fedmoe affinity r1/ --arrays aff.bin | fedmoe plan-sync - --arrays plan.bin \\
+      --per-client clients.jsonl --out plan.json
 """
 
 
@@ -87,15 +106,25 @@ def plan_sync(
         ),
     ] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Plan path, or - for stdout.")] = STDIO,
+    arrays: ArraysFile = None,
+    per_client: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write each participant's own small plan, one JSON line each, to this file "
+            "(the plan records each line's byte range and sha256)."
+        ),
+    ] = None,
     force: Force = False,
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
     from fedmoe.aggregate import FedMoEDA
     from fedmoe.io.affinity_file import load_affinity
+    from fedmoe.io.arrays_file import stage_arrays
     from fedmoe.io.atomic import OutputSet
-    from fedmoe.io.plan_file import load_plan
-    from fedmoe.pipeline.sync import sync_artefact
+    from fedmoe.io.manifest import relative
+    from fedmoe.io.plan_file import client_plans_entry, load_plan, plan_arrays
+    from fedmoe.pipeline.sync import client_plans, pack_client_plans, sync_artefact
 
     console = stderr_console(quiet)
     options = {
@@ -128,14 +157,41 @@ def plan_sync(
             raise UsageError(f"--participants {participants!r}: client ids are >= 0")
     prev = load_plan(previous_plan) if previous_plan is not None else None
     aff = load_affinity(affinity) if affinity is not None else None
-    _, manifest = sync_artefact(
-        method, round_, ids, aff, affinity, prev, previous_plan, base_dir(out)
-    )
-    text = dumps(manifest)
-    if out != STDIO:
-        with OutputSet(force) as outputs:
+    with OutputSet(force) as outputs:
+        for path in (Path(out) if out != STDIO else None, arrays, per_client):
+            if path is not None:
+                outputs.reserve(path)
+        plan, manifest = sync_artefact(
+            method,
+            round_,
+            ids,
+            aff,
+            affinity,
+            prev,
+            previous_plan,
+            base_dir(out),
+            inline=arrays is None,
+        )
+        index_arrays: dict[str, Any] = {}
+        if per_client is not None:
+            data, index = pack_client_plans(client_plans(plan, manifest))
+            outputs.write_bytes(per_client, data)
+            manifest["client_plans"], index_arrays = client_plans_entry(
+                relative(per_client, base_dir(out)), data, index, inline=arrays is None
+            )
+        if arrays is not None:
+            manifest["arrays"] = stage_arrays(
+                outputs, arrays, {**plan_arrays(plan), **index_arrays}, base_dir(out)
+            )
+        elif sum(m.index.size for m in plan.matrices) > INLINE_HINT_ROWS:
+            console.print(
+                f"note: {plan.matrices[0].index.size:,} client-experts per layer: --arrays FILE "
+                "keeps the plan small and fast to read"
+            )
+        text = dumps(manifest)
+        if out != STDIO:
             outputs.write_bytes(Path(out), text.encode())
-    _table(console, manifest)
+    _table(console, plan, manifest)
     if out == STDIO:
         typer.echo(text, nl=False)
     else:
@@ -155,14 +211,20 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
-def _table(console: Any, plan: dict[str, Any]) -> None:
+def _table(console: Any, sync: SyncPlan, plan: dict[str, Any]) -> None:
+    import numpy as np
+
     if console.quiet:
         return
-    rows = [r for layer in plan["layers"] for r in layer["targets"]]
-    n_src = [len(r["sources"]) for r in rows]
-    remote = sum(1 for r in rows for s in r["sources"] if s["client"] != r["client"])
-    cross = sum(1 for r in rows for s in r["sources"] if s["expert"] != r["expert"])
-    total = max(sum(n_src), 1)
+    rows = sum(m.index.size for m in sync.matrices)
+    entries = remote = cross = 0
+    for m in sync.matrices:
+        e = m.index.num_experts
+        targets = m.targets
+        entries += m.sources.size
+        remote += int(np.count_nonzero(m.sources // e != targets // e))
+        cross += int(np.count_nonzero(m.sources % e != targets % e))
+    total = max(entries, 1)
     led = plan["ledger"]
     table = Table(
         title=f"sync plan, round {plan['round']} (P={plan['top_p']}, τ={plan['tau']}, "
@@ -172,14 +234,14 @@ def _table(console: Any, plan: dict[str, Any]) -> None:
     )
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    table.add_row("client-experts (all layers)", str(len(rows)))
+    table.add_row("client-experts (all layers)", str(rows))
     table.add_row(
         "participants / clients covered", f"{len(plan['participants'])} / {len(plan['clients'])}"
     )
-    table.add_row("sources per target (mean)", f"{sum(n_src) / max(len(rows), 1):.2f}")
+    table.add_row("sources per target (mean)", f"{entries / max(rows, 1):.2f}")
     table.add_row("sources from other clients", f"{100 * remote / total:.0f}%")
     table.add_row("sources with another expert index", f"{100 * cross / total:.0f}%")
-    table.add_row("peer-to-peer transfers (client pairs)", str(len(plan["transfers"])))
+    table.add_row("peer-to-peer transfers (client pairs)", str(len(sync.transfers)))
     table.add_row("server bytes (up + down + plan)", _mib(led["server_total"]))
     table.add_row("peer-to-peer bytes", _mib(led["p2p"]))
     table.add_row("FedAvg of the whole model", _mib(led["fedavg_equivalent"]))

@@ -662,8 +662,9 @@ def test_top_p_error_is_worded_as_the_option(
          "neighbour row 1 is not sorted by decreasing similarity"),
         ("affinity", lambda m: m["model_config"].__setitem__("num_experts", 0),
          "bad model_config"),
-        ("affinity", lambda m: m.__setitem__("schema_version", 3),
-         "schema_version 3 is not supported"),
+        ("affinity", lambda m: m.__setitem__("schema_version", 4),
+         "schema_version 4 is not supported"),
+        ("affinity", lambda m: m.__setitem__("schema_version", 3), "missing key 'arrays'"),
         ("affinity-v2", lambda m: m.pop("layers"), "missing key 'layers'"),
         ("affinity-v2", lambda m: m["layers"][0]["neighbours"].pop(),
          "layer 0 has 5 neighbour rows for 6 client-experts"),
@@ -672,7 +673,7 @@ def test_top_p_error_is_worded_as_the_option(
         ("previous", lambda m: m.pop("participants"), "missing key 'participants'"),
     ],
     ids=["no-sizes", "bad-column", "bad-similarity", "column-out-of-range", "unsorted-row",
-         "bad-config", "schema-3", "v2-no-layers", "v2-missing-row", "no-matrix-round",
+         "bad-config", "schema-4", "schema-3-no-arrays", "v2-no-layers", "v2-missing-row", "no-matrix-round",
          "no-model-config", "no-participants"],
 )  # fmt: skip
 def test_malformed_manifests_are_invalid_input(

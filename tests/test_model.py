@@ -17,6 +17,7 @@ from fedmoe.model import (
     MoEConfig,
     Router,
     build_model,
+    expected_shapes,
     init_model,
     load_balance_loss,
     state_of,
@@ -476,3 +477,19 @@ def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         cfg.top_k = 3  # type: ignore[misc]
     assert json.loads(cfg.to_json())["top_k"] == 2
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MoEConfig((1, 8, 8), 10),
+        MoEConfig((1, 8, 8), 10, embed="cnn", embed_hidden=40, gate_bias=True),
+        MoEConfig((3, 7, 5), 4, embed="cnn", moe_layers=3, num_experts=5, expert_hidden=9),
+        MoEConfig((40,), 3, embed_dim=16, moe_layers=2, gate_bias=True),
+    ],
+)
+def test_declared_shapes_are_the_built_models_tensors(cfg: MoEConfig) -> None:
+    """The shapes computed from the config alone (no torch) are the built model's state dict."""
+    model = MoEClassifier(cfg)
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert expected_shapes(cfg) == built

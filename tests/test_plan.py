@@ -52,12 +52,12 @@ from fedmoe.round import SyncPlan, build_matrices, held_uploads, plan_round, pla
 def neighbours(rows: list[list[tuple[int, float]]], k: int) -> Neighbours:
     """Hand-made neighbour rows [(column, similarity), ...], each sorted as topk_cosine sorts."""
     counts = [len(r) for r in rows]
-    indptr = torch.zeros(len(rows) + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(torch.tensor(counts), 0)
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(counts)
     return Neighbours(
         indptr,
-        torch.tensor([c for r in rows for c, _ in r], dtype=torch.int64),
-        torch.tensor([v for r in rows for _, v in r], dtype=torch.float32),
+        np.array([c for r in rows for c, _ in r], dtype=np.int64),
+        np.array([v for r in rows for _, v in r], dtype=np.float32),
         k,
     )
 
@@ -238,10 +238,10 @@ def test_too_few_candidates_and_bad_parameters() -> None:
 
 def test_neighbours_are_not_modified() -> None:
     nb = neighbours(HAND, 4)
-    copies = [t.clone() for t in (nb.indptr, nb.indices, nb.values)]
+    copies = [t.copy() for t in (nb.indptr, nb.indices, nb.values)]
     aggregation_matrix(nb, INDEX6, 2, 0.25)
     for a, b in zip(copies, (nb.indptr, nb.indices, nb.values), strict=True):
-        assert torch.equal(a, b)
+        assert np.array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +277,9 @@ def test_restrict_keeps_present_sources_renormalised() -> None:
 def test_client_prior_keeps_the_candidates_of_the_most_similar_clients() -> None:
     index = ExpertIndex((10, 11, 12), 2)  # ids, not positions
     nb = Neighbours(
-        torch.tensor([0, 3, 6, 8, 10, 11, 13]),
-        torch.tensor([0, 2, 4, 1, 5, 3, 2, 0, 3, 4, 4, 5, 1]),
-        torch.tensor([1, 0.9, 0.5, 1, 0.8, 0.2, 1, 0.9, 1, 0.7, 1, 1, 0.8]),
+        np.array([0, 3, 6, 8, 10, 11, 13]),
+        np.array([0, 2, 4, 1, 5, 3, 2, 0, 3, 4, 4, 5, 1]),
+        np.array([1, 0.9, 0.5, 1, 0.8, 0.2, 1, 0.9, 1, 0.7, 1, 1, 0.8], dtype=np.float32),
         3,
     )
     # client similarity = mean over its experts of the best candidate similarity, by hand:
@@ -829,7 +829,8 @@ def test_schema_1_plan_loads_as_one_layer(tmp_path: Path) -> None:
         (lambda p: p["targets"][0]["sources"][1].update(client=5),
          "source client 5 expert 1 of target client 0 expert 0 is unknown"),
         (lambda p: p.update(clients=[3, 0]), "'clients' must be increasing and distinct"),
-        (lambda p: p.update(schema_version=3), "schema_version 3 is not supported"),
+        (lambda p: p.update(schema_version=4), "schema_version 4 is not supported"),
+        (lambda p: p.update(schema_version=3), "missing key 'arrays'"),
         (lambda p: p.update(top_p=-1), "bad FedMoE-DA parameters (top_p must be >= 0, got -1)"),
     ],
 )  # fmt: skip

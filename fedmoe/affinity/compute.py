@@ -11,7 +11,7 @@ import numpy as np
 
 from fedmoe.affinity.domain import share_table
 from fedmoe.affinity.proxies import ExpertIndex, Upload, stack_proxies
-from fedmoe.affinity.topk import Neighbours, topk_cosine
+from fedmoe.affinity.topk import Neighbours, as_float32, topk_cosine
 from fedmoe.errors import InputError
 
 if TYPE_CHECKING:
@@ -45,19 +45,17 @@ class Affinity:
         return self.layers[0].index.clients
 
 
-def pooled_proxies(gates: list[torch.Tensor]) -> torch.Tensor:
+def pooled_proxies(gates: list[torch.Tensor | np.ndarray]) -> np.ndarray:
     """One client's proxies over every MoE layer: row j is the concatenation of expert j's
     unit-norm gate rows of each layer, divided by √L, so the cosine of two pooled rows is the mean
     over layers of their per-layer cosines."""
-    import torch
-
-    scale = 1.0 / len(gates) ** 0.5
+    scale = np.float32(1.0 / len(gates) ** 0.5)
     parts = []
-    for g in gates:
-        g = g.detach().to(torch.float32)
-        norms = g.norm(dim=1, keepdim=True)
-        parts.append(torch.where(norms > 0, g / norms.clamp_min(1e-30), g) * scale)
-    return torch.cat(parts, dim=1)  # (E, Σ H_l)
+    for gate in gates:
+        g = as_float32(gate)
+        norms = np.linalg.norm(g, axis=1, keepdims=True)
+        parts.append(np.where(norms > 0, g / np.maximum(norms, 1e-30), g) * scale)
+    return np.concatenate(parts, axis=1).astype(np.float32)  # (E, Σ H_l)
 
 
 def compute_affinity(

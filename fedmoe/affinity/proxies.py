@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -33,19 +35,19 @@ class ExpertIndex:
         return self.clients.index(client) * self.num_experts + expert
 
 
-def stack_proxies(gates: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ExpertIndex]:
-    """Stack every client's (E, H) gate weight into the (N·E, H) proxy matrix.
+def stack_proxies(gates: dict[int, Any]) -> tuple[np.ndarray, ExpertIndex]:
+    """Stack every client's (E, H) gate weight into the (N·E, H) float32 proxy matrix.
 
     Parameters
     ----------
     gates
-        Client id → that client's ``gate.weight``.
+        Client id → that client's ``gate.weight`` (a NumPy array or a torch tensor).
     """
-    import torch
+    from fedmoe.affinity.topk import as_float32
 
     clients = tuple(sorted(gates))
     num_experts = int(gates[clients[0]].shape[0])
-    matrix = torch.cat([gates[c].to(torch.float32) for c in clients], dim=0)  # (N·E, H)
+    matrix = np.concatenate([as_float32(gates[c]) for c in clients], axis=0)  # (N·E, H)
     return matrix, ExpertIndex(clients, num_experts)
 
 
@@ -57,7 +59,9 @@ class Upload:
     client: int  # client id
     num_samples: int  # training samples (FedAvg weight)
     round: int  # the round it trained in (older than the current round: a stale upload)
-    proxies: tuple[torch.Tensor, ...]  # (E, H) gate weight of each MoE layer (Eq. 8 proxies);
+    proxies: tuple[
+        torch.Tensor | np.ndarray, ...
+    ]  # (E, H) gate weight of each MoE layer (Eq. 8 proxies);
     # empty when the consumer needs none (a merge)
     routing: dict[str, Any] | None = None  # routing statistics of that training
     cluster: int | None = None  # clustered FL (IFCA): the cluster model it trained from

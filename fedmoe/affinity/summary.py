@@ -35,23 +35,24 @@ def _layer_summary(aff: LayerAffinity) -> dict[str, Any]:
     index = aff.index
     nb = aff.neighbours
     dom, share = dominant(aff.by_domain)
-    same_domain, other_client, sims = [], [], []
-    for m in range(index.size):
-        cols, vals = nb.row(m)
-        others = [(int(c), float(v)) for c, v in zip(cols, vals, strict=True) if int(c) != m]
-        if not others:
-            continue
-        c, v = others[0]
-        sims.append(v)
-        other_client.append(index.key(c)[0] != index.key(m)[0])
-        if dom[m] >= 0 and dom[c] >= 0:
-            same_domain.append(dom[m] == dom[c])
+    rows = np.repeat(np.arange(index.size), np.diff(nb.indptr))  # (nnz,) row of each entry
+    other = nb.indices != rows  # entries that are not the row itself
+    # each row's nearest other entry: rows are sorted, so the first one that is not itself
+    first_rows, first = np.unique(rows[other], return_index=True)
+    near = nb.indices[other][first]  # (R,) nearest other client-expert of each such row
+    sims = nb.values[other][first].astype(np.float64)
+    e = index.num_experts
+    other_client = near // e != first_rows // e
+    known = (dom[first_rows] >= 0) & (dom[near] >= 0)
+    same_domain = dom[first_rows][known] == dom[near][known]
+
+    def mean(x: np.ndarray) -> float | None:
+        return round(float(np.mean(x)), 6) if x.size else None
+
     return {
         "client_experts": index.size,
-        "mean_nearest_similarity": round(float(np.mean(sims)), 6) if sims else None,
-        "nearest_is_other_client": round(float(np.mean(other_client)), 6) if other_client else None,
-        "nearest_same_dominant_domain": round(float(np.mean(same_domain)), 6)
-        if same_domain
-        else None,
+        "mean_nearest_similarity": mean(sims),
+        "nearest_is_other_client": mean(other_client),
+        "nearest_same_dominant_domain": mean(same_domain),
         "mean_dominant_domain_share": round(float(share.mean()), 6),
     }

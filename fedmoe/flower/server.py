@@ -456,7 +456,7 @@ class FlowerRun:
             # delivered, the proxies kept of every client, this round's small parts
             row["server_state_bytes"] = (
                 outbox.held_bytes
-                + sum(p.numel() * p.element_size() for h in held.values() for p in h[0].proxies)
+                + sum(int(p.nbytes) for h in held.values() for p in h[0].proxies)
                 + sum(nbytes(t) for t in fresh.states.values())
             )
             row["seconds"] = round(time.perf_counter() - start, 4)

@@ -1,7 +1,8 @@
 """The affinity artefact (``kind: "affinity"``): what ``fedmoe affinity`` writes and ``plan-sync``
 reads.
 
-Layout (schema 2; schema 1, one MoE layer with ``neighbours`` at the top level, is still read)::
+Layout (schema 2; schema 1, one MoE layer with ``neighbours`` at the top level, is still read;
+schema 3 is schema 2 with the neighbours and share tables in a binary companion, see below)::
 
     schema_version, kind, fedmoe_version, round, candidates, model_config
     sizes:   {shared, gate, expert: [per layer], num_experts: [per layer], model}
@@ -12,6 +13,12 @@ Layout (schema 2; schema 1, one MoE layer with ``neighbours`` at the top level, 
     layers:  [{layer, num_experts,
                neighbours: one row per m: [[m', similarity], ...], decreasing (ties kept),
                expert_domain: {names, shares}, expert_label: {names, shares}}]
+
+Schema 3 (``fedmoe affinity --arrays FILE``, for large federations): each layer keeps ``layer``,
+``num_experts`` and the share tables' ``names``; its neighbours and shares are the arrays
+``layer-LLL.indptr`` (M+1, int64), ``.indices`` (int64), ``.values`` (float32), ``.domain_shares``
+(M, D) and ``.label_shares`` (M, C) (float64, rounded to 6 decimals as in JSON) of the companion
+that ``arrays`` names (:mod:`fedmoe.io.arrays_file`).
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedmoe.affinity import Affinity, ExpertIndex, LayerAffinity, Neighbours
 from fedmoe.errors import InputError, UsageError
+from fedmoe.io.arrays_file import check_csr, load_arrays, row_of, take
 from fedmoe.io.manifest import header, malformed, read_manifest, require
 from fedmoe.model.config import MoEConfig
 from fedmoe.model.hf import HFConfig, ModelConfig
@@ -33,6 +40,7 @@ from fedmoe.model.schema import PartSizes
 
 KIND = "affinity"
 VERSION = 2
+ARRAYS_VERSION = 3  # the neighbours and share tables in a binary companion
 
 
 def _rounded(table: np.ndarray) -> list[list[float]]:
@@ -65,34 +73,29 @@ def affinity_to_manifest(
     inputs: list[dict[str, Any]],
     domain_names: list[str] | None = None,
     class_names: list[str] | None = None,
+    inline: bool = True,
 ) -> dict[str, Any]:
-    """The artefact of ``aff``; ``inputs`` lists the checkpoints it was computed from."""
+    """The artefact of ``aff``; ``inputs`` lists the checkpoints it was computed from. With
+    ``inline=False`` the neighbours and share tables are left to the companion
+    (:func:`affinity_arrays`), whose ``arrays`` entry the caller adds."""
     layers = []
     for la in aff.layers:
-        nb = la.neighbours
-        indptr, cols, vals = nb.indptr.tolist(), nb.indices.tolist(), nb.values.tolist()
-        rows = [
-            [[cols[p], vals[p]] for p in range(indptr[m], indptr[m + 1])]
-            for m in range(nb.num_rows)
-        ]
         d, c = la.by_domain.shape[1], la.by_label.shape[1]
-        layers.append(
-            {
-                "layer": la.layer,
-                "num_experts": la.index.num_experts,
-                "neighbours": rows,
-                "expert_domain": {
-                    "names": domain_names or [f"domain{i}" for i in range(d)],
-                    "shares": _rounded(la.by_domain),
-                },
-                "expert_label": {
-                    "names": class_names or [str(i) for i in range(c)],
-                    "shares": _rounded(la.by_label),
-                },
-            }
-        )
+        layer: dict[str, Any] = {"layer": la.layer, "num_experts": la.index.num_experts}
+        domain: dict[str, Any] = {"names": domain_names or [f"domain{i}" for i in range(d)]}
+        label: dict[str, Any] = {"names": class_names or [str(i) for i in range(c)]}
+        if inline:
+            nb = la.neighbours
+            indptr, cols, vals = nb.indptr.tolist(), nb.indices.tolist(), nb.values.tolist()
+            layer["neighbours"] = [
+                [[cols[p], vals[p]] for p in range(indptr[m], indptr[m + 1])]
+                for m in range(nb.num_rows)
+            ]
+            domain["shares"] = _rounded(la.by_domain)
+            label["shares"] = _rounded(la.by_label)
+        layers.append({**layer, "expert_domain": domain, "expert_label": label})
     return {
-        **header(KIND, VERSION),
+        **header(KIND, VERSION if inline else ARRAYS_VERSION),
         "round": aff.round,
         "candidates": aff.layers[0].neighbours.k,
         "model_config": json_config(config),
@@ -103,6 +106,19 @@ def affinity_to_manifest(
         **({"pooled": True} if aff.pooled else {}),
         "layers": layers,
     }
+
+
+def affinity_arrays(aff: Affinity) -> dict[str, np.ndarray]:
+    """The companion's arrays of a schema-3 artefact (see the module)."""
+    out: dict[str, np.ndarray] = {}
+    for la in aff.layers:
+        key = f"layer-{la.layer:03d}"
+        out[f"{key}.indptr"] = la.neighbours.indptr.astype(np.int64)
+        out[f"{key}.indices"] = la.neighbours.indices.astype(np.int64)
+        out[f"{key}.values"] = la.neighbours.values.astype(np.float32)
+        out[f"{key}.domain_shares"] = np.round(la.by_domain.astype(np.float64), 6)
+        out[f"{key}.label_shares"] = np.round(la.by_label.astype(np.float64), 6)
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,11 +134,59 @@ class LoadedAffinity:
 
 def load_affinity(source: str | Path) -> LoadedAffinity:
     """Read and validate an affinity artefact (or ``-``)."""
-    manifest, _, digest = read_manifest(source, KIND, versions=(1, VERSION))
+    manifest, base, digest = read_manifest(source, KIND, versions=(1, VERSION, ARRAYS_VERSION))
     where = "<stdin>" if str(source) == "-" else str(source)
     with malformed(where, "affinity artefact", "re-create it with fedmoe affinity"):
-        aff, config, sizes = _parse(manifest, where)
+        arrays = None
+        if manifest["schema_version"] == ARRAYS_VERSION:
+            arrays = load_arrays(require(manifest, "arrays", where), base, where)
+        aff, config, sizes = _parse(manifest, where, arrays)
     return LoadedAffinity(aff, config, sizes, manifest, digest)
+
+
+def _layer_from_arrays(
+    data: dict[str, Any],
+    layer: int,
+    clients: tuple[int, ...],
+    candidates: int,
+    arrays: dict[str, np.ndarray],
+    where: str,
+) -> LayerAffinity:
+    """One layer of a schema-3 artefact, every check vectorised (M may be 65,536 or more)."""
+    index = ExpertIndex(clients, int(require(data, "num_experts", where)))
+    key = f"layer-{layer:03d}"
+    indptr = take(arrays, f"{key}.indptr", np.int64, 1, where)
+    cols = take(arrays, f"{key}.indices", np.int64, 1, where)
+    vals = take(arrays, f"{key}.values", np.float32, 1, where)
+    if cols.shape != vals.shape:
+        raise InputError(f"{where}: {key} has {cols.size} neighbour columns for {vals.size} values")
+    check_csr(indptr, cols, index.size, index.size, f"layer {layer}'s neighbours", where)
+    bad = ~((vals >= -1.0001) & (vals <= 1.0001))  # NaN fails too: a cosine is in [-1, 1]
+    if bad.any():
+        p = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{where}: neighbour row {row_of(indptr, p)} has similarity {float(vals[p])!r}, "
+            "not a cosine",
+            hint="re-create it with fedmoe affinity",
+        )
+    same_row = np.ones(max(vals.size - 1, 0), dtype=bool)
+    starts = indptr[1:-1]
+    same_row[starts[(starts > 0) & (starts < vals.size)] - 1] = False
+    rising = (vals[1:] > vals[:-1]) & same_row
+    if rising.any():
+        p = int(np.flatnonzero(rising)[0])
+        raise InputError(
+            f"{where}: neighbour row {row_of(indptr, p)} is not sorted by decreasing similarity"
+        )
+    shares = []
+    for name in ("domain_shares", "label_shares"):
+        table = take(arrays, f"{key}.{name}", np.float64, 2, where)
+        if table.shape[0] != index.size or not np.isfinite(table).all():
+            raise InputError(f"{where}: {key}.{name} must be finite with {index.size} rows")
+        shares.append(table)
+    return LayerAffinity(
+        layer, index, Neighbours(indptr, cols, vals, candidates), shares[0], shares[1]
+    )
 
 
 def _parse_layer(
@@ -151,13 +215,10 @@ def _parse_layer(
         counts.append(len(row))
         if any(row[i][1] < row[i + 1][1] for i in range(len(row) - 1)):
             raise InputError(f"{where}: neighbour row {m} is not sorted by decreasing similarity")
-    indptr = torch.zeros(index.size + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), dim=0)
+    indptr = np.zeros(index.size + 1, dtype=np.int64)
+    np.cumsum(np.asarray(counts, dtype=np.int64), out=indptr[1:])
     neighbours = Neighbours(
-        indptr,
-        torch.tensor(cols, dtype=torch.int64),
-        torch.tensor(vals, dtype=torch.float32),
-        candidates,
+        indptr, np.asarray(cols, dtype=np.int64), np.asarray(vals, dtype=np.float32), candidates
     )
     dom = np.asarray(data.get("expert_domain", {}).get("shares", []), dtype=np.float64)
     lab = np.asarray(data.get("expert_label", {}).get("shares", []), dtype=np.float64)
@@ -166,7 +227,9 @@ def _parse_layer(
     )
 
 
-def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, ModelConfig, PartSizes]:
+def _parse(
+    manifest: dict[str, Any], where: str, arrays: dict[str, np.ndarray] | None = None
+) -> tuple[Affinity, ModelConfig, PartSizes]:
     clients = tuple(int(c) for c in require(manifest, "clients", where))
     if list(clients) != sorted(set(clients)):
         raise InputError(f"{where}: 'clients' must be increasing and distinct")
@@ -177,6 +240,8 @@ def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, ModelConfig,
         layers_data = require(manifest, "layers", where)
     layers = tuple(
         _parse_layer(data, layer, clients, candidates, where)
+        if arrays is None
+        else _layer_from_arrays(data, layer, clients, candidates, arrays, where)
         for layer, data in enumerate(layers_data)
     )
     config = parse_config(require(manifest, "model_config", where), where)
@@ -203,11 +268,6 @@ def _parse(manifest: dict[str, Any], where: str) -> tuple[Affinity, ModelConfig,
     if not isinstance(pooled, bool):
         raise InputError(f"{where}: 'pooled' must be true or false")
     first = layers[0].neighbours
-    if pooled and not all(
-        torch.equal(la.neighbours.indptr, first.indptr)
-        and torch.equal(la.neighbours.indices, first.indices)
-        and torch.equal(la.neighbours.values, first.values)
-        for la in layers[1:]
-    ):
+    if pooled and not all(la.neighbours.same_as(first) for la in layers[1:]):
         raise InputError(f"{where}: 'pooled' but its layers' neighbours differ")
     return Affinity(layers, int(manifest.get("round", 0)), stale, pooled), config, sizes

@@ -12,7 +12,9 @@ Format ``fedmoe-moe/2`` (``fedmoe-moe/1`` is still read):
   client has trained.
 
 Reading is lazy (``safe_open`` is mmap-backed): :meth:`Checkpoint.tensor` and
-:meth:`Checkpoint.expert` read one tensor or one expert slice, never the whole file.
+:meth:`Checkpoint.expert` read one tensor or one expert slice, never the whole file. Opening a
+checkpoint and reading its upload (:meth:`Checkpoint.upload`) need no torch: the server-side
+commands that read only gates (``affinity``) never import it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from safetensors import safe_open
 
 from fedmoe import __version__
@@ -31,10 +33,12 @@ from fedmoe.affinity.proxies import Upload
 from fedmoe.errors import InputError
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.manifest import sha256_file
-from fedmoe.io.safetensors_format import write_tensors
 from fedmoe.model import ModelSchema, expected_shapes, schema_for
 from fedmoe.model.config import MoEConfig
 from fedmoe.model.hf import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "fedmoe-moe/2"
 READABLE_FORMATS = ("fedmoe-moe/1", FORMAT)
@@ -137,7 +141,7 @@ class Checkpoint:
         if not self.path.is_file():
             raise InputError(f"{where}: no such checkpoint file", hint="check the path")
         try:
-            self._handle = safe_open(str(self.path), framework="pt")
+            self._handle = safe_open(str(self.path), framework="numpy")
             raw_meta = self._handle.metadata() or {}
             self.names: list[str] = sorted(self._handle.keys())
         except Exception as exc:  # safetensors raises its own SafetensorError on bad files
@@ -167,6 +171,13 @@ class Checkpoint:
                     f"needs {list(shapes[name])}"
                 )
         self._sha256: str | None = None
+        self._torch: Any = None  # a torch handle, opened on the first tensor read
+
+    @property
+    def _pt(self) -> Any:
+        if self._torch is None:
+            self._torch = safe_open(str(self.path), framework="pt")
+        return self._torch
 
     @property
     def config(self) -> ModelConfig:
@@ -198,7 +209,7 @@ class Checkpoint:
             raise InputError(f"{self.path} is a global model, not a client's upload")
         schema = self.schema
         rows = tuple(
-            self.tensor(schema.proxy(layer)) for layer in range(schema.num_layers if proxies else 0)
+            self._array(schema.proxy(layer)) for layer in range(schema.num_layers if proxies else 0)
         )
         return Upload(
             meta.client_id, meta.num_samples, meta.round, rows, meta.routing, meta.cluster
@@ -221,10 +232,22 @@ class Checkpoint:
 
         return FROM_CODE[self._handle.get_slice(name).get_dtype()]
 
+    def _array(self, name: str) -> Any:
+        """Read one tensor as a NumPy array (no torch), refusing NaN/Inf: an upload's proxies."""
+        a: np.ndarray = self._handle.get_tensor(name)
+        if not np.isfinite(a).all():
+            raise InputError(
+                f"{self.path}: tensor {name} contains NaN or Inf",
+                hint="drop this client's update this round",
+            )
+        return a
+
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor, refusing NaN/Inf with an error that names the file, the tensor and,
         for a stacked expert tensor, the first expert at fault."""
-        t = self._handle.get_tensor(name)
+        import torch
+
+        t = self._pt.get_tensor(name)
         if t.is_floating_point() and not all_finite(t):
             entry = self.schema.entry(name)
             what = f"{self.path}: tensor {name}"
@@ -237,7 +260,7 @@ class Checkpoint:
 
     def expert(self, name: str, index: int) -> torch.Tensor:
         """Read slice ``[index]`` of expert tensor ``name`` (only that expert's bytes)."""
-        t = self._handle.get_slice(name)[index]
+        t = self._pt.get_slice(name)[index]
         check_finite(t, f"{self.path}: tensor {name} expert {index}")
         return t
 
@@ -247,6 +270,8 @@ class Checkpoint:
         total = self.shape(name)[0]
         if 2 * len(indices) >= total:
             return self.tensor(name)[indices]
+        import torch
+
         return torch.stack([self.expert(name, j) for j in indices])
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -264,6 +289,8 @@ def all_finite(t: torch.Tensor) -> bool:
     """True when every value of ``t`` is finite. A NaN or Inf makes the sum non-finite, so a finite
     sum (one fast reduction) proves it; only a non-finite sum (or an overflowing one) pays for the
     element-wise check."""
+    import torch
+
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
@@ -276,6 +303,8 @@ def save_checkpoint(
     outputs: OutputSet, path: Path, state: Mapping[str, torch.Tensor], meta: CheckpointMeta
 ) -> None:
     """Stage ``state`` with ``meta`` as a checkpoint at ``path`` (published at commit)."""
+    from fedmoe.io.safetensors_format import write_tensors
+
     for name, t in state.items():
         check_finite(t, f"model for {path}: tensor {name}")
     with outputs.open(path) as handle:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fedmoe.errors import InputError
 from fedmoe.io.checkpoint import Checkpoint, open_checkpoint
-from fedmoe.io.hf_folder import FolderOptions, HFModel, is_hf_folder
+from fedmoe.io.hf_options import FolderOptions, is_hf_folder
 from fedmoe.io.manifest import STDIO, malformed, read_manifest, relative, require, resolve
 from fedmoe.model.hf import HFConfig
 
@@ -36,6 +36,8 @@ def checkpoint_entries(checkpoints: list[Checkpoint], base: Path) -> list[dict[s
 def open_model(path: Path, options: FolderOptions | None = None) -> Checkpoint:
     """A checkpoint file, or a Hugging Face model folder."""
     if is_hf_folder(path):
+        from fedmoe.io.hf_folder import HFModel
+
         return HFModel(path, options)
     return open_checkpoint(path)
 
@@ -81,6 +83,8 @@ def load_checkpoint_set(
         if item == STDIO or path.suffix == ".json":
             found.extend(_from_manifest(item, options))
         elif is_hf_folder(path):
+            from fedmoe.io.hf_folder import HFModel
+
             found.append(HFModel(path, options))
         elif path.is_dir():
             # server.safetensors is aggregate's copy of the shared parts, not a client model
@@ -91,7 +95,10 @@ def load_checkpoint_set(
                     f"{path}: folder holds no .safetensors checkpoint and no model folder"
                 )
             found.extend(open_checkpoint(f) for f in files)
-            found.extend(HFModel(f, options) for f in folders)
+            if folders:
+                from fedmoe.io.hf_folder import HFModel
+
+                found.extend(HFModel(f, options) for f in folders)
         else:
             found.append(open_checkpoint(path))
     if not found:

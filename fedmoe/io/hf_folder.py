@@ -22,7 +22,6 @@ import json
 import mmap
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,11 @@ import torch
 from safetensors import safe_open
 
 from fedmoe import __version__
-from fedmoe.errors import InputError, UsageError
+from fedmoe.errors import InputError
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, check_finite
 from fedmoe.io.digest import sha256_bytes, sha256_file
+from fedmoe.io.hf_options import CONFIG, FolderOptions, is_hf_folder
 from fedmoe.io.safetensors_format import (
     FROM_CODE,
     OutputFile,
@@ -41,29 +41,14 @@ from fedmoe.io.safetensors_format import (
     TensorSpec,
     read_header,
 )
-from fedmoe.model.hf import HF_ARCHS, HFArch, HFConfig
+from fedmoe.model.hf import HF_ARCHS, HFConfig
 from fedmoe.model.schema import ModelSchema
 
 FORMAT = "fedmoe-hf/1"
-CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 MAX_JSON_BYTES = 64 << 20  # config.json and the index are small; refuse absurd ones
-
-
-@dataclass(frozen=True)
-class FolderOptions:
-    """How to read folders that a user's own scripts wrote (no fedmoe metadata)."""
-
-    arch: HFArch | None = None  # a declared layout (--layout); None: by config.json model_type
-    samples: Mapping[int, int] = field(default_factory=dict)  # client id → sample count
-    default_samples: int | None = None  # for every client not in ``samples`` (--num-samples *=N)
-
-
-def is_hf_folder(path: Path) -> bool:
-    """True when ``path`` is a folder holding a ``config.json``."""
-    return path.is_dir() and (path / CONFIG).is_file()
 
 
 def folder_digest(files: Mapping[str, str]) -> str:
@@ -326,6 +311,11 @@ class HFModel(Checkpoint):
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin).view(shape)
 
+    def _array(self, name: str) -> Any:
+        """A gate (an upload's proxy rows) as a torch tensor: shards hold bfloat16, which NumPy
+        cannot represent."""
+        return self.tensor(name)
+
     def tensor(self, name: str) -> torch.Tensor:
         t = self._view(name)
         check_finite(t, f"{self.path / self.shard_of[name]}: tensor {name}")
@@ -396,47 +386,6 @@ def copy_hf_files(outputs: OutputSet, dest: Path, like: HFModel) -> str:
         outputs.write_bytes(dest / name, data)
         digests[name] = sha256_bytes(data)
     return folder_digest(digests)
-
-
-def load_layout(path: Path) -> HFArch:
-    """A user-declared architecture from a YAML or JSON file (see :meth:`HFArch.from_dict`)."""
-    import yaml
-
-    try:
-        if path.stat().st_size > 1 << 20:
-            raise InputError(f"{path}: a layout file is at most 1 MiB")
-        data = yaml.safe_load(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such layout file", hint="check the --layout path") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
-        raise InputError(
-            f"{path}: not a readable YAML/JSON layout ({str(exc).splitlines()[0]})"
-        ) from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a layout is a mapping with name, experts_key and rules")
-    return HFArch.from_dict(data, str(path))
-
-
-def parse_num_samples(items: list[str]) -> tuple[dict[int, int], int | None]:
-    """``--num-samples CLIENT=N`` (or ``*=N`` for every client without a count) values."""
-    per: dict[int, int] = {}
-    default = None
-    for item in items:
-        key, sep, value = item.partition("=")
-        try:
-            count = int(value)
-            if not sep or count < 0 or count >= 2**53:
-                raise ValueError
-            if key.strip() == "*":
-                default = count
-            else:
-                per[int(key)] = count
-        except ValueError:
-            raise UsageError(
-                f"--num-samples {item!r}: expected CLIENT=N or *=N with N ≥ 0",
-                hint="for example --num-samples 3=1200",
-            ) from None
-    return per, default
 
 
 def _transformers() -> Any:

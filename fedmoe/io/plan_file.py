@@ -15,10 +15,28 @@ Layout (schema 2; schema 1, one MoE layer with ``targets`` at the top level, is 
               (Eq. 9–10 over every covered client; weights sum to 1)
     transfers: [{from, to, layer, experts: [j'], bytes}]   (the applied rows' fetches)
     ledger:    {server_up, server_down, plan_down, server_total, p2p, fedavg_equivalent, ...}
+
+Schema 3 (``fedmoe plan-sync --arrays FILE``, for large federations): each layer keeps ``layer``
+and ``num_experts``, and ``transfers`` is left out; the matrices and transfers are the arrays of
+the companion that ``arrays`` names (:mod:`fedmoe.io.arrays_file`): per layer ``layer-LLL.indptr``
+(M+1), ``.sources`` (int64), ``.weights`` (float64, exact), ``.similarity`` (float64, NaN where
+unknown); and ``transfers.from``, ``.to``, ``.layer``, ``.bytes`` (one per transfer),
+``.experts_indptr`` and ``.experts`` (int64).
+
+With ``plan-sync --per-client FILE`` the plan also names the participants' own plans
+(:func:`fedmoe.pipeline.sync.client_plans`), one compact JSON line each in one file::
+
+    client_plans: {path, sha256, bytes, index: [[client, offset, length, sha256], ...]}
+
+(schema 3: the index is the companion's ``client_plans.clients``, ``.offsets``, ``.lengths``
+(int64) and ``.sha256`` (uint8, one row of 32 bytes per client) instead). A client reads only its
+own byte range (:func:`read_client_plan`), which the server can send it with the range.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +48,8 @@ from fedmoe.affinity import ExpertIndex
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
 from fedmoe.errors import FedMoeError, InputError
 from fedmoe.io.affinity_file import json_config, parse_config
-from fedmoe.io.manifest import header, malformed, read_manifest, require
+from fedmoe.io.arrays_file import check_csr, load_arrays, row_of, take
+from fedmoe.io.manifest import header, malformed, read_manifest, require, resolve, sha256_bytes
 from fedmoe.model.hf import ModelConfig
 from fedmoe.model.schema import PartSizes
 from fedmoe.params import params_dict as method_params
@@ -39,6 +58,7 @@ from fedmoe.round.sync import SyncPlan
 
 KIND = "sync-plan"
 VERSION = 2
+ARRAYS_VERSION = 3  # the matrices and transfers in a binary companion
 WEIGHT_TOLERANCE = 1e-6
 
 
@@ -71,11 +91,30 @@ def plan_to_manifest(
     sizes: PartSizes,
     affinity: dict[str, Any] | None = None,
     previous_plan: dict[str, Any] | None = None,
+    inline: bool = True,
 ) -> dict[str, Any]:
-    """The sync-plan manifest of ``plan``."""
+    """The sync-plan manifest of ``plan`` (``inline=False``: the matrices and transfers are left
+    to the companion, :func:`plan_arrays`, whose ``arrays`` entry the caller adds)."""
     m = plan.method
+    layers: list[dict[str, Any]] = [
+        {"layer": layer, "num_experts": mat.index.num_experts}
+        for layer, mat in enumerate(plan.matrices)
+    ]
+    if inline:
+        for entry, mat in zip(layers, plan.matrices, strict=True):
+            entry["targets"] = target_rows(mat)
+    transfers = [
+        {
+            "from": t.source,
+            "to": t.target,
+            "layer": t.layer,
+            "experts": list(t.experts),
+            "bytes": t.bytes,
+        }
+        for t in plan.transfers
+    ]
     return {
-        **header(KIND, VERSION),
+        **header(KIND, VERSION if inline else ARRAYS_VERSION),
         "round": plan.round,
         "matrix_round": plan.matrix_round,
         "refreshed": plan.refreshed,
@@ -91,22 +130,78 @@ def plan_to_manifest(
         "sizes": sizes.to_dict(),
         "clients": list(plan.matrices[0].index.clients),
         "participants": list(plan.participants),
-        "layers": [
-            {"layer": layer, "num_experts": mat.index.num_experts, "targets": target_rows(mat)}
-            for layer, mat in enumerate(plan.matrices)
-        ],
-        "transfers": [
-            {
-                "from": t.source,
-                "to": t.target,
-                "layer": t.layer,
-                "experts": list(t.experts),
-                "bytes": t.bytes,
-            }
-            for t in plan.transfers
-        ],
+        "layers": layers,
+        **({"transfers": transfers} if inline else {}),
         "ledger": plan.ledger.to_dict(),
     }
+
+
+def plan_arrays(plan: SyncPlan) -> dict[str, np.ndarray]:
+    """The companion's arrays of a schema-3 plan (see the module)."""
+    out: dict[str, np.ndarray] = {}
+    for layer, mat in enumerate(plan.matrices):
+        key = f"layer-{layer:03d}"
+        out[f"{key}.indptr"] = mat.indptr.astype(np.int64)
+        out[f"{key}.sources"] = mat.sources.astype(np.int64)
+        out[f"{key}.weights"] = mat.weights.astype(np.float64)
+        out[f"{key}.similarity"] = mat.similarity.astype(np.float64)
+    ts = plan.transfers
+    out["transfers.from"] = np.array([t.source for t in ts], dtype=np.int64)
+    out["transfers.to"] = np.array([t.target for t in ts], dtype=np.int64)
+    out["transfers.layer"] = np.array([t.layer for t in ts], dtype=np.int64)
+    out["transfers.bytes"] = np.array([t.bytes for t in ts], dtype=np.int64)
+    ptr = np.zeros(len(ts) + 1, dtype=np.int64)
+    np.cumsum([len(t.experts) for t in ts], out=ptr[1:])
+    out["transfers.experts_indptr"] = ptr
+    out["transfers.experts"] = np.array([j for t in ts for j in t.experts], dtype=np.int64)
+    return out
+
+
+def _matrix_from_arrays(
+    arrays: dict[str, np.ndarray], layer: int, index: ExpertIndex, where: str
+) -> AggregationMatrix:
+    """One layer's matrix of a schema-3 plan, every check vectorised."""
+    key = f"layer-{layer:03d}"
+    indptr = take(arrays, f"{key}.indptr", np.int64, 1, where)
+    sources = take(arrays, f"{key}.sources", np.int64, 1, where)
+    weights = take(arrays, f"{key}.weights", np.float64, 1, where)
+    similarity = take(arrays, f"{key}.similarity", np.float64, 1, where)
+    if not sources.shape == weights.shape == similarity.shape:
+        raise InputError(f"{where}: {key}'s sources, weights and similarities differ in length")
+    check_csr(indptr, sources, index.size, index.size, f"layer {layer}'s matrix", where)
+    bad = ~(np.isfinite(weights) & (weights >= 0))
+    if bad.any():
+        c, e = index.key(row_of(indptr, int(np.flatnonzero(bad)[0])))
+        raise InputError(f"{where}: a weight of target client {c} expert {e} is not ≥ 0")
+    sums = np.add.reduceat(weights, indptr[:-1]) if weights.size else weights
+    off = np.abs(sums - 1.0) > WEIGHT_TOLERANCE
+    if off.any():
+        m = int(np.flatnonzero(off)[0])
+        c, e = index.key(m)
+        raise InputError(
+            f"{where}: weights of target client {c} expert {e} sum to {float(sums[m]):.9g}, not 1",
+            hint="re-create the plan with fedmoe plan-sync",
+        )
+    return AggregationMatrix(index, indptr, sources, weights, similarity)
+
+
+def _transfers_from_arrays(arrays: dict[str, np.ndarray], where: str) -> tuple[Transfer, ...]:
+    cols = [
+        take(arrays, f"transfers.{n}", np.int64, 1, where) for n in ("from", "to", "layer", "bytes")
+    ]
+    ptr = take(arrays, "transfers.experts_indptr", np.int64, 1, where)
+    experts = take(arrays, "transfers.experts", np.int64, 1, where)
+    if len({c.size for c in cols}) != 1 or ptr.size != cols[0].size + 1:
+        raise InputError(f"{where}: the transfer arrays differ in length")
+    if int(ptr[0]) != 0 or int(ptr[-1]) != experts.size or (np.diff(ptr) < 0).any():
+        raise InputError(f"{where}: malformed transfer expert lists")
+    src, dst, lay, size = (c.tolist() for c in cols)
+    bounds = ptr.tolist()
+    flat = experts.tolist()
+    return tuple(
+        Transfer(src[i], dst[i], lay[i], tuple(flat[bounds[i] : bounds[i + 1]]), size[i])
+        for i in range(len(src))
+    )
 
 
 def matrix_from_rows(
@@ -172,6 +267,98 @@ def matrix_from_rows(
 
 
 @dataclass(frozen=True)
+class ClientPlanIndex:
+    """Where each participant's own plan lies in the client plans file."""
+
+    path: Path  # the client plans file
+    sha256: str  # of the whole file
+    entries: dict[int, tuple[int, int, str]]  # client → (byte offset, length, sha256 of its line)
+
+
+def client_plans_entry(
+    path: str, data: bytes, index: list[tuple[int, int, int, str]], inline: bool
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The plan's ``client_plans`` entry for the packed file ``data`` at ``path`` (relative to the
+    plan's folder), and the index arrays for the companion when not ``inline``."""
+    entry: dict[str, Any] = {"path": path, "sha256": sha256_bytes(data), "bytes": len(data)}
+    if inline:
+        entry["index"] = [list(row) for row in index]
+        return entry, {}
+    arrays: dict[str, np.ndarray] = {
+        "client_plans.clients": np.array([r[0] for r in index], dtype=np.int64),
+        "client_plans.offsets": np.array([r[1] for r in index], dtype=np.int64),
+        "client_plans.lengths": np.array([r[2] for r in index], dtype=np.int64),
+        "client_plans.sha256": np.frombuffer(
+            b"".join(bytes.fromhex(r[3]) for r in index), dtype=np.uint8
+        ).reshape(len(index), 32),
+    }
+    return entry, arrays
+
+
+def _client_plan_index(
+    manifest: dict[str, Any], base: Path, arrays: dict[str, np.ndarray] | None, where: str
+) -> ClientPlanIndex | None:
+    entry = manifest.get("client_plans")
+    if entry is None:
+        return None
+    if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+        raise InputError(f"{where}: malformed 'client_plans' entry")
+    size = int(require(entry, "bytes", where))
+    if arrays is None:
+        rows = [
+            (int(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in require(entry, "index", where)
+        ]
+    else:
+        clients = take(arrays, "client_plans.clients", np.int64, 1, where).tolist()
+        offsets = take(arrays, "client_plans.offsets", np.int64, 1, where).tolist()
+        lengths = take(arrays, "client_plans.lengths", np.int64, 1, where).tolist()
+        digests = take(arrays, "client_plans.sha256", np.uint8, 2, where)
+        if not len(clients) == len(offsets) == len(lengths) == digests.shape[0]:
+            raise InputError(f"{where}: the client plan index arrays differ in length")
+        rows = [
+            (c, o, n, bytes(d).hex())
+            for c, o, n, d in zip(clients, offsets, lengths, digests, strict=True)
+        ]
+    entries: dict[int, tuple[int, int, str]] = {}
+    for c, offset, length, digest in rows:
+        if offset < 0 or length < 1 or offset + length > size or c in entries:
+            raise InputError(f"{where}: client {c}'s entry in the client plan index is malformed")
+        entries[c] = (offset, length, digest)
+    return ClientPlanIndex(
+        resolve(entry["path"], base), str(require(entry, "sha256", where)), entries
+    )
+
+
+def read_client_plan(index: ClientPlanIndex, client: int) -> dict[str, Any]:
+    """Client ``client``'s own plan: its byte range of the client plans file, checked against the
+    sha256 the full plan records."""
+    if client not in index.entries:
+        raise InputError(
+            f"{index.path}: client {client} has no plan this round",
+            hint=f"participants: {', '.join(map(str, sorted(index.entries)))}",
+        )
+    offset, length, digest = index.entries[client]
+    try:
+        with open(index.path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(length)
+    except FileNotFoundError:
+        raise InputError(f"{index.path}: no such client plans file") from None
+    if sha256_bytes(data) != digest:
+        raise InputError(
+            f"{index.path}: client {client}'s plan (bytes {offset}..{offset + length}) does not "
+            "match the sha256 the sync plan records",
+            hint="re-create the plans with fedmoe plan-sync --per-client",
+        )
+    own: dict[str, Any] = json.loads(data)
+    if own.get("kind") != "client-plan" or own.get("client") != client:
+        raise InputError(
+            f"{index.path}: bytes {offset}..{offset + length} are not client {client}'s plan"
+        )
+    return own
+
+
+@dataclass(frozen=True)
 class LoadedPlan:
     """A validated sync plan."""
 
@@ -181,6 +368,7 @@ class LoadedPlan:
     manifest: dict[str, Any]  # the raw plan
     sha256: str  # of the bytes read
     where: str  # how errors name this plan
+    client_plans: ClientPlanIndex | None = None  # each participant's own plan (--per-client)
 
 
 def _method(manifest: dict[str, Any], where: str) -> FedMoEDA:
@@ -196,13 +384,23 @@ def _method(manifest: dict[str, Any], where: str) -> FedMoEDA:
 
 def load_plan(source: str | Path) -> LoadedPlan:
     """Read and validate a sync plan (or ``-``)."""
-    manifest, _, digest = read_manifest(source, KIND, versions=(1, VERSION))
+    manifest, base, digest = read_manifest(source, KIND, versions=(1, VERSION, ARRAYS_VERSION))
     where = "<stdin>" if str(source) == "-" else str(source)
     with malformed(where, "sync plan", "re-create it with fedmoe plan-sync"):
-        return _parse(manifest, digest, where)
+        arrays = None
+        if manifest["schema_version"] == ARRAYS_VERSION:
+            arrays = load_arrays(require(manifest, "arrays", where), base, where)
+        loaded = _parse(manifest, digest, where, arrays)
+        index = _client_plan_index(manifest, base, arrays, where)
+    return dataclasses.replace(loaded, client_plans=index) if index is not None else loaded
 
 
-def _parse(manifest: dict[str, Any], digest: str, where: str) -> LoadedPlan:
+def _parse(
+    manifest: dict[str, Any],
+    digest: str,
+    where: str,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> LoadedPlan:
     try:
         clients = tuple(int(c) for c in require(manifest, "clients", where))
     except (TypeError, ValueError):
@@ -225,19 +423,27 @@ def _parse(manifest: dict[str, Any], digest: str, where: str) -> LoadedPlan:
             ExpertIndex(clients, int(require(layer, "num_experts", where))),
             where,
         )
-        for layer in layers
+        if arrays is None
+        else _matrix_from_arrays(
+            arrays, number, ExpertIndex(clients, int(require(layer, "num_experts", where))), where
+        )
+        for number, layer in enumerate(layers)
     )
     config = parse_config(require(manifest, "model_config", where), where)
     sizes = PartSizes.from_dict(require(manifest, "sizes", where))
-    transfers = tuple(
-        Transfer(
-            int(t["from"]),
-            int(t["to"]),
-            int(t.get("layer", 0)),
-            tuple(int(x) for x in t["experts"]),
-            int(t["bytes"]),
+    transfers = (
+        _transfers_from_arrays(arrays, where)
+        if arrays is not None
+        else tuple(
+            Transfer(
+                int(t["from"]),
+                int(t["to"]),
+                int(t.get("layer", 0)),
+                tuple(int(x) for x in t["experts"]),
+                int(t["bytes"]),
+            )
+            for t in manifest.get("transfers", [])
         )
-        for t in manifest.get("transfers", [])
     )
     led = manifest.get("ledger", {})
     ledger = Ledger(

@@ -13,15 +13,14 @@ if TYPE_CHECKING:
         MoEOutput,
         Route,
         build_model,
-        expected_shapes,
         init_model,
-        schema_for,
         state_of,
     )
     from fedmoe.model.config import MoEConfig
     from fedmoe.model.experts import Experts
     from fedmoe.model.router import Router
     from fedmoe.model.schema import FEDMOE_LAYOUT, Layout, ModelSchema, PartSizes, Role, TensorRule
+    from fedmoe.model.shapes import expected_shapes, schema_for
 
 _EXPORTS = {
     "load_balance_loss": "balance",
@@ -29,9 +28,9 @@ _EXPORTS = {
     "MoEOutput": "classifier",
     "Route": "classifier",
     "build_model": "classifier",
-    "expected_shapes": "classifier",
+    "expected_shapes": "shapes",
     "init_model": "classifier",
-    "schema_for": "classifier",
+    "schema_for": "shapes",
     "state_of": "classifier",
     "MoEConfig": "config",
     "Experts": "experts",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -25,7 +24,6 @@ from fedmoe.model.config import MoEConfig
 from fedmoe.model.embed import make_embed
 from fedmoe.model.experts import Experts
 from fedmoe.model.router import Router
-from fedmoe.model.schema import FEDMOE_LAYOUT, ModelSchema
 
 
 @dataclass(frozen=True)
@@ -118,20 +116,6 @@ class MoEClassifier(nn.Module):
     def expert_modules(self) -> list[Experts]:
         """The experts of every MoE layer, in layer order."""
         return [*(b.experts for b in getattr(self, "blocks", ())), self.experts]
-
-
-@lru_cache(maxsize=64)
-def expected_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor a model of ``cfg`` has (built on the meta device)."""
-    with torch.device("meta"):
-        model = MoEClassifier(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-@lru_cache(maxsize=64)
-def schema_for(cfg: MoEConfig) -> ModelSchema:
-    """The :class:`ModelSchema` of the built-in classifier of ``cfg`` (float32 tensors)."""
-    return FEDMOE_LAYOUT.resolve(expected_shapes(cfg))
 
 
 def init_model(cfg: MoEConfig, seed: int) -> MoEClassifier:

@@ -25,9 +25,11 @@ def affinity_artefact(
     domain_names: list[str] | None = None,
     class_names: list[str] | None = None,
     pooled: bool = False,
+    inline: bool = True,
 ) -> tuple[Affinity, dict[str, Any]]:
     """Compute the affinity of ``fresh`` plus the ``stale`` clients not in it (``pooled``: one
-    neighbour list for every MoE layer, see :func:`fedmoe.affinity.compute.compute_affinity`).
+    neighbour list for every MoE layer, see :func:`fedmoe.affinity.compute.compute_affinity`;
+    ``inline=False``: the neighbours and share tables are left to a binary companion).
 
     Parameters
     ----------
@@ -67,6 +69,7 @@ def affinity_artefact(
         domain_names,
         class_names,
         pooled,
+        inline,
     )
 
 
@@ -79,6 +82,7 @@ def affinity_of_uploads(
     domain_names: list[str] | None = None,
     class_names: list[str] | None = None,
     pooled: bool = False,
+    inline: bool = True,
 ) -> tuple[Affinity, dict[str, Any]]:
     """The affinity artefact of the uploads the server holds (client id → upload, increasing),
     where ``sources`` names each upload (path or label, sha256) in the artefact's inputs: for an
@@ -95,6 +99,6 @@ def affinity_of_uploads(
         }
         for c, up in held.items()
     ]
-    manifest = affinity_to_manifest(aff, config, sizes, inputs, domain_names, class_names)
+    manifest = affinity_to_manifest(aff, config, sizes, inputs, domain_names, class_names, inline)
     manifest["summary"] = summary(aff)
     return aff, manifest

@@ -5,8 +5,11 @@ rows applied to this round's participants, their transfers and the traffic ledge
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
 from fedmoe.errors import ParamError, UsageError
@@ -29,6 +32,7 @@ def sync_artefact(
     previous: LoadedPlan | None,
     previous_source: str | None,
     base: Path,
+    inline: bool = True,
 ) -> tuple[SyncPlan, dict[str, Any]]:
     """Build this round's sync plan and its manifest.
 
@@ -46,6 +50,8 @@ def sync_artefact(
         The previous round's plan, whose matrices are reused while ``round - matrix_round < I``.
     base
         The folder the plan's paths are written relative to.
+    inline
+        False: the matrices and transfers are left to a binary companion (the caller stages it).
     """
     if round_ is None:
         if affinity is not None:
@@ -105,7 +111,7 @@ def sync_artefact(
             "sha256": previous.sha256,
             "reused": reuse,
         }
-    manifest = plan_to_manifest(plan, config, sizes, aff_ref, prev_ref)
+    manifest = plan_to_manifest(plan, config, sizes, aff_ref, prev_ref, inline)
     if not reuse and affinity is not None:  # the uploads the fresh matrices were computed from
         manifest["uploads"] = {
             str(i["client"]): i["sha256"]
@@ -113,3 +119,80 @@ def sync_artefact(
             if not i.get("stale") and int(i["client"]) in plan.participants
         }
     return plan, manifest
+
+
+CLIENT_PLAN = "client-plan"
+
+
+def client_plans(plan: SyncPlan, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each participant's own small plan: its rows of every layer's applied matrix (sources named
+    by (client, expert), exact float64 weights), the experts it fetches from each peer, and the
+    sha256 of every upload it merges: what the server sends that client (the full plan grows with
+    every client; this one with P and E only)."""
+    from fedmoe.io.manifest import header
+
+    uploads = dict(manifest.get("uploads") or {})
+    rows: dict[int, list[dict[str, Any]]] = {c: [] for c in plan.participants}
+    for layer, mat in enumerate(plan.applied()):
+        index, e = mat.index, mat.index.num_experts
+        clients = np.asarray(index.clients, dtype=np.int64)
+        # every entry as a [client, expert, weight] list, made once; each row is a slice of it
+        entries = [
+            list(t)
+            for t in zip(
+                clients[mat.sources // e].tolist(),
+                (mat.sources % e).tolist(),
+                mat.weights.tolist(),
+                strict=True,
+            )
+        ]
+        bounds = mat.indptr.tolist()
+        for pos, c in enumerate(index.clients):
+            if c in rows:
+                experts = [
+                    {"expert": j, "sources": entries[bounds[pos * e + j] : bounds[pos * e + j + 1]]}
+                    for j in range(e)
+                ]
+                rows[c].append({"layer": layer, "num_experts": e, "experts": experts})
+    fetch: dict[int, list[dict[str, Any]]] = {c: [] for c in plan.participants}
+    for t in plan.transfers:
+        if t.target in fetch:
+            fetch[t.target].append(
+                {"from": t.source, "layer": t.layer, "experts": list(t.experts), "bytes": t.bytes}
+            )
+    affinity = manifest.get("affinity")
+    out = {}
+    for c in plan.participants:
+        peers = sorted({c, *(f["from"] for f in fetch[c])})
+        out[c] = {
+            **header(CLIENT_PLAN),
+            "client": c,
+            "round": plan.round,
+            "matrix_round": plan.matrix_round,
+            "gate": plan.method.gate.value,
+            "merges_experts": plan.merges_experts,
+            "affinity_sha256": affinity["sha256"] if affinity else None,
+            "layers": rows[c],
+            "fetch": fetch[c],
+            "uploads": {str(p): uploads[str(p)] for p in peers if str(p) in uploads},
+        }
+    return out
+
+
+def pack_client_plans(
+    plans: dict[int, dict[str, Any]],
+) -> tuple[bytes, list[tuple[int, int, int, str]]]:
+    """The client plans as one file, one compact JSON line each (increasing client id), and its
+    index: (client, byte offset, length, sha256 of the line). A client fetches its line alone,
+    by byte range, as it fetches experts from the exchange."""
+    from fedmoe.io.manifest import sha256_bytes
+
+    parts: list[bytes] = []
+    index: list[tuple[int, int, int, str]] = []
+    offset = 0
+    for c in sorted(plans):
+        line = (json.dumps(plans[c], separators=(",", ":"), allow_nan=False) + "\n").encode()
+        parts.append(line)
+        index.append((c, offset, len(line), sha256_bytes(line)))
+        offset += len(line)
+    return b"".join(parts), index

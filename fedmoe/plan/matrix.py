@@ -87,9 +87,9 @@ def aggregation_matrix(
             hint=f"re-run fedmoe affinity with --candidates {need} or more",
             show=False,
         )
-    indptr = neighbours.indptr.numpy()
-    cols = neighbours.indices.numpy()
-    vals = neighbours.values.numpy().astype(np.float64)
+    indptr = neighbours.indptr
+    cols = neighbours.indices
+    vals = neighbours.values.astype(np.float64)
     lengths = np.diff(indptr)  # (M,)
     thr = vals[indptr[:-1] + np.minimum(need, lengths) - 1]  # (M,) (P+1)-th largest
     keep = vals >= np.repeat(thr, lengths)  # rows are sorted: a prefix of each row
@@ -114,14 +114,12 @@ def client_prior(neighbours: Neighbours, index: ExpertIndex, top_clients: int) -
     single expert pairs do; Eq. 9–10 then choose among the experts of similar clients only."""
     if top_clients <= 0:
         return neighbours
-    import torch
-
     from fedmoe.affinity.topk import Neighbours
 
     e, n = index.num_experts, len(index.clients)
-    indptr = neighbours.indptr.numpy()
-    cols = neighbours.indices.numpy()
-    vals = neighbours.values.numpy().astype(np.float64)
+    indptr = neighbours.indptr
+    cols = neighbours.indices
+    vals = neighbours.values.astype(np.float64)
     rows = np.repeat(np.arange(index.size), np.diff(indptr))
     own, other = rows // e, cols // e  # client positions of each entry
     # best similarity of each row to each other client, then summed over the client's experts
@@ -144,12 +142,7 @@ def client_prior(neighbours: Neighbours, index: ExpertIndex, top_clients: int) -
     counts = np.bincount(rows[keep], minlength=index.size)
     new_ptr = np.zeros(index.size + 1, dtype=np.int64)
     np.cumsum(counts, out=new_ptr[1:])
-    return Neighbours(
-        torch.from_numpy(new_ptr),
-        neighbours.indices[torch.from_numpy(keep)],
-        neighbours.values[torch.from_numpy(keep)],
-        neighbours.k,
-    )
+    return Neighbours(new_ptr, neighbours.indices[keep], neighbours.values[keep], neighbours.k)
 
 
 def drop_small(matrix: AggregationMatrix, min_weight: float) -> AggregationMatrix:

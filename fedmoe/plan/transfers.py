@@ -25,19 +25,21 @@ class Transfer:
 def transfer_list(matrix: AggregationMatrix, expert_bytes: int, layer: int = 0) -> list[Transfer]:
     """Every (sender → receiver) pair with the experts it moves, ordered by (sender, receiver)."""
     index = matrix.index
-    e = index.num_experts
+    e, n = index.num_experts, len(index.clients)
     clients = np.asarray(index.clients, dtype=np.int64)
-    tgt = clients[matrix.targets // e]  # (nnz,) receiving client
-    src = clients[matrix.sources // e]  # (nnz,) sending client
-    exp = matrix.sources % e  # (nnz,) sent expert
+    tgt = matrix.targets // e  # (nnz,) receiving client's position
+    src = matrix.sources // e  # (nnz,) sending client's position
     remote = src != tgt
-    triples = np.unique(np.stack([src[remote], tgt[remote], exp[remote]], axis=1), axis=0)
+    # one int64 key per (sender, receiver, expert), sender-major: unique sorts and dedups at once
+    keys = np.unique((src[remote] * n + tgt[remote]) * e + matrix.sources[remote] % e)
     out: list[Transfer] = []
-    if triples.size == 0:
+    if keys.size == 0:
         return out
-    pairs, starts = np.unique(triples[:, :2], axis=0, return_index=True)
-    ends = np.append(starts[1:], triples.shape[0])
-    for (s, t), lo, hi in zip(pairs, starts, ends, strict=True):
-        experts = tuple(int(x) for x in triples[lo:hi, 2])
-        out.append(Transfer(int(s), int(t), layer, experts, len(experts) * expert_bytes))
+    pair, experts = keys // e, (keys % e).tolist()
+    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    ends = np.append(starts[1:], keys.size).tolist()
+    senders = clients[pair[starts] // n].tolist()
+    receivers = clients[pair[starts] % n].tolist()
+    for s, t, lo, hi in zip(senders, receivers, starts.tolist(), ends, strict=True):
+        out.append(Transfer(s, t, layer, tuple(experts[lo:hi]), (hi - lo) * expert_bytes))
     return out

@@ -9,9 +9,10 @@ participating clients are applied, with sources from participating clients, reno
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from fedmoe.affinity import Affinity, Upload
 from fedmoe.aggregate.fedmoe_da import FedMoEDA, GateMode, Interval, StaleProxies
@@ -87,17 +88,36 @@ def build_matrices(
 def _plan_bytes(
     applied: tuple[AggregationMatrix, ...], participants: tuple[int, ...]
 ) -> dict[int, int]:
-    """Bytes of each participant's plan rows as compact JSON (what the server sends it)."""
-    rows: dict[int, list[list[float]]] = {c: [] for c in participants}
+    """Bytes of each participant's plan rows as compact JSON (what the server sends it): the
+    length of ``json.dumps(rows, separators=(",", ":"))`` with one ``[layer, expert, source
+    client, source expert, weight]`` entry per source, counted without building the text."""
+    total = np.zeros(len(participants), dtype=np.int64)
+    count = np.zeros(len(participants), dtype=np.int64)
+    position = {c: i for i, c in enumerate(participants)}
+    powers = 10 ** np.arange(1, 19, dtype=np.int64)
+
+    def digits(x: np.ndarray) -> np.ndarray:  # decimal digits of non-negative integers
+        return 1 + np.searchsorted(powers, x, side="right")
+
     for layer, m in enumerate(applied):
-        index = m.index
-        for t in range(index.size):
-            client, expert = index.key(t)
-            lo, hi = int(m.indptr[t]), int(m.indptr[t + 1])
-            for p in range(lo, hi):
-                sc, se = index.key(int(m.sources[p]))
-                rows[client].append([layer, expert, sc, se, float(m.weights[p])])
-    return {c: len(json.dumps(r, separators=(",", ":"))) for c, r in rows.items()}
+        index, e = m.index, m.index.num_experts
+        if not m.sources.size:
+            continue
+        clients = np.asarray(index.clients, dtype=np.int64)
+        targets = m.targets
+        owner = np.asarray([position[c] for c in index.clients], dtype=np.int64)[targets // e]
+        width = (
+            6  # the entry's brackets and four commas
+            + len(str(layer))
+            + digits(targets % e)
+            + digits(clients[m.sources // e])
+            + digits(m.sources % e)
+            + np.fromiter((len(repr(w)) for w in m.weights.tolist()), np.int64, m.weights.size)
+        )
+        total += np.bincount(owner, weights=width, minlength=len(participants)).astype(np.int64)
+        count += np.bincount(owner, minlength=len(participants))
+    sizes = 2 + total + np.maximum(count - 1, 0)  # the list's brackets and the commas between
+    return {c: int(sizes[i]) for i, c in enumerate(participants)}
 
 
 def plan_sync(
