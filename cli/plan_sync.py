@@ -57,8 +57,9 @@ Examples:
 
 Large federations: --arrays FILE writes the matrices and transfers to a binary companion that
 the JSON names by sha256; --per-client FILE also writes each participant's own small plan (its
-rows, the experts it fetches from whom, the sha256 of each upload it merges), one JSON line per
-client, and the plan records each line's byte range and sha256, so a client fetches only its own:
+rows, whose sources on other clients are the experts it fetches, and its peers), one JSON line
+per client, and the plan records each line's byte range and sha256, so a client fetches only its
+own:
 
   fedmoe affinity r1/ --arrays aff.bin | fedmoe plan-sync - --arrays plan.bin \\
       --per-client clients.jsonl --out plan.json
@@ -124,7 +125,7 @@ def plan_sync(
     from fedmoe.io.atomic import OutputSet
     from fedmoe.io.manifest import relative
     from fedmoe.io.plan_file import client_plans_entry, load_plan, plan_arrays
-    from fedmoe.pipeline.sync import client_plans, pack_client_plans, sync_artefact
+    from fedmoe.pipeline.sync import client_plans, sync_artefact, write_client_plans
 
     console = stderr_console(quiet)
     options = {
@@ -174,10 +175,10 @@ def plan_sync(
         )
         index_arrays: dict[str, Any] = {}
         if per_client is not None:
-            data, index = pack_client_plans(client_plans(plan, manifest))
-            outputs.write_bytes(per_client, data)
+            with outputs.open(per_client) as handle:
+                digest, size, index = write_client_plans(handle, client_plans(plan, manifest))
             manifest["client_plans"], index_arrays = client_plans_entry(
-                relative(per_client, base_dir(out)), data, index, inline=arrays is None
+                relative(per_client, base_dir(out)), digest, size, index, inline=arrays is None
             )
         if arrays is not None:
             manifest["arrays"] = stage_arrays(

@@ -380,3 +380,15 @@ def test_pooling_needs_one_expert_count_in_every_layer() -> None:
     with pytest.raises(InputError, match="one expert count in every layer"):
         compute_affinity(ups, 2, 2, pooled=True)
     assert len(compute_affinity(ups, 2, 2).layers) == 2  # per layer it is fine
+
+
+def test_overwrite_normalises_an_owned_array_in_place_with_the_same_result() -> None:
+    x = np.random.default_rng(4).standard_normal((300, 7)).astype(np.float32)
+    expected = topk_cosine(x.copy(), 5, block_rows=64, chunk=8)
+    owned = x.copy()
+    got = topk_cosine(owned, 5, block_rows=64, chunk=8, overwrite=True)
+    assert got.same_as(expected)
+    np.testing.assert_allclose(np.linalg.norm(owned, axis=1), 1.0, rtol=1e-6)  # normalised
+    kept = x.copy()
+    topk_cosine(kept, 5)  # without overwrite the input is left alone
+    assert np.array_equal(kept, x)

@@ -67,7 +67,7 @@ def test_plan_with_arrays_is_the_inline_plan(fed: Path) -> None:
     for a, b in zip(inline.plan.matrices, binary.plan.matrices, strict=True):
         for field in ("indptr", "sources", "weights", "similarity"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-    assert inline.plan.transfers == binary.plan.transfers and inline.plan.transfers
+    assert inline.plan.transfers == binary.plan.transfers and len(inline.plan.transfers)
     assert inline.plan.ledger == binary.plan.ledger
     assert inline.manifest["uploads"] == binary.manifest["uploads"]
 
@@ -100,19 +100,11 @@ def test_each_client_plan_holds_its_rows_fetches_and_uploads(fed: Path, name: st
                 ]
                 assert row["sources"] == expected  # exact float64 weights
                 assert sum(w for _, _, w in row["sources"]) == pytest.approx(1.0, abs=1e-12)
-        fetched = [
-            {"from": t.source, "layer": t.layer, "experts": list(t.experts), "bytes": t.bytes}
-            for t in full.plan.transfers
-            if t.target == c
-        ]
-        assert own["fetch"] == fetched
         remote = {
             sc for layer in own["layers"] for r in layer["experts"] for sc, _, _ in r["sources"]
         }
-        assert {f["from"] for f in fetched} == remote - {c}
-        assert set(own["uploads"]) == {str(p) for p in remote | {c}}
-        for p, digest in own["uploads"].items():
-            assert digest == full.manifest["uploads"][p]
+        assert own["peers"] == sorted(remote - {c})
+        assert set(own["peers"]) == {t.source for t in full.plan.transfers if t.target == c}
 
 
 def test_a_changed_client_plan_is_refused(fed: Path, tmp_path: Path) -> None:

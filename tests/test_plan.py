@@ -594,7 +594,7 @@ def test_plan_sync_over_two_layers_by_hand() -> None:
     (480 = 3·160 bytes at layer 0, 420 = 3·140 at layer 1); client 3 is not contacted."""
     plan = plan_sync(ml_matrices(), 1, 1, [7, 0], METHOD, SIZES2)
     assert plan.participants == (0, 7) and plan.refreshed and plan.merges_experts
-    assert plan.transfers == (
+    assert tuple(plan.transfers) == (
         Transfer(0, 7, 0, (0, 1, 2), 480),
         Transfer(0, 7, 1, (0, 1, 2), 420),
         Transfer(7, 0, 0, (0, 1, 2), 480),
@@ -629,7 +629,7 @@ def test_plan_sync_reusing_the_matrices() -> None:
     wait = plan_sync(mats, 1, 2, (0, 7), dataclasses.replace(METHOD, interval=Interval.SYNC),
                      SIZES2)  # fmt: skip
     assert not wait.refreshed and not wait.merges_experts
-    assert wait.transfers == () and (wait.ledger.p2p, wait.ledger.plan_down) == (0, 0)
+    assert len(wait.transfers) == 0 and (wait.ledger.p2p, wait.ledger.plan_down) == (0, 0)
     assert wait.ledger.server_up == 2 * 272  # the shared parts still travel
     fresh = plan_sync(mats, 2, 2, (0, 7), dataclasses.replace(METHOD, interval=Interval.SYNC),
                       SIZES2)  # fmt: skip
@@ -813,7 +813,7 @@ def test_schema_1_plan_loads_as_one_layer(tmp_path: Path) -> None:
     assert (plan.round, plan.matrix_round, plan.refreshed) == (3, 2, False)
     assert plan.method == FedMoEDA(top_p=1, tau=0.5, refresh_interval=2, gate=GateMode.SHARED,
                                    candidates=16)  # fmt: skip
-    assert plan.transfers == (Transfer(0, 3, 0, (0,), 140), Transfer(3, 0, 0, (1,), 140))
+    assert tuple(plan.transfers) == (Transfer(0, 3, 0, (0,), 140), Transfer(3, 0, 0, (1,), 140))
     assert plan.ledger == Ledger(2, 448, 448, 120, 280, 2576, 140)
     assert loaded.sizes == PartSizes(176, 48, (140,), (3,))
     assert loaded.config == MoEConfig((5,), 3, embed_hidden=4, embed_dim=4, num_experts=3,
@@ -849,3 +849,20 @@ def test_sync_plan_is_frozen() -> None:
     assert isinstance(plan, SyncPlan)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.round = 2  # type: ignore[misc]
+
+
+def test_transfer_table_concat_orders_rows_and_keeps_each_rows_experts() -> None:
+    from fedmoe.plan import Transfers
+
+    a = Transfers.of([Transfer(5, 1, 0, (2, 3), 20), Transfer(0, 9, 0, (1,), 10)])
+    b = Transfers.of([Transfer(5, 1, 1, (0,), 7), Transfer(0, 2, 1, (4, 5, 6), 21)])
+    both = Transfers.concat([a, Transfers.empty(), b])
+    assert list(both) == [
+        Transfer(0, 2, 1, (4, 5, 6), 21),
+        Transfer(0, 9, 0, (1,), 10),
+        Transfer(5, 1, 0, (2, 3), 20),
+        Transfer(5, 1, 1, (0,), 7),
+    ]
+    assert both.received() == {1: 27, 2: 21, 9: 10}
+    assert Transfers.of(list(both)) == both and both != a
+    assert len(Transfers.concat([])) == 0

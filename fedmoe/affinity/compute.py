@@ -104,7 +104,7 @@ def compute_affinity(
         pooled_rows, _ = stack_proxies(
             {c: pooled_proxies(list(u.proxies)) for c, u in uploads.items()}
         )
-        shared = topk_cosine(pooled_rows, candidates)
+        shared = topk_cosine(pooled_rows, candidates, overwrite=True)  # our own stack
     layers = []
     for layer in range(num_layers):
         gates = {c: u.proxies[layer] for c, u in uploads.items()}
@@ -114,7 +114,11 @@ def compute_affinity(
                 f"MoE layer {layer}: gate weights of different shapes {sorted(shapes)}"
             )
         proxies, index = stack_proxies(gates)
-        neighbours = shared if shared is not None else topk_cosine(proxies, candidates)
+        neighbours = (
+            shared
+            if shared is not None
+            else topk_cosine(proxies, candidates, overwrite=True)  # our own stack
+        )
         stats = {c: layer_stats(u.routing, layer) for c, u in uploads.items()}
         widths = [len(r["by_domain"][0]) for r in stats.values() if r and r.get("by_domain")]
         num_domains = max(widths, default=1)

@@ -141,9 +141,13 @@ class Checkpoint:
         if not self.path.is_file():
             raise InputError(f"{where}: no such checkpoint file", hint="check the path")
         try:
-            self._handle = safe_open(str(self.path), framework="numpy")
-            raw_meta = self._handle.metadata() or {}
-            self.names: list[str] = sorted(self._handle.keys())
+            handle = safe_open(str(self.path), framework="numpy")
+            raw_meta = handle.metadata() or {}
+            self.names: list[str] = sorted(handle.keys())
+            header = {n: handle.get_slice(n) for n in self.names}
+            self._dtypes = {n: piece.get_dtype() for n, piece in header.items()}
+            self._shapes = {n: tuple(piece.get_shape()) for n, piece in header.items()}
+            del handle, header  # an open handle keeps the file's pages resident: reopen lazily
         except Exception as exc:  # safetensors raises its own SafetensorError on bad files
             raise InputError(
                 f"{where}: not a readable safetensors file ({str(exc).splitlines()[0]})",
@@ -159,12 +163,12 @@ class Checkpoint:
                 f"(missing: {missing or 'none'}, unexpected: {unknown or 'none'})"
             )
         for name in self.names:
-            if self._handle.get_slice(name).get_dtype() != "F32":
+            if self._dtypes[name] != "F32":
                 raise InputError(
-                    f"{where}: tensor {name} is {self._handle.get_slice(name).get_dtype()}; "
+                    f"{where}: tensor {name} is {self._dtypes[name]}; "
                     f"{FORMAT} checkpoints hold float32 tensors"
                 )
-            shape = tuple(self._handle.get_slice(name).get_shape())
+            shape = self._shapes[name]
             if shape != shapes[name]:
                 raise InputError(
                     f"{where}: tensor {name} has shape {list(shape)}, its model_config "
@@ -224,17 +228,17 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor ``name`` (from the header; no data read)."""
-        return tuple(self._handle.get_slice(name).get_shape())
+        return self._shapes[name]
 
     def dtype(self, name: str) -> torch.dtype:
         """Dtype of tensor ``name`` (from the header; no data read)."""
         from fedmoe.io.safetensors_format import FROM_CODE
 
-        return FROM_CODE[self._handle.get_slice(name).get_dtype()]
+        return FROM_CODE[self._dtypes[name]]
 
     def _array(self, name: str) -> Any:
         """Read one tensor as a NumPy array (no torch), refusing NaN/Inf: an upload's proxies."""
-        a: np.ndarray = self._handle.get_tensor(name)
+        a: np.ndarray = safe_open(str(self.path), framework="numpy").get_tensor(name)
         if not np.isfinite(a).all():
             raise InputError(
                 f"{self.path}: tensor {name} contains NaN or Inf",

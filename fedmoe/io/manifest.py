@@ -8,6 +8,7 @@ a partition of a million samples stays a readable file.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -62,8 +63,19 @@ def dumps(obj: Any, indent: int = 1) -> str:
 
 
 def relative(path: Path, base: Path) -> str:
-    """``path`` relative to folder ``base``, with forward slashes."""
-    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+    """``path`` relative to folder ``base``, with forward slashes (both with symlinks resolved; a
+    folder's resolution is cached, since a manifest may list thousands of files of one folder)."""
+    path = Path(path)
+    if path.is_symlink() or path.name in ("", ".", ".."):
+        full = str(path.resolve())
+    else:
+        full = os.path.join(_real_dir(str(path.absolute().parent)), path.name)
+    return Path(os.path.relpath(full, _real_dir(str(Path(base).absolute())))).as_posix()
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_dir(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def resolve(rel: str, base: Path) -> Path:

@@ -53,7 +53,7 @@ from fedmoe.io.manifest import header, malformed, read_manifest, require, resolv
 from fedmoe.model.hf import ModelConfig
 from fedmoe.model.schema import PartSizes
 from fedmoe.params import params_dict as method_params
-from fedmoe.plan import AggregationMatrix, Ledger, Transfer
+from fedmoe.plan import AggregationMatrix, Ledger, Transfer, Transfers
 from fedmoe.round.sync import SyncPlan
 
 KIND = "sync-plan"
@@ -103,16 +103,20 @@ def plan_to_manifest(
     if inline:
         for entry, mat in zip(layers, plan.matrices, strict=True):
             entry["targets"] = target_rows(mat)
-    transfers = [
-        {
-            "from": t.source,
-            "to": t.target,
-            "layer": t.layer,
-            "experts": list(t.experts),
-            "bytes": t.bytes,
-        }
-        for t in plan.transfers
-    ]
+    transfers = (
+        [
+            {
+                "from": t.source,
+                "to": t.target,
+                "layer": t.layer,
+                "experts": list(t.experts),
+                "bytes": t.bytes,
+            }
+            for t in plan.transfers
+        ]
+        if inline
+        else []
+    )
     return {
         **header(KIND, VERSION if inline else ARRAYS_VERSION),
         "round": plan.round,
@@ -146,14 +150,12 @@ def plan_arrays(plan: SyncPlan) -> dict[str, np.ndarray]:
         out[f"{key}.weights"] = mat.weights.astype(np.float64)
         out[f"{key}.similarity"] = mat.similarity.astype(np.float64)
     ts = plan.transfers
-    out["transfers.from"] = np.array([t.source for t in ts], dtype=np.int64)
-    out["transfers.to"] = np.array([t.target for t in ts], dtype=np.int64)
-    out["transfers.layer"] = np.array([t.layer for t in ts], dtype=np.int64)
-    out["transfers.bytes"] = np.array([t.bytes for t in ts], dtype=np.int64)
-    ptr = np.zeros(len(ts) + 1, dtype=np.int64)
-    np.cumsum([len(t.experts) for t in ts], out=ptr[1:])
-    out["transfers.experts_indptr"] = ptr
-    out["transfers.experts"] = np.array([j for t in ts for j in t.experts], dtype=np.int64)
+    out["transfers.from"] = ts.source
+    out["transfers.to"] = ts.target
+    out["transfers.layer"] = ts.layer
+    out["transfers.bytes"] = ts.bytes
+    out["transfers.experts_indptr"] = ts.indptr
+    out["transfers.experts"] = ts.experts
     return out
 
 
@@ -185,7 +187,7 @@ def _matrix_from_arrays(
     return AggregationMatrix(index, indptr, sources, weights, similarity)
 
 
-def _transfers_from_arrays(arrays: dict[str, np.ndarray], where: str) -> tuple[Transfer, ...]:
+def _transfers_from_arrays(arrays: dict[str, np.ndarray], where: str) -> Transfers:
     cols = [
         take(arrays, f"transfers.{n}", np.int64, 1, where) for n in ("from", "to", "layer", "bytes")
     ]
@@ -195,13 +197,7 @@ def _transfers_from_arrays(arrays: dict[str, np.ndarray], where: str) -> tuple[T
         raise InputError(f"{where}: the transfer arrays differ in length")
     if int(ptr[0]) != 0 or int(ptr[-1]) != experts.size or (np.diff(ptr) < 0).any():
         raise InputError(f"{where}: malformed transfer expert lists")
-    src, dst, lay, size = (c.tolist() for c in cols)
-    bounds = ptr.tolist()
-    flat = experts.tolist()
-    return tuple(
-        Transfer(src[i], dst[i], lay[i], tuple(flat[bounds[i] : bounds[i + 1]]), size[i])
-        for i in range(len(src))
-    )
+    return Transfers(cols[0], cols[1], cols[2], cols[3], ptr, experts)
 
 
 def matrix_from_rows(
@@ -276,11 +272,12 @@ class ClientPlanIndex:
 
 
 def client_plans_entry(
-    path: str, data: bytes, index: list[tuple[int, int, int, str]], inline: bool
+    path: str, digest: str, size: int, index: list[tuple[int, int, int, str]], inline: bool
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The plan's ``client_plans`` entry for the packed file ``data`` at ``path`` (relative to the
-    plan's folder), and the index arrays for the companion when not ``inline``."""
-    entry: dict[str, Any] = {"path": path, "sha256": sha256_bytes(data), "bytes": len(data)}
+    """The plan's ``client_plans`` entry for the client plans file at ``path`` (relative to the
+    plan's folder; its sha256 and size), and the index arrays for the companion when not
+    ``inline``."""
+    entry: dict[str, Any] = {"path": path, "sha256": digest, "bytes": size}
     if inline:
         entry["index"] = [list(row) for row in index]
         return entry, {}
@@ -434,15 +431,17 @@ def _parse(
     transfers = (
         _transfers_from_arrays(arrays, where)
         if arrays is not None
-        else tuple(
-            Transfer(
-                int(t["from"]),
-                int(t["to"]),
-                int(t.get("layer", 0)),
-                tuple(int(x) for x in t["experts"]),
-                int(t["bytes"]),
-            )
-            for t in manifest.get("transfers", [])
+        else Transfers.of(
+            [
+                Transfer(
+                    int(t["from"]),
+                    int(t["to"]),
+                    int(t.get("layer", 0)),
+                    tuple(int(x) for x in t["experts"]),
+                    int(t["bytes"]),
+                )
+                for t in manifest.get("transfers", [])
+            ]
         )
     )
     led = manifest.get("ledger", {})

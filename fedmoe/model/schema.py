@@ -152,9 +152,12 @@ class PartSizes:
         )
 
 
+MAX_PART_BYTES = 1 << 50  # a part of 1 PiB is no model a manifest describes: refused
+
+
 def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a byte count, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PART_BYTES:
+        raise ValueError(f"expected a byte count up to 2**50, got {value!r}")
     return value
 
 

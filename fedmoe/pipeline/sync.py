@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -124,47 +125,53 @@ def sync_artefact(
 CLIENT_PLAN = "client-plan"
 
 
-def client_plans(plan: SyncPlan, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Each participant's own small plan: its rows of every layer's applied matrix (sources named
-    by (client, expert), exact float64 weights), the experts it fetches from each peer, and the
-    sha256 of every upload it merges: what the server sends that client (the full plan grows with
-    every client; this one with P and E only)."""
+def client_plans(plan: SyncPlan, manifest: dict[str, Any]) -> Iterator[tuple[int, str]]:
+    """Each participant's own small plan, as one compact JSON text: its rows of every layer's
+    applied matrix (sources as ``[client, expert, weight]``, exact float64 weights: a source of
+    another client is an expert to fetch) and the peers it fetches from: what the server sends
+    that client (the full plan grows with every client; this one with P and E only). Each fetched
+    expert is checked against the sha256 its sender published (:mod:`fedmoe.io.exchange`).
+    Written as text directly: at 8,192 clients there are ~600,000 sources, too many to build as
+    objects."""
     from fedmoe.io.manifest import header
 
-    uploads = dict(manifest.get("uploads") or {})
-    rows: dict[int, list[dict[str, Any]]] = {c: [] for c in plan.participants}
+    parts: dict[int, list[str]] = {c: [] for c in plan.participants}
     for layer, mat in enumerate(plan.applied()):
         index, e = mat.index, mat.index.num_experts
         clients = np.asarray(index.clients, dtype=np.int64)
-        # every entry as a [client, expert, weight] list, made once; each row is a slice of it
-        entries = [
-            list(t)
-            for t in zip(
-                clients[mat.sources // e].tolist(),
-                (mat.sources % e).tolist(),
-                mat.weights.tolist(),
-                strict=True,
-            )
-        ]
+        src_client = clients[mat.sources // e]  # (nnz,) each source's client id
+        src_expert = mat.sources % e
         bounds = mat.indptr.tolist()
         for pos, c in enumerate(index.clients):
-            if c in rows:
-                experts = [
-                    {"expert": j, "sources": entries[bounds[pos * e + j] : bounds[pos * e + j + 1]]}
-                    for j in range(e)
-                ]
-                rows[c].append({"layer": layer, "num_experts": e, "experts": experts})
-    fetch: dict[int, list[dict[str, Any]]] = {c: [] for c in plan.participants}
-    for t in plan.transfers:
-        if t.target in fetch:
-            fetch[t.target].append(
-                {"from": t.source, "layer": t.layer, "experts": list(t.experts), "bytes": t.bytes}
+            if c not in parts:
+                continue
+            lo, hi = bounds[pos * e], bounds[pos * e + e]  # this client's rows, contiguous
+            entries = [
+                f"[{sc},{sj},{w!r}]"
+                for sc, sj, w in zip(
+                    src_client[lo:hi].tolist(),
+                    src_expert[lo:hi].tolist(),
+                    mat.weights[lo:hi].tolist(),
+                    strict=True,
+                )
+            ]
+            experts = ",".join(
+                f'{{"expert":{j},"sources":['
+                + ",".join(entries[bounds[pos * e + j] - lo : bounds[pos * e + j + 1] - lo])
+                + "]}"
+                for j in range(e)
             )
+            parts[c].append(f'{{"layer":{layer},"num_experts":{e},"experts":[{experts}]}}')
+    ts = plan.transfers  # sorted by sender: each receiver's peers come out increasing
+    pairs = np.unique(ts.target * (1 << 31) + ts.source) if len(ts) else np.zeros(0, np.int64)
+    receivers, senders = (pairs >> 31).tolist(), (pairs & ((1 << 31) - 1)).tolist()
+    peers: dict[int, list[str]] = {c: [] for c in plan.participants}
+    for dst, src in zip(receivers, senders, strict=True):
+        if dst in peers:
+            peers[dst].append(str(src))
     affinity = manifest.get("affinity")
-    out = {}
     for c in plan.participants:
-        peers = sorted({c, *(f["from"] for f in fetch[c])})
-        out[c] = {
+        head = {
             **header(CLIENT_PLAN),
             "client": c,
             "round": plan.round,
@@ -172,27 +179,33 @@ def client_plans(plan: SyncPlan, manifest: dict[str, Any]) -> dict[int, dict[str
             "gate": plan.method.gate.value,
             "merges_experts": plan.merges_experts,
             "affinity_sha256": affinity["sha256"] if affinity else None,
-            "layers": rows[c],
-            "fetch": fetch[c],
-            "uploads": {str(p): uploads[str(p)] for p in peers if str(p) in uploads},
         }
-    return out
+        rows = parts.pop(c)  # each client's text is released once yielded
+        yield (
+            c,
+            (
+                json.dumps(head, separators=(",", ":"))[:-1]
+                + f',"layers":[{",".join(rows)}],"peers":[{",".join(peers[c])}]}}'
+            ),
+        )
 
 
-def pack_client_plans(
-    plans: dict[int, dict[str, Any]],
-) -> tuple[bytes, list[tuple[int, int, int, str]]]:
-    """The client plans as one file, one compact JSON line each (increasing client id), and its
-    index: (client, byte offset, length, sha256 of the line). A client fetches its line alone,
-    by byte range, as it fetches experts from the exchange."""
-    from fedmoe.io.manifest import sha256_bytes
+def write_client_plans(
+    handle: BinaryIO, plans: Iterator[tuple[int, str]]
+) -> tuple[str, int, list[tuple[int, int, int, str]]]:
+    """Write the client plans to ``handle``, one line each (in the order given: increasing client
+    id), as they are made; returns the file's sha256, its size and its index: (client, byte
+    offset, length, sha256 of the line). A client fetches its line alone, by byte range, as it
+    fetches experts from the exchange."""
+    import hashlib
 
-    parts: list[bytes] = []
+    whole = hashlib.sha256()
     index: list[tuple[int, int, int, str]] = []
     offset = 0
-    for c in sorted(plans):
-        line = (json.dumps(plans[c], separators=(",", ":"), allow_nan=False) + "\n").encode()
-        parts.append(line)
-        index.append((c, offset, len(line), sha256_bytes(line)))
+    for c, text in plans:
+        line = (text + "\n").encode()
+        handle.write(line)
+        whole.update(line)
+        index.append((c, offset, len(line), hashlib.sha256(line).hexdigest()))
         offset += len(line)
-    return b"".join(parts), index
+    return whole.hexdigest(), offset, index

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
         identity_matrix,
         restrict,
     )
-    from fedmoe.plan.transfers import Transfer, transfer_list
+    from fedmoe.plan.transfers import Transfer, Transfers, transfer_list, transfer_table
 
 _EXPORTS = {
     "Ledger": "ledger",
@@ -31,6 +31,8 @@ _EXPORTS = {
     "restrict": "matrix",
     "Transfer": "transfers",
     "transfer_list": "transfers",
+    "Transfers": "transfers",
+    "transfer_table": "transfers",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
@@ -38,6 +40,7 @@ __all__ = [
     "AggregationMatrix",
     "Ledger",
     "Transfer",
+    "Transfers",
     "aggregation_matrix",
     "client_prior",
     "drop_small",
@@ -46,4 +49,5 @@ __all__ = [
     "server_ledger",
     "traffic_ledger",
     "transfer_list",
+    "transfer_table",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedmoe.model.schema import PartSizes, Role
-from fedmoe.plan.transfers import Transfer
+from fedmoe.plan.transfers import Transfer, Transfers
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Ledger:
 def traffic_ledger(
     sizes: PartSizes,
     clients: list[int],
-    transfers: list[Transfer],
+    transfers: Transfers | list[Transfer],
     plan_bytes: dict[int, int],
     gate_shared: bool,
 ) -> Ledger:
@@ -67,15 +67,14 @@ def traffic_ledger(
         Whether the server averages G and sends it back (else each client keeps its own gate).
     """
     n = len(clients)
-    per_in: dict[int, int] = {}
-    for t in transfers:
-        per_in[t.target] = per_in.get(t.target, 0) + t.bytes
+    table = transfers if isinstance(transfers, Transfers) else Transfers.of(list(transfers))
+    per_in = table.received()
     return Ledger(
         clients=n,
         server_up=n * sizes.server_part,
         server_down=n * (sizes.shared + (sizes.gate if gate_shared else 0)),
         plan_down=sum(plan_bytes.get(c, 0) for c in clients),
-        p2p=sum(t.bytes for t in transfers),
+        p2p=int(table.bytes.sum()),
         fedavg_equivalent=2 * n * sizes.model,
         max_client_p2p_in=max(per_in.values(), default=0),
     )

@@ -21,13 +21,13 @@ from fedmoe.model.schema import PartSizes
 from fedmoe.plan import (
     AggregationMatrix,
     Ledger,
-    Transfer,
+    Transfers,
     aggregation_matrix,
     client_prior,
     drop_small,
     restrict,
     traffic_ledger,
-    transfer_list,
+    transfer_table,
 )
 
 
@@ -40,7 +40,7 @@ class SyncPlan:
     method: FedMoEDA  # P, τ, I, gate mode, interval reading
     matrices: tuple[AggregationMatrix, ...]  # A of each MoE layer over every held client
     participants: tuple[int, ...]  # clients whose rows apply this round, increasing
-    transfers: tuple[Transfer, ...]  # expert fetches of the applied rows
+    transfers: Transfers  # expert fetches of the applied rows, by (sender, receiver, layer)
     ledger: Ledger  # the round's traffic
 
     @property
@@ -153,13 +153,15 @@ def plan_sync(
         raise InputError(
             f"{len(matrices)} matrices for a model with {len(sizes.expert)} MoE layers"
         )
-    plan = SyncPlan(round_, matrix_round, method, tuple(matrices), present, (), _EMPTY)
+    plan = SyncPlan(
+        round_, matrix_round, method, tuple(matrices), present, Transfers.empty(), _EMPTY
+    )
     applied = plan.applied()
-    transfers: list[Transfer] = []
-    if plan.merges_experts:
-        for layer, m in enumerate(applied):
-            transfers.extend(transfer_list(m, sizes.expert[layer], layer))
-    transfers.sort(key=lambda t: (t.source, t.target, t.layer))
+    transfers = Transfers.concat(
+        [transfer_table(m, sizes.expert[layer], layer) for layer, m in enumerate(applied)]
+        if plan.merges_experts
+        else []
+    )
     ledger = traffic_ledger(
         sizes,
         list(present),
@@ -167,9 +169,7 @@ def plan_sync(
         _plan_bytes(applied, present) if plan.merges_experts else {},
         method.gate is GateMode.SHARED,
     )
-    return SyncPlan(
-        round_, matrix_round, method, tuple(matrices), present, tuple(transfers), ledger
-    )
+    return SyncPlan(round_, matrix_round, method, tuple(matrices), present, transfers, ledger)
 
 
 _EMPTY = Ledger(0, 0, 0, 0, 0, 0, 0)
