@@ -126,6 +126,21 @@ def matmul_flops(d: int, n: int = 4096) -> float:
     return 2.0 * n * n * d / dt
 
 
+def numpy_gemm_flops(m: int, d: int, block: int = 256) -> float:
+    """fp32 FLOP/s of NumPy's BLAS at the top-k kernel's shape: (block × d) @ (d × m) into a
+    reused buffer, over 8 blocks."""
+    import numpy as np
+
+    u = np.random.default_rng(0).standard_normal((m, d), dtype=np.float32)
+    out = np.empty((block, m), dtype=np.float32)
+    rows = min(m, 8 * block)
+    dt = median_time(
+        lambda: [np.matmul(u[r : r + block], u.T, out=out) for r in range(0, rows, block)],
+        repeats=3,
+    )
+    return 2.0 * rows * m * d / dt
+
+
 def sequential_read(paths: list[Path], chunk: int = 1 << 22) -> float:
     """Bytes/s of reading ``paths`` start to end into one reused buffer (warm page cache)."""
     buf = bytearray(chunk)

@@ -15,23 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import Row, matmul_flops, median_time
+from bench.common import Row, matmul_flops, median_time, numpy_gemm_flops
 from fedmoe.affinity.topk import topk_cosine
 
 EXPERTS = 8
 DIM = 128
-
-
-def numpy_gemm_flops(m: int, d: int, block: int = 256) -> float:
-    """fp32 FLOP/s of NumPy's BLAS at the kernel's shape: (block × d) @ (d × m) into a buffer."""
-    u = np.random.default_rng(0).standard_normal((m, d), dtype=np.float32)
-    out = np.empty((block, m), dtype=np.float32)
-    rows = min(m, 8 * block)
-    dt = median_time(
-        lambda: [np.matmul(u[r : r + block], u.T, out=out) for r in range(0, rows, block)],
-        repeats=3,
-    )
-    return 2.0 * rows * m * d / dt
 
 
 def write_clients(folder: Path, clients: int) -> np.ndarray:
@@ -135,7 +123,7 @@ def run(quick: bool) -> list[Row]:
     target = "" if quick else "≤ 1.3× kernel"
     rows.append(
         Row(
-            f"affinity | plan-sync commands end to end (2 processes, arrays + per-client "
+            f"affinity piped into plan-sync, end to end (2 processes, arrays + per-client "
             f"plans), {what}",
             wall,
             kernel,
@@ -153,7 +141,7 @@ def run(quick: bool) -> list[Row]:
     peak = max(rss_aff, rss_plan)
     rows.append(
         Row(
-            f"affinity | plan-sync: peak RSS of either process, {what}",
+            f"affinity piped into plan-sync: peak RSS of either process, {what}",
             float(peak),
             float(256 << 20),
             "B",

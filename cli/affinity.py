@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from fedmoe.affinity import Affinity
 
 from .common import (
-    INLINE_HINT_ROWS,
     ArraysFile,
     Force,
     Json,
@@ -28,6 +27,7 @@ from .common import (
     folder_options,
     handle_errors,
     pct,
+    stage_companion,
     stderr_console,
 )
 
@@ -88,7 +88,6 @@ def affinity(
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    from fedmoe.io.arrays_file import stage_arrays
     from fedmoe.io.atomic import OutputSet
     from fedmoe.io.checkpoint_set import client_checkpoints, newest_per_client
     from fedmoe.io.partition_file import load_partition
@@ -121,15 +120,17 @@ def affinity(
             pool_layers,
             inline=arrays is None,
         )
-        if arrays is not None:
-            from fedmoe.io.affinity_file import affinity_arrays
+        from fedmoe.io.affinity_file import affinity_arrays
 
-            manifest["arrays"] = stage_arrays(outputs, arrays, affinity_arrays(aff), base_dir(out))
-        elif sum(la.index.size for la in aff.layers) > INLINE_HINT_ROWS:
-            console.print(
-                f"note: {aff.layers[0].index.size:,} client-experts per layer: --arrays FILE "
-                "keeps the artefact small and fast to read"
-            )
+        stage_companion(
+            console,
+            outputs,
+            arrays,
+            manifest,
+            lambda: affinity_arrays(aff),
+            base_dir(out),
+            [la.index.size for la in aff.layers],
+        )
         text = dumps(manifest)
         if plot is not None:
             from fedmoe.plots import affinity_heatmap

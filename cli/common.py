@@ -68,6 +68,29 @@ NumSamples = Annotated[
 ]
 
 
+def stage_companion(
+    console: Console,
+    outputs: Any,
+    arrays: Path | None,
+    manifest: dict[str, Any],
+    build: Callable[[], dict[str, Any]],
+    base: Path,
+    layer_sizes: list[int],
+) -> None:
+    """With ``--arrays``, stage the companion (``build()``) in ``outputs`` and name it in
+    ``manifest`` (its path relative to ``base``); without, a hint on stderr when the inline JSON
+    is large (``layer_sizes``: client-experts per layer)."""
+    if arrays is not None:
+        from fedmoe.io.arrays_file import stage_arrays
+
+        manifest["arrays"] = stage_arrays(outputs, arrays, build(), base)
+    elif sum(layer_sizes) > INLINE_HINT_ROWS:
+        console.print(
+            f"note: {layer_sizes[0]:,} client-experts per layer: --arrays FILE keeps the "
+            f"{manifest['kind']} JSON small and fast to read"
+        )
+
+
 def folder_options(layout: Path | None, num_samples: list[str] | None) -> Any:
     """How to read Hugging Face model folders (:class:`fedmoe.io.hf_folder.FolderOptions`)."""
     from fedmoe.io.hf_options import FolderOptions, load_layout, parse_num_samples

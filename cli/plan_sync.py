@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from fedmoe.round import SyncPlan
 
 from .common import (
-    INLINE_HINT_ROWS,
     ArraysFile,
     Force,
     Json,
@@ -25,6 +24,7 @@ from .common import (
     emit,
     handle_errors,
     parse_params,
+    stage_companion,
     stderr_console,
 )
 
@@ -121,7 +121,6 @@ def plan_sync(
 ) -> None:
     from fedmoe.aggregate import FedMoEDA
     from fedmoe.io.affinity_file import load_affinity
-    from fedmoe.io.arrays_file import stage_arrays
     from fedmoe.io.atomic import OutputSet
     from fedmoe.io.manifest import relative
     from fedmoe.io.plan_file import client_plans_entry, load_plan, plan_arrays
@@ -180,15 +179,15 @@ def plan_sync(
             manifest["client_plans"], index_arrays = client_plans_entry(
                 relative(per_client, base_dir(out)), digest, size, index, inline=arrays is None
             )
-        if arrays is not None:
-            manifest["arrays"] = stage_arrays(
-                outputs, arrays, {**plan_arrays(plan), **index_arrays}, base_dir(out)
-            )
-        elif sum(m.index.size for m in plan.matrices) > INLINE_HINT_ROWS:
-            console.print(
-                f"note: {plan.matrices[0].index.size:,} client-experts per layer: --arrays FILE "
-                "keeps the plan small and fast to read"
-            )
+        stage_companion(
+            console,
+            outputs,
+            arrays,
+            manifest,
+            lambda: {**plan_arrays(plan), **index_arrays},
+            base_dir(out),
+            [m.index.size for m in plan.matrices],
+        )
         text = dumps(manifest)
         if out != STDIO:
             outputs.write_bytes(Path(out), text.encode())
