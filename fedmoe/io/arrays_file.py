@@ -24,13 +24,7 @@ from fedmoe.io.atomic import OutputSet
 from fedmoe.io.digest import sha256_bytes
 from fedmoe.io.manifest import relative, resolve
 
-SUFFIX = ".arrays.safetensors"
 MAX_BYTES = 8 << 30  # a companion above 8 GiB is refused, not read
-
-
-def companion_path(out: Path) -> Path:
-    """The default companion of the manifest at ``out``: ``plan.json`` → ``plan.arrays.safetensors``."""
-    return out.with_name(out.stem + SUFFIX) if out.suffix == ".json" else Path(str(out) + SUFFIX)
 
 
 def stage_arrays(

@@ -103,7 +103,7 @@ class Transfers:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def received(self, clients: int | None = None) -> dict[int, int]:
+    def received(self) -> dict[int, int]:
         """Bytes each receiving client fetches."""
         uniq, inv = np.unique(self.target, return_inverse=True)
         totals = np.bincount(inv, weights=self.bytes, minlength=uniq.size)
