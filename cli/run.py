@@ -89,6 +89,14 @@ def run(
     console = stderr_console(quiet)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     rec, _ = load_recipe(recipe, parse_overrides(config))
+    if rec.unused_variants:
+        console.print(
+            f"warning: variants {', '.join(rec.unused_variants)} are not in methods and do not "
+            "run; list them in methods to run them",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,
+        )
     again = f"fedmoe run {recipe} --out {out}"
     again += "".join(f" -c {c}" for c in config or [])
     with run_lock(out), ExitStack() as stack:  # one fedmoe run per folder at a time

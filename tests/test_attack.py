@@ -126,6 +126,11 @@ def test_recipe_variants_and_attack_arms() -> None:
     assert r.attack_of("da-robust@noise") is AttackKind.NOISE and r.attack_of("fedavg") is None
     assert r.to_dict()["attack"]["kinds"] == ["noise", "mimicry"]
     assert "attack" not in recipe_from_dict({}).to_dict()  # an unattacked recipe is unchanged
+    assert r.unused_variants == ()
+    subset = recipe_from_dict(
+        {"methods": ["fedavg"], "variants": {"a": {"method": "fedavg"}, "b": {"method": "local"}}}
+    )
+    assert subset.unused_variants == ("a", "b")  # defined, not listed: they would not run
     with pytest.raises(UsageError, match=r"variants\.x\.expert_bound must be >= 0"):
         recipe_from_dict({"variants": {"x": {"method": "fedmoe-da", "expert_bound": -1}}})
     with pytest.raises(UsageError, match="unknown method 'y'"):
@@ -134,6 +139,19 @@ def test_recipe_variants_and_attack_arms() -> None:
         recipe_from_dict({"variants": {"fedavg": {"method": "fedavg"}}})
     with pytest.raises(UsageError, match=r"attack\.kinds must be one of"):
         recipe_from_dict({"attack": {"kinds": ["flip"]}})
+
+
+def test_run_warns_of_variants_it_does_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Run
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("r.yaml").write_text(
+        "rounds: 1\nmethods: [local]\nvariants: {v1: {method: fedavg}}\npartition: {clients: 4}\n"
+    )
+    r = run_cli("run", "r.yaml", "--out", "out")
+    assert r.code == 0, r.err
+    assert "warning: variants v1 are not in methods and do not run" in r.err
+    assert [m for m in json.loads(Path("out/report.json").read_text())["methods"]] == ["local"]
 
 
 def test_an_attacked_run_end_to_end(

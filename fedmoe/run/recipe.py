@@ -104,6 +104,11 @@ class Recipe:
         except ParamError as exc:
             raise UsageError(f"recipe: model.{exc.worded(exc.key)}") from None
 
+    @property
+    def unused_variants(self) -> tuple[str, ...]:
+        """Variants the recipe defines but does not list in ``methods``: they do not run."""
+        return tuple(v for v in self.variants if v not in self.methods)
+
     def method(self, name: str) -> Aggregator:
         """The configured method of run arm ``name`` (a method, a variant, either with
         ``@attack``)."""
