@@ -103,8 +103,9 @@ def plan_to_manifest(
     if inline:
         for entry, mat in zip(layers, plan.matrices, strict=True):
             entry["targets"] = target_rows(mat)
-    transfers = (
-        [
+    inline_only: dict[str, Any] = {}  # schema 2: the transfers in the JSON too
+    if inline:
+        inline_only["transfers"] = [
             {
                 "from": t.source,
                 "to": t.target,
@@ -114,9 +115,6 @@ def plan_to_manifest(
             }
             for t in plan.transfers
         ]
-        if inline
-        else []
-    )
     return {
         **header(KIND, VERSION if inline else ARRAYS_VERSION),
         "round": plan.round,
@@ -135,7 +133,7 @@ def plan_to_manifest(
         "clients": list(plan.matrices[0].index.clients),
         "participants": list(plan.participants),
         "layers": layers,
-        **({"transfers": transfers} if inline else {}),
+        **inline_only,
         "ledger": plan.ledger.to_dict(),
     }
 

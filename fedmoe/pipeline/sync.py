@@ -162,7 +162,7 @@ def client_plans(plan: SyncPlan, manifest: dict[str, Any]) -> Iterator[tuple[int
                 for j in range(e)
             )
             parts[c].append(f'{{"layer":{layer},"num_experts":{e},"experts":[{experts}]}}')
-    ts = plan.transfers  # sorted by sender: each receiver's peers come out increasing
+    ts = plan.transfers  # unique (receiver, sender) keys sort by receiver, then sender
     pairs = np.unique(ts.target * (1 << 31) + ts.source) if len(ts) else np.zeros(0, np.int64)
     receivers, senders = (pairs >> 31).tolist(), (pairs & ((1 << 31) - 1)).tolist()
     peers: dict[int, list[str]] = {c: [] for c in plan.participants}
