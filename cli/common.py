@@ -91,6 +91,23 @@ def stage_companion(
         )
 
 
+def precision_note(cfg: Any, console: Console) -> None:
+    """A note on stderr when ``precision: bf16`` is asked for on a CPU without bfloat16 units."""
+    from fedmoe.train.config import Precision
+
+    if cfg.precision is Precision.BF16:
+        from fedmoe.train.local import bf16_native
+
+        if not bf16_native():
+            console.print(
+                "note: this CPU has no bfloat16 matrix units (AVX512-BF16 or AMX): precision "
+                "bf16 trains slower than fp32 here",
+                style="yellow",
+                markup=False,
+                soft_wrap=True,
+            )
+
+
 def folder_options(layout: Path | None, num_samples: list[str] | None) -> Any:
     """How to read Hugging Face model folders (:class:`fedmoe.io.hf_folder.FolderOptions`)."""
     from fedmoe.io.hf_options import FolderOptions, load_layout, parse_num_samples

@@ -24,6 +24,7 @@ from .common import (
     emit,
     handle_errors,
     parse_overrides,
+    precision_note,
     stderr_console,
 )
 from .report import make_report
@@ -89,6 +90,7 @@ def run(
     console = stderr_console(quiet)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     rec, _ = load_recipe(recipe, parse_overrides(config))
+    precision_note(rec.train, console)
     if rec.unused_variants:
         console.print(
             f"warning: variants {', '.join(rec.unused_variants)} are not in methods and do not "

@@ -17,7 +17,16 @@ from fedmoe.params import default_of, from_mapping, help_of
 if TYPE_CHECKING:
     from fedmoe.train import TrainConfig
 
-from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
+from .common import (
+    Force,
+    Json,
+    Quiet,
+    Seed,
+    emit,
+    handle_errors,
+    precision_note,
+    stderr_console,
+)
 
 HELP = """Train one local round (FedMoE-DA step 1) on clients' train splits.
 
@@ -88,6 +97,7 @@ def train_round(
     weight_decay: Annotated[float, typer.Option(help=_h("weight_decay"))] = _t("weight_decay"),
     balance_coef: Annotated[float, typer.Option(help=_h("balance_coef"))] = _t("balance_coef"),
     prox_mu: Annotated[float, typer.Option(help=_h("prox_mu"))] = _t("prox_mu"),
+    precision: Annotated[str, typer.Option(help=_h("precision"))] = _t("precision").value,
     candidates: Annotated[
         list[str] | None,
         typer.Option(
@@ -133,8 +143,10 @@ def train_round(
             "weight_decay": weight_decay,
             "balance_coef": balance_coef,
             "prox_mu": prox_mu,
+            "precision": precision,
         },
     )
+    precision_note(cfg, console)
     part = load_partition(partition)
     single = client != "all" and "," not in client
     ids = parse_clients(client, part.num_clients)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from helpers import clean_failure, run_in
 
 from fedmoe.io.checkpoint import open_checkpoint
@@ -280,6 +281,27 @@ def test_single_client(work: Path, run_cli: Run) -> None:
     assert r.code == 0 and open_checkpoint(work / "c2r2.safetensors").meta.round == 2
 
 
+def test_bf16_precision_is_recorded_and_trains_other_bits(work: Path, run_cli: Run) -> None:
+    """--precision bf16 reaches training (other bytes than fp32's, float32 tensors still) and
+    the manifest's train_config; a CPU without bfloat16 units gets a note on stderr."""
+    from fedmoe.train.local import bf16_native
+
+    r = run_cli(*TRAIN, "--model", "init.safetensors", "--client", "2", "--out", "b.safetensors",
+                "--precision", "bf16")  # fmt: skip
+    assert r.code == 0, r.err
+    assert json.loads((work / "b.json").read_text())["train_config"]["precision"] == "bf16"
+    assert ("no bfloat16 matrix units" in r.err) is not bf16_native()
+    bf16, fp32 = (
+        open_checkpoint(work / "b.safetensors"),
+        open_checkpoint(work / "r1" / "client-002.safetensors"),
+    )
+    assert all(t.dtype == torch.float32 for t in bf16.state().values())
+    assert (work / "b.safetensors").read_bytes() != (
+        work / "r1" / "client-002.safetensors"
+    ).read_bytes()
+    assert fp32.meta.round == bf16.meta.round
+
+
 def test_quiet_keeps_stderr_empty(work: Path, run_cli: Run) -> None:
     r = run_cli(*TRAIN, "--model", "init.safetensors", "--client", "1", "--out", "c.safetensors")
     assert r.code == 0 and "train-round 1" in r.err
@@ -303,6 +325,8 @@ def test_quiet_keeps_stderr_empty(work: Path, run_cli: Run) -> None:
         (("--client", "1", "--out", "x/c.safetensors", "--optimizer", "lion"), 2,
          "--optimizer must be one of adam, adamw, sgd, got 'lion'"),
         (("--client", "1", "--out", "x/c.safetensors", "--epochs", "-1"), 2, "epochs must be"),
+        (("--client", "1", "--out", "x/c.safetensors", "--precision", "fp16"), 2,
+         "--precision must be one of fp32, bf16, got 'fp16'"),
     ],
 )  # fmt: skip
 def test_bad_arguments(

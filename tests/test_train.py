@@ -90,6 +90,50 @@ def test_same_seed_same_bits_different_seed_different(start: dict[str, torch.Ten
     assert not any(torch.equal(a.state[k], c.state[k]) for k in a.state)
 
 
+def test_bf16_autocast_trains_fp32_master_weights_close_to_fp32(
+    start: dict[str, torch.Tensor],
+) -> None:
+    """precision bf16: the products run in bfloat16 (the first loss differs from fp32's in its
+    bits but not beyond bfloat16 rounding), every parameter and the returned state stay float32,
+    and the model still learns the blobs."""
+    x, y = blobs()
+    fp32 = train_local(CFG, start, x, y, TrainConfig(epochs=4, batch_size=16, lr=1e-2), seed=1)
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=1e-2, precision="bf16")
+    bf16 = train_local(CFG, start, x, y, cfg, seed=1)
+    assert all(v.dtype == torch.float32 for v in bf16.state.values())
+    assert bf16.epoch_loss[0] != fp32.epoch_loss[0]  # autocast did engage
+    assert abs(bf16.epoch_loss[0] - fp32.epoch_loss[0]) < 0.02 * fp32.epoch_loss[0]
+    assert bf16.epoch_loss[-1] < 0.5 * bf16.epoch_loss[0]
+    assert (predict(build_model(CFG, bf16.state), x) == y.numpy()).mean() == 1.0
+    assert cfg.to_dict()["precision"] == "bf16"
+
+
+def test_experts_under_autocast_compute_in_bf16_and_return_fp32_gradients() -> None:
+    """Under CPU autocast the grouped experts take bfloat16 copies (their output matches the
+    float32 layer to bfloat16 precision) and the gradients reaching the float32 parameters are
+    float32 and match float32's to the same precision."""
+    from fedmoe.model import Experts
+
+    ex = Experts(4, 8, 16, 4)
+    ex.reset_parameters(torch.Generator().manual_seed(0))
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([[i % 4, (i + 1) % 4] for i in range(12)])
+    w = torch.full((12, 2), 0.5)
+    outs, grads = {}, {}
+    for low in (False, True):
+        ex.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            y = ex(x, w, idx)
+        y.square().sum().backward()
+        outs[low] = y.detach()
+        grads[low] = {n: p.grad for n, p in ex.named_parameters()}
+    assert outs[True].dtype == torch.float32 and not torch.equal(outs[True], outs[False])
+    torch.testing.assert_close(outs[True], outs[False], atol=0.03, rtol=0.02)
+    for name, g in grads[True].items():
+        assert g is not None and g.dtype == torch.float32
+        torch.testing.assert_close(g, grads[False][name], atol=0.05, rtol=0.05, msg=name)
+
+
 def test_inputs_are_not_modified(start: dict[str, torch.Tensor]) -> None:
     x, y = blobs()
     kept = {k: v.clone() for k, v in start.items()}

@@ -48,7 +48,11 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 def _aligned(t: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` takes ``t``: float32, 16-byte aligned data and strides."""
     per = 16 // t.element_size()
-    return t.dtype == torch.float32 and t.data_ptr() % 16 == 0 and all(s == 1 or s % per == 0 for s in t.stride())
+    return (
+        t.dtype == torch.float32
+        and t.data_ptr() % 16 == 0
+        and all(s == 1 or s % per == 0 for s in t.stride())
+    )
 
 
 class _GroupedMLP(torch.autograd.Function):
@@ -145,9 +149,14 @@ class Experts(nn.Module):
         token = order // k  # (B·k,) sample of each sorted assignment
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # (E,)
         xs = x.index_select(0, token)  # (B·k, H)
-        ys = _GroupedMLP.apply(xs, counts, self.w1, self.b1, self.w2, self.b2)  # (B·k, O)
-        ys = ys * weights.reshape(-1)[order].unsqueeze(1)  # (B·k, O)
-        return x.new_zeros(batch, ys.shape[1]).index_add_(0, token, ys)  # (B, O)
+        params: tuple[torch.Tensor, ...] = (self.w1, self.b1, self.w2, self.b2)
+        if torch.is_autocast_enabled("cpu"):  # the products in the autocast dtype (bf16)
+            low = torch.get_autocast_dtype("cpu")
+            xs, params = xs.to(low), tuple(p.to(low) for p in params)
+        with torch.autocast("cpu", enabled=False):
+            ys = _GroupedMLP.apply(xs, counts, *params).to(weights.dtype)  # (B·k, O)
+            ys = ys * weights.reshape(-1)[order].unsqueeze(1)  # (B·k, O) combined in fp32
+            return ys.new_zeros(batch, ys.shape[1]).index_add_(0, token, ys)  # (B, O)
 
     def forward_dense(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor

@@ -17,6 +17,13 @@ class Optimizer(str, enum.Enum):
     SGD = "sgd"
 
 
+class Precision(str, enum.Enum):
+    """The arithmetic of local training's matrix products."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training hyper-parameters (the one source of their defaults)."""
@@ -32,10 +39,19 @@ class TrainConfig:
         "FedProx proximal weight mu: adds mu/2 * ||w - w_start||^2 to the loss (0: off)",
         ge=0.0,
     )
+    precision: Precision = param(
+        Precision.FP32,
+        "fp32, or bf16: bfloat16 autocast for the matrix products, fp32 master weights and "
+        "optimiser (fast only on CPUs with AVX512-BF16 or AMX)",
+    )
 
     def __post_init__(self) -> None:
         check_params(self)
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON values."""
-        return {**self.__dict__, "optimizer": self.optimizer.value}
+        return {
+            **self.__dict__,
+            "optimizer": self.optimizer.value,
+            "precision": self.precision.value,
+        }

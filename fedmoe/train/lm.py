@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fedmoe.train.config import Optimizer, TrainConfig
-from fedmoe.train.local import proximal_term
+from fedmoe.train.local import autocast, proximal_term
 
 
 class TrainParts(str, Enum):
@@ -91,8 +91,9 @@ def train_lm(
         total, count = 0.0, 0
         for first in range(0, n, cfg.batch_size):
             batch = data[order[first : first + cfg.batch_size]]
-            out = model(input_ids=batch[:, :-1], output_router_logits=True)
-            nll = _next_byte_nll(out.logits, batch)
+            with autocast(cfg):
+                out = model(input_ids=batch[:, :-1], output_router_logits=True)
+            nll = _next_byte_nll(out.logits.float(), batch)
             aux = getattr(out, "aux_loss", None)
             loss = nll if aux is None else nll + coef * aux
             if anchors is not None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedmoe.model import MoEClassifier, MoEConfig, build_model, state_of
-from fedmoe.train.config import Optimizer, TrainConfig
+from fedmoe.train.config import Optimizer, Precision, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,23 @@ def train_local(
     return fit(build_model(config, state), x, y, cfg, seed)
 
 
+def autocast(cfg: TrainConfig) -> torch.autocast:
+    """The forward pass's arithmetic: with ``precision: bf16``, CPU autocast runs the matrix
+    products in bfloat16 while parameters, gradients and the optimiser stay float32 (mixed
+    precision, Micikevicius et al., ICLR 2018, with bfloat16's fp32 range needing no loss scale).
+    """
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision is Precision.BF16)
+
+
+def bf16_native() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN with AVX512-BF16 or AMX);
+    elsewhere torch's fallback runs them several times slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def proximal_term(
     params: list[nn.Parameter], anchors: list[torch.Tensor], mu: float
 ) -> torch.Tensor:
@@ -95,9 +112,10 @@ def fit(
         total, total_bal = 0.0, 0.0
         for first in range(0, n, cfg.batch_size):
             idx = order[first : first + cfg.batch_size]  # (b,)
-            out = model(x[idx])
-            task = nn.functional.cross_entropy(out.logits, y[idx])
-            bal = out.balance_loss()
+            with autocast(cfg):
+                out = model(x[idx])
+                task = nn.functional.cross_entropy(out.logits.float(), y[idx])
+                bal = out.balance_loss()
             loss = task + cfg.balance_coef * bal
             if anchors is not None:
                 loss = loss + proximal_term(params, anchors, cfg.prox_mu)
