@@ -12,7 +12,8 @@ from torch import nn
 
 from bench.common import Row, median_time, threads
 from fedmoe.model import Experts, MoEConfig, Router, init_model
-from fedmoe.train.local import TrainConfig, make_optimizer
+from fedmoe.train.config import Precision
+from fedmoe.train.local import TrainConfig, autocast, bf16_native, make_optimizer
 
 
 def _samples_per_s(step, batch: int, budget_s: float) -> float:
@@ -119,5 +120,49 @@ def step_rows(quick: bool) -> list[Row]:
     return rows
 
 
+def bf16_rows(quick: bool) -> list[Row]:
+    """The same local step (fused Adam) with ``precision: bf16`` (CPU bfloat16 autocast, fp32
+    master weights) against fp32, measured in the same run."""
+    cfg = MoEConfig((1, 28, 28), 10, "mlp", 1024, 256, 8, 2, 512)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (32,), generator=gen)
+    times = {}
+    for precision in (Precision.FP32, Precision.BF16):
+        train = TrainConfig(precision=precision)
+        model = init_model(cfg, 0)
+        opt = make_optimizer(list(model.parameters()), train)
+
+        def step(model=model, opt=opt, train=train) -> None:
+            with autocast(train):
+                out = model(x)
+                loss = nn.functional.cross_entropy(out.logits.float(), y)
+                loss = loss + 0.01 * out.balance_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        reps = 5 if quick else 20
+
+        def many(step=step, reps: int = reps) -> None:
+            for _ in range(reps):
+                step()
+
+        times[precision] = median_time(many, repeats=3) / reps
+    units = "with" if bf16_native() else "without"
+    return [
+        Row(
+            f"local step, bf16 autocast ({units} CPU bfloat16 units), batch 32",
+            times[Precision.BF16],
+            times[Precision.FP32],
+            "s",
+            times[Precision.FP32] / times[Precision.BF16],
+            "",
+            None,
+            "reference: the same step in fp32; ratio = speed-up",
+        )
+    ]
+
+
 def run(quick: bool) -> list[Row]:
-    return layer_rows(quick) + step_rows(quick)
+    return layer_rows(quick) + step_rows(quick) + bf16_rows(quick)
