@@ -1,11 +1,14 @@
 """The ``fedmoe`` Typer app: wiring only. Each command lives in its own module, imported only when
 that command runs or shows its own help (as the ``hf`` CLI does), so ``fedmoe --help`` and
-``fedmoe --version`` never import torch or the library."""
+``fedmoe --version`` never import torch or the library; and a command's ``--help`` binds
+stand-ins for numpy and torch, which its module imports at its top but whose help never uses."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+import types
 from typing import Annotated, Any
 
 import typer
@@ -44,6 +47,43 @@ def load_command(name: str) -> Any:
     return typer.main.get_command(single)
 
 
+HEAVY = ("numpy", "torch")  # modules a command's help never needs
+
+
+class _Deferred(types.ModuleType):
+    """Stands in for a heavy module while a command's help is built: ``import numpy`` at the top
+    of a module binds this stand-in, and the first attribute anything reads imports the real
+    module and is answered from it (``importlib.util.LazyLoader`` cannot do this on Python 3.11,
+    whose import statement itself reads ``__spec__`` and so loads the module)."""
+
+    def __getattr__(self, attr: str) -> Any:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        return getattr(importlib.import_module(name), attr)
+
+
+def defer_heavy_imports() -> None:
+    """Put a :class:`_Deferred` stand-in in ``sys.modules`` for each :data:`HEAVY` module not yet
+    imported. Used only to show a command's ``--help``, which imports the command's module for
+    its options and exits before any of them runs."""
+    for name in HEAVY:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        stand_in = _Deferred(name)
+        stand_in.__spec__ = spec  # a finished import to the import system: it is not re-entered
+        sys.modules[name] = stand_in
+
+
+def wants_help(args: list[str]) -> bool:
+    """Whether the command line asks for help (before a ``--`` that ends the options)."""
+    options = args[: args.index("--")] if "--" in args else args
+    return "--help" in options
+
+
 class LazyGroup(TyperGroup):
     """Lists the commands from :data:`COMMANDS` without importing them; a command's module is
     imported when it is resolved to run (or to show its own ``--help``)."""
@@ -60,6 +100,8 @@ class LazyGroup(TyperGroup):
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         if args and args[0] in COMMANDS and args[0] not in self.commands:
+            if wants_help(args[1:]):
+                defer_heavy_imports()
             self.commands[args[0]] = load_command(args[0])
         return super().resolve_command(ctx, args)
 
