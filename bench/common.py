@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -182,3 +183,32 @@ def fmt(v: float | None, unit: str) -> str:
     if unit == "1/s":
         return f"{v:,.0f}/s"
     return f"{v:.3g} {unit}".strip()
+
+
+def copy_time(files: list[Path], dest: Path) -> float:
+    """Seconds to copy ``files`` to new files under ``dest``, each synced to disk (then removed)."""
+    dest.mkdir()
+    start = time.perf_counter()
+    for i, f in enumerate(files):
+        target = dest / f"{i}-{f.name}"
+        shutil.copyfile(f, target)
+        with open(target, "rb+") as handle:  # durable, as fedmoe's outputs are
+            os.fsync(handle.fileno())
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dest)
+    return seconds
+
+
+def cli(*argv: str) -> None:
+    """Run ``fedmoe ARGV`` in this process (stdout discarded); a non-zero exit raises."""
+    import contextlib
+    import io
+
+    from fedmoe_cli.app import main
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the output paths: not the table's
+            main(list(argv))
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise RuntimeError(f"fedmoe {argv[0]} exited {exc.code}") from None

@@ -11,8 +11,6 @@ same code as ``fedmoe aggregate --plan`` (Eq. 11 per MoE layer, sample-weighted 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.common import Row, sequential_read
+from bench.common import Row, cli, copy_time, sequential_read
 from bench.round_bench import AnonPeak
 
 
@@ -102,34 +100,6 @@ def _make_folders(root: Path, quick: bool, clients: int = 8) -> list[Path]:
     return folders
 
 
-def _copy_time(files: list[Path], dest: Path) -> float:
-    """Seconds to copy ``files`` to new files under ``dest``, each synced to disk (then removed)."""
-    dest.mkdir()
-    start = time.perf_counter()
-    for i, f in enumerate(files):
-        target = dest / f"{i}-{f.name}"
-        shutil.copyfile(f, target)
-        with open(target, "rb+") as handle:  # durable, as fedmoe's outputs are
-            os.fsync(handle.fileno())
-    seconds = time.perf_counter() - start
-    shutil.rmtree(dest)
-    return seconds
-
-
-def _cli(*argv: str) -> None:
-    import contextlib
-    import io
-
-    from fedmoe_cli.app import main
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the output paths: not the table's
-            main(list(argv))
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise RuntimeError(f"fedmoe {argv[0]} exited {exc.code}") from None
-
-
 def run(quick: bool) -> list[Row]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,12 +108,12 @@ def run(quick: bool) -> list[Row]:
         files = [p for f in folders for p in sorted(f.glob("*.safetensors"))]
         total = sum(p.stat().st_size for p in files)
         samples = ["--num-samples", "*=100"]
-        _cli("affinity", str(root / "r1"), *samples, "--out", str(root / "aff.json"), "-q")
-        _cli("plan-sync", str(root / "aff.json"), "--out", str(root / "plan.json"), "-q")
+        cli("affinity", str(root / "r1"), *samples, "--out", str(root / "aff.json"), "-q")
+        cli("plan-sync", str(root / "aff.json"), "--out", str(root / "plan.json"), "-q")
         read_bps = sequential_read(files)
 
         def merge(i: int) -> None:
-            _cli(
+            cli(
                 "aggregate", "--plan", str(root / "plan.json"), str(root / "r1"), *samples,
                 "--out", str(root / f"agg{i}"), "-q",
             )  # fmt: skip
@@ -153,7 +123,7 @@ def run(quick: bool) -> list[Row]:
         with AnonPeak() as peak:
             merge(1)
         seconds = time.perf_counter() - start
-        copy_s = _copy_time(files, root / "copy")  # the floor of writing the same bytes anew
+        copy_s = copy_time(files, root / "copy")  # the floor of writing the same bytes anew
         per_client = total / len(folders)
         largest = max(2 * torch.Size(s).numel() for s in _shapes(_config(quick)).values())
         mb = per_client / 1e6

@@ -283,6 +283,34 @@ def test_mean_is_the_float64_weighted_sum_rounded_once() -> None:
 
 
 @pytest.mark.parametrize(
+    ("sizes", "n", "dtype"),
+    [((3, 1, 4), 200_003, torch.float32), ((1,), 300_001, torch.float32), ((2, 5), 90_000,
+     torch.bfloat16), ((8, 8, 8, 8), 65_537, torch.float32)],
+)  # fmt: skip
+def test_weighted_rows_is_the_whole_float64_product_rounded_once(
+    sizes: tuple[int, ...], n: int, dtype: torch.dtype
+) -> None:
+    """Eq. 11's chunked kernel equals the product with the whole concatenated float64 matrix, bit
+    for bit, across chunk edges (n spans several chunks and ends in a partial one) and dtypes;
+    row j of the output mixes the sources in the order the blocks stack them."""
+    from fedmoe.aggregate.reduce import CHUNK, weighted_rows
+
+    g = torch.Generator().manual_seed(len(sizes))
+    blocks = [torch.randn(k, n, generator=g).to(dtype) for k in sizes]
+    u = sum(sizes)
+    assert n > CHUNK // u  # more than one chunk
+    weights = torch.rand(5, u, generator=g, dtype=torch.float64)
+    weights /= weights.sum(dim=1, keepdim=True)
+    whole = (weights @ torch.cat(blocks).to(torch.float64)).to(dtype)
+    out = weighted_rows(weights, blocks, dtype)
+    assert out.dtype == dtype and out.shape == (5, n)
+    assert torch.equal(out, whole)
+    one_hot = torch.zeros(1, u, dtype=torch.float64)
+    one_hot[0, u - 1] = 1.0  # a row that takes only the last source: exactly that source
+    assert torch.equal(weighted_rows(one_hot, blocks, dtype)[0], blocks[-1][-1])
+
+
+@pytest.mark.parametrize(
     ("values", "expected"),
     [([1, 5, 2], 2.0), ([1, 2, 3, 10], 2.5), ([4], 4.0), ([-1, 7], 3.0), ([3, 3, 9, 3], 3.0)],
 )

@@ -272,6 +272,50 @@ def test_expert_slice_equals_the_tensor_row(tmp_path: Path) -> None:
             assert torch.equal(ck.expert(name, j), full[j])
 
 
+def test_merge_source_reads_each_whole_tensor_once_within_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CheckpointSource.experts keeps whole stacked tensors for the next target (each read once),
+    answers exactly what the checkpoint would, reads a minority of experts as slices without
+    keeping them, and evicts least recently used tensors beyond its byte budget."""
+    from fedmoe.io.checkpoint import Checkpoint
+    from fedmoe.io.checkpoint_set import CheckpointSource
+
+    cfg = MoEConfig((1, 4, 4), 3, embed_hidden=8, embed_dim=4, num_experts=4, expert_hidden=4)
+    cks = {
+        c: open_checkpoint(
+            save(tmp_path / f"c{c}.safetensors", state_of(init_model(cfg, c)), meta(c, cfg))
+        )
+        for c in range(3)
+    }
+    reads: list[tuple[str, str]] = []
+    real = Checkpoint.tensor
+
+    def counted(self: Checkpoint, name: str) -> torch.Tensor:
+        reads.append((self.path.name, name))
+        return real(self, name)
+
+    monkeypatch.setattr(Checkpoint, "tensor", counted)
+    source = CheckpointSource(cks)
+    for _ in range(3):  # three targets drawing on the same sources
+        for c in range(3):
+            assert torch.equal(source.experts(c, "experts.w1", [0, 2, 3]),
+                               real(cks[c], "experts.w1")[[0, 2, 3]])  # fmt: skip
+            assert torch.equal(source.experts(c, "experts.w1", [0, 1, 2, 3]),
+                               real(cks[c], "experts.w1"))  # fmt: skip
+            assert torch.equal(
+                source.experts(c, "experts.b1", [1]), real(cks[c], "experts.b1")[[1]]
+            )
+    assert sorted(reads) == sorted((f"c{c}.safetensors", "experts.w1") for c in range(3))
+    size = cks[0].tensor("experts.w1").numel() * 4
+    reads.clear()
+    tight = CheckpointSource(cks, cache_bytes=2 * size)  # room for two of the three
+    for _ in range(2):
+        for c in range(3):
+            tight.experts(c, "experts.w1", [0, 1, 2])
+    assert len(reads) == 6  # round-robin over three with room for two: every read misses
+
+
 def test_same_inputs_same_bytes(tmp_path: Path) -> None:
     a = save(tmp_path / "a.safetensors", state_of(init_model(CFG, 4)))
     b = save(tmp_path / "b.safetensors", state_of(init_model(CFG, 4)))

@@ -20,7 +20,7 @@ import torch
 
 from fedmoe.aggregate.base import CrossExpert, Group, MergeSpec, SameIndex
 from fedmoe.aggregate.defence import defend_row
-from fedmoe.aggregate.reduce import reduce_tensors, weighted_sum
+from fedmoe.aggregate.reduce import reduce_tensors, weighted_rows, weighted_sum
 from fedmoe.model.schema import ModelSchema, Role, TensorEntry
 
 
@@ -180,26 +180,25 @@ class Merger:
             by_client: dict[int, list[int]] = {}
             for c, j in keys:
                 by_client.setdefault(c, []).append(j)
-            stacked = torch.cat(
-                [self.source.experts(c, entry.name, js) for c, js in by_client.items()]
-            )  # (u, ...)
+            blocks = [self.source.experts(c, entry.name, js) for c, js in by_client.items()]
+            if merge.defence.plain:  # Eq. 11 itself, chunk by chunk: no whole float64 copy
+                flats = [b.reshape(b.shape[0], -1) for b in blocks]
+                return weighted_rows(weights, flats, dtype).reshape(e, *blocks[0].shape[1:])
+            stacked = torch.cat(blocks)  # (u, ...)
             flat = stacked.to(torch.float64).reshape(len(uniq), -1)  # (u, ·)
-            if merge.defence.plain:
-                out = weights @ flat
-            else:
-                start = self._start(client, entry.name)
-                begun = None
-                if merge.defence.reduce.needs_start:  # every source's expert at its start
-                    begun = self._source_starts(by_client, entry.name).reshape(len(uniq), -1)
-                out = torch.stack(
-                    [
-                        self._defended(
-                            weights[j], flat, keys, (client, j), merge,
-                            None if start is None else start[j].flatten(), begun,
-                        )
-                        for j in range(e)
-                    ]
-                )  # fmt: skip
+            start = self._start(client, entry.name)
+            begun = None
+            if merge.defence.reduce.needs_start:  # every source's expert at its start
+                begun = self._source_starts(by_client, entry.name).reshape(len(uniq), -1)
+            out = torch.stack(
+                [
+                    self._defended(
+                        weights[j], flat, keys, (client, j), merge,
+                        None if start is None else start[j].flatten(), begun,
+                    )
+                    for j in range(e)
+                ]
+            )  # fmt: skip
             return out.reshape(e, *stacked.shape[1:]).to(dtype)
         assert entry.expert is not None
         # a per-expert tensor: read only the sources of this expert's row

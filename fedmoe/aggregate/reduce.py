@@ -102,6 +102,36 @@ def weighted_sum(parts: list[tuple[torch.Tensor, float]], dtype: torch.dtype) ->
     return out.reshape(shape)
 
 
+def weighted_rows(
+    weights: torch.Tensor, blocks: list[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """``weights @ cat(blocks)`` in float64, rounded once to ``dtype``: Eq. 11 for every expert of
+    one target client at once (row j of ``weights`` (E, u) mixes the u source experts stacked by
+    ``blocks``, each (k, N), their rows in order).
+
+    As :func:`weighted_sum`, it runs over column chunks: the sources' columns are widened into one
+    cache-sized float64 buffer and multiplied there, so neither the concatenation nor its float64
+    copy is ever made whole (each chunk's product is the same GEMM over the same sources, so the
+    result is identical to the whole-matrix product)."""
+    import torch
+
+    u = sum(int(b.shape[0]) for b in blocks)
+    n = int(blocks[0].shape[1])
+    cols = max(1, CHUNK // max(u, 1))
+    buf = torch.empty(u, min(n, cols), dtype=torch.float64)
+    out = torch.empty(weights.shape[0], n, dtype=dtype)
+    for lo in range(0, n, cols):
+        hi = min(n, lo + cols)
+        chunk = buf[:, : hi - lo]
+        row = 0
+        for b in blocks:
+            k = int(b.shape[0])
+            chunk[row : row + k].copy_(b[:, lo:hi])  # widened element by element
+            row += k
+        out[:, lo:hi].copy_(weights @ chunk)
+    return out
+
+
 def _aligned(
     tensors: list[torch.Tensor], weights: tuple[float, ...], starts: list[torch.Tensor]
 ) -> torch.Tensor:

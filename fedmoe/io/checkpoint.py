@@ -148,6 +148,7 @@ class Checkpoint:
             self._dtypes = {n: piece.get_dtype() for n, piece in header.items()}
             self._shapes = {n: tuple(piece.get_shape()) for n, piece in header.items()}
             del handle, header  # an open handle keeps the file's pages resident: reopen lazily
+            self._finite: set[str] = set()  # tensors already read and found finite
         except Exception as exc:  # safetensors raises its own SafetensorError on bad files
             raise InputError(
                 f"{where}: not a readable safetensors file ({str(exc).splitlines()[0]})",
@@ -252,6 +253,8 @@ class Checkpoint:
         import torch
 
         t = self._pt.get_tensor(name)
+        if name in self._finite:  # a merge reads a source's tensor once per target it feeds
+            return t
         if t.is_floating_point() and not all_finite(t):
             entry = self.schema.entry(name)
             what = f"{self.path}: tensor {name}"
@@ -260,6 +263,7 @@ class Checkpoint:
                 bad = int(torch.nonzero(~flat.all(dim=1))[0])
                 what += f" expert {bad}"
             check_finite(t, what)
+        self._finite.add(name)
         return t
 
     def expert(self, name: str, index: int) -> torch.Tensor:
@@ -272,6 +276,8 @@ class Checkpoint:
         """Slices ``[indices]`` of stacked expert tensor ``name``, stacked (k, ...): the whole
         tensor is read once when at least half of its experts are wanted, else one slice each."""
         total = self.shape(name)[0]
+        if indices == list(range(total)):
+            return self.tensor(name)
         if 2 * len(indices) >= total:
             return self.tensor(name)[indices]
         import torch

@@ -7,6 +7,7 @@ refused.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -171,18 +172,51 @@ def check_same_architecture(models: list[Checkpoint]) -> None:
         )
 
 
+READ_CACHE_BYTES = 128 << 20  # whole stacked expert tensors kept for the other targets they feed
+
+
 class CheckpointSource:
     """A merge-engine source over opened checkpoints (reads one tensor, or some experts of one
-    stacked tensor, at a time)."""
+    stacked tensor, at a time).
 
-    def __init__(self, checkpoints: dict[int, Checkpoint]) -> None:
+    Under Eq. 11 a client's stacked expert tensor feeds several targets, each merged in turn; the
+    whole tensors read for :meth:`experts` are kept (least recently used first out, at most
+    ``cache_bytes``), so each is read and checked once rather than once per target. Callers only
+    read what they get."""
+
+    def __init__(
+        self, checkpoints: dict[int, Checkpoint], cache_bytes: int = READ_CACHE_BYTES
+    ) -> None:
         self.checkpoints = checkpoints
+        self._whole: OrderedDict[tuple[int, str], Any] = OrderedDict()
+        self._bytes = 0
+        self._limit = cache_bytes
 
     def tensor(self, client: int, name: str) -> Any:
         return self.checkpoints[client].tensor(name)
 
     def experts(self, client: int, name: str, indices: list[int]) -> Any:
-        return self.checkpoints[client].experts(name, indices)
+        key = (client, name)
+        whole = self._whole.get(key)
+        if whole is None:
+            ckpt = self.checkpoints[client]
+            if 2 * len(indices) < ckpt.shape(name)[0]:  # a few experts: read only their bytes
+                return ckpt.experts(name, indices)
+            whole = ckpt.tensor(name)
+            self._keep(key, whole)
+        else:
+            self._whole.move_to_end(key)
+        return whole if indices == list(range(whole.shape[0])) else whole[indices]
+
+    def _keep(self, key: tuple[int, str], t: Any) -> None:
+        size = t.numel() * t.element_size()
+        if size > self._limit:
+            return
+        self._whole[key] = t
+        self._bytes += size
+        while self._bytes > self._limit:
+            _, old = self._whole.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
 
 
 def client_checkpoints(

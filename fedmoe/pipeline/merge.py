@@ -71,8 +71,7 @@ def _stream(outputs: OutputSet, files: list[OutputFile], merger: Merger) -> None
                 for name in sorted(route):
                     for client, writer, handle in route[name]:
                         data = writer.next_bytes(name, merger.tensor(client, name))
-                        handle.update(data)  # hashed here, written by the writer thread
-                        background.put(handle.raw, data)
+                        background.put(handle, data)  # hashed and written by the writer thread
                     if single:
                         merger.release(name)
             for writer in writers:
@@ -106,11 +105,14 @@ class HashingHandle:
 
 
 class WriterThread:
-    """Writes ``(handle, bytes)`` items in order on one background thread; an error there is
-    raised again in the caller's thread."""
+    """Writes ``(handle, bytes)`` items in order on one background thread (a
+    :class:`HashingHandle` hashes them there too: hashlib releases the GIL, so hashing overlaps
+    the merge); an error there is raised again in the caller's thread."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[BinaryIO, memoryview] | None] = queue.Queue(IN_FLIGHT)
+        self._queue: queue.Queue[tuple[BinaryIO | HashingHandle, memoryview] | None] = queue.Queue(
+            IN_FLIGHT
+        )
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -126,7 +128,7 @@ class WriterThread:
                 except BaseException as exc:  # handed to the caller's thread
                     self._error = exc
 
-    def put(self, handle: BinaryIO, data: memoryview) -> None:
+    def put(self, handle: BinaryIO | HashingHandle, data: memoryview) -> None:
         """Queue one write (blocks while :data:`IN_FLIGHT` are waiting)."""
         if self._error is not None:
             raise self._error
