@@ -34,7 +34,7 @@ class RecordingPool(TrainPool):
         self.sample: list[Job] = []
         self.seconds = 0.0  # wall time spent in run(): training as the run sees it
 
-    def run(self, jobs: list[Job]) -> list:  # type: ignore[override]
+    def run(self, jobs: list[Job]) -> list:
         for job in jobs:
             if self.jobs % SAMPLE == 0:
                 self.sample.append(job)

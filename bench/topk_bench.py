@@ -90,7 +90,7 @@ def _faiss(proxies: torch.Tensor, k: int, ours: float, m: int, d: int) -> Row:
         import faiss
     except ImportError:
         return skipped(metric, "faiss-cpu")
-    u = normalise(proxies).numpy()
+    u = np.ascontiguousarray(normalise(proxies), dtype=np.float32)  # the kernel's NumPy input
     index = faiss.IndexFlatIP(d)
     index.add(u)
     peer = median_time(lambda: index.search(u, k), repeats=3 if m <= 16384 else 1)
