@@ -41,7 +41,7 @@ from fedmoe.aggregate import (
     sample_weights,
 )
 from fedmoe.aggregate.engine import merge_states
-from fedmoe.aggregate.fedmoe_da import SharedMix
+from fedmoe.aggregate.fedmoe_da import SharedMix, Wire
 from fedmoe.aggregate.reduce import reduce_tensors
 from fedmoe.errors import InputError, ParamError, UsageError
 from fedmoe.io.manifest import sha256_file
@@ -49,6 +49,7 @@ from fedmoe.model import (
     Layout,
     ModelSchema,
     MoEConfig,
+    PartSizes,
     Role,
     TensorRule,
     init_model,
@@ -56,6 +57,7 @@ from fedmoe.model import (
     state_of,
 )
 from fedmoe.plan import AggregationMatrix, aggregation_matrix, identity_matrix
+from fedmoe.round import plan_sync
 
 Run = Callable[..., Any]
 State = dict[str, torch.Tensor]
@@ -168,7 +170,7 @@ def test_registry_and_declared_parameters() -> None:
     assert list(NaiveMoE.parameters()) == robust and list(OracleDomain.parameters()) == robust
     assert list(Local.parameters()) == []
     assert list(FedMoEDA.parameters()) == [
-        *robust, "top_p", "tau", "top_clients", "min_weight", "refresh_interval", "gate",
+        *robust, "top_p", "tau", "top_clients", "min_weight", "wire", "refresh_interval", "gate",
         "candidates", "shared", "pool_layers", "stale", "interval",
         "expert_reduce", "expert_bound", "expert_outlier", "expert_trust",
     ]  # fmt: skip
@@ -598,6 +600,52 @@ def test_fedmoe_da_reproduces_eq_11(states: dict[int, State], gate: str) -> None
             assert torch.equal(out[c]["gate.weight"], states[c]["gate.weight"])
         assert out[c].keys() == states[c].keys()
         assert all(out[c][k].dtype == torch.float32 for k in out[c])
+
+
+@pytest.mark.parametrize(("wire", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_fedmoe_da_wire_rounds_remote_sources_only(
+    states: dict[int, State], wire: str, dtype: torch.dtype
+) -> None:
+    """wire bf16 / fp16: a source from another client is rounded to the wire's precision before
+    the float64 merge; the target's own experts (its own index or another of its experts) are not;
+    a row of the target's own experts alone is exactly what it was."""
+    spec = FedMoEDA(wire=Wire(wire)).spec(da_inputs())
+    out = merge_states(spec, SCHEMA, states)
+    native = merge_states(FedMoEDA().spec(da_inputs()), SCHEMA, states)
+
+    def on_wire(sc: int, tc: int, t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).double() if sc != tc else t.double()
+
+    for (c, j), sources in EQ11.items():
+        for name in EXPERT_NAMES:
+            exact = wsum(w * on_wire(sc, c, states[sc][name][sj]) for sc, sj, w in sources)
+            assert torch.equal(out[c][name][j], exact.to(torch.float32)), (c, j, name)
+            if all(sc == c for sc, _, _ in sources):  # nothing travelled
+                assert torch.equal(out[c][name][j], native[c][name][j])
+            else:
+                assert not torch.equal(out[c][name][j], native[c][name][j])
+    for name in SHARED_NAMES:  # the server's parts are not the wire's business
+        assert torch.equal(out[0][name], native[0][name])
+
+
+def test_wire_halves_the_peer_to_peer_bytes_of_the_ledger() -> None:
+    """The sync plan counts a transfer at the wire's bytes per value: 2 for bf16 against the 4 of
+    float32 experts, so p2p bytes halve; sizes from a manifest that predates value counts cannot
+    price a reduced wire and say how to fix it."""
+    matrices = (hand_matrix(EQ11, CLIENTS),)
+    sizes = SCHEMA.sizes()
+    assert sizes.expert_values[0] * 4 == sizes.expert[0]
+    native = plan_sync(matrices, 1, 1, CLIENTS, FedMoEDA(), sizes)
+    half = plan_sync(matrices, 1, 1, CLIENTS, FedMoEDA(wire=Wire.BF16), sizes)
+    assert native.ledger.p2p > 0 and half.ledger.p2p * 2 == native.ledger.p2p
+    assert half.ledger.server_up == native.ledger.server_up
+    assert list(half.transfers.bytes * 2) == list(native.transfers.bytes)
+    old = PartSizes.from_dict({k: v for k, v in sizes.to_dict().items() if k != "expert_values"})
+    assert old.expert_values == () and old.expert == sizes.expert
+    with pytest.raises(InputError, match="predate per-expert value counts") as caught:
+        plan_sync(matrices, 1, 1, CLIENTS, FedMoEDA(wire=Wire.BF16), old)
+    assert "re-run fedmoe affinity" in (caught.value.hint or "")
+    assert plan_sync(matrices, 1, 1, CLIENTS, FedMoEDA(), old).ledger == native.ledger
 
 
 def test_fedmoe_da_shared_affinity_averages_with_the_clients_the_experts_draw_on(

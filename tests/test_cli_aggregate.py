@@ -8,6 +8,7 @@ baselines and their reduce kinds, schema-1 artefacts, and the error paths (exit 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -332,8 +333,10 @@ def test_plan_invariants_and_ledger_against_real_sizes(
     expert = sum(state[f"experts.{p}"][3].numel() * 4 for p in EXPERT_PARTS)
     model = sum(nbytes.values())
     assert model == shared + gate + 4 * expert
+    values = sum(state[f"experts.{p}"][3].numel() for p in EXPERT_PARTS)
     assert plan["sizes"] == {
         "shared": shared, "gate": gate, "expert": [expert], "num_experts": [4], "model": model,
+        "expert_values": [values],
     }  # fmt: skip
     # every target: itself first, at least P + 1 sources, weights summing to 1
     targets = plan["layers"][0]["targets"]
@@ -519,9 +522,11 @@ def hand_affinity_v2() -> dict[str, Any]:
 
 def test_hand_sizes_are_the_configs() -> None:
     sizes = schema_for(MoEConfig.from_dict(HAND_CONFIG)).sizes()
-    assert sizes == PartSizes(120, 16, (68,), (2,)) and sizes.model == 272
-    assert sizes.to_dict() == HAND_SIZES
-    assert PartSizes.from_dict(HAND_SIZES_V1) == sizes  # schema 1's sizes are still read
+    assert sizes == PartSizes(120, 16, (68,), (2,), (17,)) and sizes.model == 272
+    assert sizes.to_dict() == {**HAND_SIZES, "expert_values": [17]}  # 68 bytes: 17 float32s
+    old = dataclasses.replace(sizes, expert_values=())
+    assert PartSizes.from_dict(HAND_SIZES_V1) == old  # schema 1's sizes are still read
+    assert PartSizes.from_dict(HAND_SIZES) == old  # and schema 2's, without value counts
 
 
 def test_golden_plan(
@@ -1144,6 +1149,28 @@ def to_schema_1_plan(plan: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def test_wire_bf16_through_the_commands(work: Path, run_cli: Run) -> None:
+    """plan-sync -p wire=bf16 fixes the wire in the plan: its p2p bytes are half the native
+    plan's (float32 experts), the server's are the same, and aggregate --plan gives each expert
+    within bfloat16 rounding of the native merge, not equal to it where peers' experts came in."""
+    assert run_cli("affinity", "r1/", "--out", "aff.json", "-q").code == 0
+    for name, extra in (("native", ()), ("bf16", ("-p", "wire=bf16"))):
+        r = run_cli("plan-sync", "aff.json", "--top-p", "2", *extra, "--out", f"{name}.json", "-q")
+        assert r.code == 0, r.err
+        r = run_cli("aggregate", "--plan", f"{name}.json", "r1/", "--out", f"agg-{name}", "-q")
+        assert r.code == 0, r.err
+    native, half = read(work / "native.json"), read(work / "bf16.json")
+    assert half["params"]["wire"] == "bf16" and native["params"]["wire"] == "native"
+    assert native["ledger"]["p2p"] > 0 and 2 * half["ledger"]["p2p"] == native["ledger"]["p2p"]
+    assert half["ledger"]["server_total"] == native["ledger"]["server_total"]
+    a, b = states(work / "agg-native"), states(work / "agg-bf16")
+    w1 = "experts.w1"
+    assert any(not torch.equal(a[c][w1], b[c][w1]) for c in CLIENTS)
+    for c in CLIENTS:
+        torch.testing.assert_close(b[c][w1], a[c][w1], atol=1e-2, rtol=1e-2)
+        assert torch.equal(a[c]["embed.fc1.weight"], b[c]["embed.fc1.weight"])
+
+
 def test_schema_1_affinity_and_plan_are_read(work: Path, run_cli: Run) -> None:
     r = run_cli("affinity", "r1/", "--candidates", "6", "--out", "aff.json", "-q")
     assert r.code == 0, r.err
@@ -1160,7 +1187,9 @@ def test_schema_1_affinity_and_plan_are_read(work: Path, run_cli: Run) -> None:
         "path": "aff1.json",
         "sha256": sha256_file(work / "aff1.json"),
     }
-    assert from_v1 == {k: v for k, v in plan.items() if k != "affinity"}
+    # schema 1 predates the value counts of an expert (which only a reduced wire needs)
+    assert from_v1.pop("sizes") == {k: v for k, v in plan["sizes"].items() if k != "expert_values"}
+    assert from_v1 == {k: v for k, v in plan.items() if k not in ("affinity", "sizes")}
     # aggregate --plan reads the schema-1 plan: the same models
     before = snapshot(work)
     for p in ("plan", "plan1"):

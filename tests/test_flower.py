@@ -431,7 +431,8 @@ def test_a_client_that_sends_a_wrong_shape_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [("seeds: [0, 1]", "seeds runs several federations"),
-     ("attack: {kinds: [sign-flip], fraction: 0.2}", "attack simulates malicious clients")],
+     ("attack: {kinds: [sign-flip], fraction: 0.2}", "attack simulates malicious clients"),
+     ("  wire: bf16", "sends experts as bf16")],
 )  # fmt: skip
 def test_what_flower_cannot_run_is_refused_before_anything_starts(
     tmp_path: Path, run_cli: Any, extra: str, needle: str

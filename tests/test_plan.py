@@ -525,7 +525,7 @@ def test_schema_of_a_two_layer_model() -> None:
     ]  # fmt: skip
     # embed: 4·5 + 4 + 4·4 + 4 = 44 values; gates 2·(3·4); experts of layer 0 map H → F → H:
     # 4·4 + 4 + 4·4 + 4 = 40 values, of layer 1 H → F → C: 4·4 + 4 + 4·3 + 3 = 35 values
-    assert schema.sizes() == PartSizes(176, 96, (160, 140), (3, 3))
+    assert schema.sizes() == PartSizes(176, 96, (160, 140), (3, 3), (40, 35))  # float32: 4 bytes
 
 
 def test_compute_affinity_gives_one_layer_affinity_per_layer() -> None:

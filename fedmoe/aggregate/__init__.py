@@ -21,7 +21,7 @@ if TYPE_CHECKING:
         sample_weights,
     )
     from fedmoe.aggregate.fedavg import FedAvg
-    from fedmoe.aggregate.fedmoe_da import FedMoEDA, GateMode, Interval, StaleProxies
+    from fedmoe.aggregate.fedmoe_da import FedMoEDA, GateMode, Interval, StaleProxies, Wire
     from fedmoe.aggregate.fedper import FedPer
     from fedmoe.aggregate.fedprox import FedProx
     from fedmoe.aggregate.ifca import IFCA
@@ -48,6 +48,7 @@ _EXPORTS = {
     "GateMode": "fedmoe_da",
     "Interval": "fedmoe_da",
     "StaleProxies": "fedmoe_da",
+    "Wire": "fedmoe_da",
     "IFCA": "ifca",
     "Local": "local",
     "NaiveMoE": "naive_moe",
@@ -82,6 +83,7 @@ __all__ = [
     "SameIndex",
     "StaleProxies",
     "Upload",
+    "Wire",
     "make_method",
     "sample_weights",
 ]

@@ -180,7 +180,10 @@ class Merger:
             by_client: dict[int, list[int]] = {}
             for c, j in keys:
                 by_client.setdefault(c, []).append(j)
-            blocks = [self.source.experts(c, entry.name, js) for c, js in by_client.items()]
+            blocks = [
+                _on_wire(self.source.experts(c, entry.name, js), merge.wire, c != client)
+                for c, js in by_client.items()
+            ]
             if merge.defence.plain:  # Eq. 11 itself, chunk by chunk: no whole float64 copy
                 flats = [b.reshape(b.shape[0], -1) for b in blocks]
                 return weighted_rows(weights, flats, dtype).reshape(e, *blocks[0].shape[1:])
@@ -206,7 +209,14 @@ class Merger:
         used = torch.nonzero(full_row).flatten().tolist()
         row = full_row[used]
         keys = [keys[u] for u in used]
-        pieces = [self.source.tensor(c, self.schema.expert_name(entry.slot, j)) for c, j in keys]
+        pieces = [
+            _on_wire(
+                self.source.tensor(c, self.schema.expert_name(entry.slot, j)),
+                merge.wire,
+                c != client,
+            )
+            for c, j in keys
+        ]
         if merge.defence.plain:  # Eq. 11 itself: one weighted sum, no stacked copy of the sources
             return weighted_sum(list(zip(pieces, row.tolist(), strict=True)), dtype)
         flat = torch.stack(pieces).to(torch.float64).reshape(len(keys), -1)
@@ -284,3 +294,16 @@ def merge_states(
         spec, schema, MemorySource(states), dtypes, MemorySource(starts) if starts else None
     )
     return {c: dict(merger.client(c)) for c in spec.clients}
+
+
+WIRE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _on_wire(t: torch.Tensor, wire: str, remote: bool) -> torch.Tensor:
+    """A source expert as its target receives it: rounded to the wire's precision when it comes
+    from another client (``FedMoEDA.wire``; the merge then widens it exactly), as stored
+    otherwise."""
+    if not remote or wire not in WIRE_DTYPES:
+        return t
+    dtype = getattr(torch, WIRE_DTYPES[wire])
+    return t if t.dtype == dtype else t.to(dtype)

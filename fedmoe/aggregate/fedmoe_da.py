@@ -68,6 +68,21 @@ class Interval(str, enum.Enum):
     SYNC = "sync"  # experts synchronised (and A recomputed) only every I rounds
 
 
+class Wire(str, enum.Enum):
+    """The precision of experts sent peer to peer (beyond the paper, which sends them as they
+    are): a remote source is rounded to it before the float64 merge, and the ledger counts its
+    bytes. A client's own experts never travel and are never rounded."""
+
+    NATIVE = "native"  # as stored (the paper)
+    BF16 = "bf16"  # bfloat16: float32's range, 8 bits of mantissa
+    FP16 = "fp16"  # float16: 11 bits of mantissa, range to 65,504
+
+    @property
+    def itemsize(self) -> int | None:
+        """Bytes per value on the wire (``None``: as stored)."""
+        return None if self is Wire.NATIVE else 2
+
+
 @dataclass(frozen=True, kw_only=True)
 class FedMoEDA(ReduceParams, Aggregator):
     """Eq. 11 over each MoE layer's matrix; FedAvg of the shared parts."""
@@ -91,6 +106,11 @@ class FedMoEDA(ReduceParams, Aggregator):
         " this, renormalising the row (less peer-to-peer traffic; 0: the paper's Eq. 9-10)",
         ge=0.0,
         lt=1.0,
+    )
+    wire: Wire = param(
+        Wire.NATIVE,
+        "precision of the experts sent peer to peer: native (as stored, the paper), bf16 or"
+        " fp16 (a remote source is rounded to it before the float64 merge; half the bytes)",
     )
     refresh_interval: int = param(1, "I: recompute A every I rounds", ge=1)
     gate: GateMode = param(GateMode.PER_CLIENT, "per-client (each keeps its gate) or shared")
@@ -171,7 +191,9 @@ class FedMoEDA(ReduceParams, Aggregator):
         group = fedavg_group(inputs.clients, [inputs.uploads[c] for c in present])
         merge = self.interval is Interval.MATRIX or inputs.matrix_round == inputs.round
         applied = tuple(restrict(m, present) for m in inputs.matrices)
-        experts = tuple(CrossExpert(m, self.defence()) if merge else None for m in applied)
+        experts = tuple(
+            CrossExpert(m, self.defence(), self.wire.value) if merge else None for m in applied
+        )
         shared: tuple[Group, ...] = (group,)
         if self.shared is SharedMix.AFFINITY:
             shared = client_groups(applied)

@@ -236,6 +236,13 @@ def check_recipe(recipe: Recipe) -> None:
                 "the Flower app does not send them yet",
                 hint=f"run {arm} with fedmoe run, or leave it out of the Flower recipe",
             )
+        wire = getattr(method, "wire", None)
+        if wire is not None and wire.itemsize is not None:
+            raise UsageError(
+                f"recipe: method {arm} sends experts as {wire.value}; the Flower app's exchange "
+                "sends them as stored",
+                hint=f"run {arm} with fedmoe run, or leave wire at native on Flower",
+            )
         reducer = getattr(method, "reducer", None)
         if reducer is not None and reducer().needs_start:
             raise UsageError(

@@ -148,7 +148,6 @@ class Checkpoint:
             self._dtypes = {n: piece.get_dtype() for n, piece in header.items()}
             self._shapes = {n: tuple(piece.get_shape()) for n, piece in header.items()}
             del handle, header  # an open handle keeps the file's pages resident: reopen lazily
-            self._finite: set[str] = set()  # tensors already read and found finite
         except Exception as exc:  # safetensors raises its own SafetensorError on bad files
             raise InputError(
                 f"{where}: not a readable safetensors file ({str(exc).splitlines()[0]})",
@@ -253,8 +252,6 @@ class Checkpoint:
         import torch
 
         t = self._pt.get_tensor(name)
-        if name in self._finite:  # a merge reads a source's tensor once per target it feeds
-            return t
         if t.is_floating_point() and not all_finite(t):
             entry = self.schema.entry(name)
             what = f"{self.path}: tensor {name}"
@@ -263,7 +260,6 @@ class Checkpoint:
                 bad = int(torch.nonzero(~flat.all(dim=1))[0])
                 what += f" expert {bad}"
             check_finite(t, what)
-        self._finite.add(name)
         return t
 
     def expert(self, name: str, index: int) -> torch.Tensor:

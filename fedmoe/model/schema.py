@@ -110,6 +110,22 @@ class PartSizes:
     gate: int  # every gate tensor of every MoE layer
     expert: tuple[int, ...]  # one expert of MoE layer l
     num_experts: tuple[int, ...]  # E of MoE layer l
+    expert_values: tuple[int, ...] = ()  # values of one expert of layer l (() in older manifests)
+
+    def expert_on_wire(self, layer: int, itemsize: int | None) -> int:
+        """Bytes of one expert of ``layer`` sent at ``itemsize`` bytes a value (``None``: as
+        stored)."""
+        if itemsize is None:
+            return self.expert[layer]
+        if not self.expert_values:
+            from fedmoe.errors import InputError
+
+            raise InputError(
+                "these sizes predate per-expert value counts, so the bytes of a reduced-precision"
+                " wire are unknown",
+                hint="re-run fedmoe affinity on the round's checkpoints",
+            )
+        return self.expert_values[layer] * itemsize
 
     @property
     def experts(self) -> int:
@@ -134,6 +150,7 @@ class PartSizes:
             "expert": list(self.expert),
             "num_experts": list(self.num_experts),
             "model": self.model,
+            **({"expert_values": list(self.expert_values)} if self.expert_values else {}),
         }
 
     @classmethod
@@ -144,11 +161,15 @@ class PartSizes:
         experts = tuple(expert) if isinstance(expert, list) else (expert,)
         nums = tuple(num) if isinstance(num, list) else (num,)
         shared = data["shared"] if "shared" in data else data["embed"]
+        values = data.get("expert_values", [])
+        if not isinstance(values, list) or (values and len(values) != len(experts)):
+            raise ValueError(f"expected one expert_values count per MoE layer, got {values!r}")
         return cls(
             _int(shared),
             _int(data["gate"]),
             tuple(_int(x) for x in experts),
             tuple(_int(x) for x in nums),
+            tuple(_int(x) for x in values),
         )
 
 
@@ -219,10 +240,11 @@ class ModelSchema:
         shared = sum(e.nbytes for e in self.entries if e.role is Role.SHARED)
         gate = sum(e.nbytes for e in self.entries if e.role is Role.GATE)
         per: list[int] = []
+        values: list[int] = []
         for layer, num in enumerate(self.num_experts):
-            total = sum(e.nbytes for e in self.experts(layer))
-            per.append(total // num)
-        return PartSizes(shared, gate, tuple(per), self.num_experts)
+            per.append(sum(e.nbytes for e in self.experts(layer)) // num)
+            values.append(sum(e.numel for e in self.experts(layer)) // num)
+        return PartSizes(shared, gate, tuple(per), self.num_experts, tuple(values))
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,10 @@ def plan_sync(
     )
     applied = plan.applied()
     transfers = Transfers.concat(
-        [transfer_table(m, sizes.expert[layer], layer) for layer, m in enumerate(applied)]
+        [
+            transfer_table(m, sizes.expert_on_wire(layer, method.wire.itemsize), layer)
+            for layer, m in enumerate(applied)
+        ]
         if plan.merges_experts
         else []
     )
