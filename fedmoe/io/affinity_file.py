@@ -200,6 +200,11 @@ def _parse_layer(
         )
     counts, cols, vals = [], [], []
     for m, row in enumerate(rows):
+        if not isinstance(row, list) or not row:  # a client-expert is always its own neighbour
+            raise InputError(
+                f"{where}: neighbour row {m} is empty or not a list",
+                hint="re-create it with fedmoe affinity",
+            )
         for entry in row:
             if not (
                 isinstance(entry, list) and len(entry) == 2 and 0 <= int(entry[0]) < index.size
