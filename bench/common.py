@@ -212,3 +212,31 @@ def cli(*argv: str) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise RuntimeError(f"fedmoe {argv[0]} exited {exc.code}") from None
+
+
+def merge_rows(
+    label: str, total: int, seconds: float, read_bps: float, copy_s: float, files: str
+) -> list[Row]:
+    """A merge command's input bytes per second against a sequential read of the same ``files``
+    (page cache) and against copying them to new files, both measured in the same run."""
+    return [
+        Row(
+            label,
+            total / seconds,
+            read_bps,
+            "B/s",
+            total / seconds / read_bps,
+            note=f"reference: sequential read of the same {files} (page cache); the merge also "
+            "writes as many bytes to disk",
+        ),
+        Row(
+            f"{label}, against copying the {files}",
+            total / seconds,
+            total / copy_s,
+            "B/s",
+            copy_s / seconds,
+            "≥ 0.5× the copy",
+            copy_s / seconds >= 0.5,
+            f"reference: the same {files} copied to new files in the same run (read + write)",
+        ),
+    ]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.common import Row, cli, copy_time, sequential_read
+from bench.common import Row, cli, copy_time, merge_rows, sequential_read
 from bench.round_bench import AnonPeak
 
 
@@ -128,29 +128,7 @@ def run(quick: bool) -> list[Row]:
         largest = max(2 * torch.Size(s).numel() for s in _shapes(_config(quick)).values())
         mb = per_client / 1e6
         label = f"aggregate --plan: 8 Mixtral-shaped HF folders × {mb:.0f} MB (bf16, 2 shards)"
-        rows.append(
-            Row(
-                label,
-                total / seconds,
-                read_bps,
-                "B/s",
-                total / seconds / read_bps,
-                note="reference: sequential read of the same shards (page cache); the merge also "
-                "writes as many bytes to disk",
-            )
-        )
-        rows.append(
-            Row(
-                f"{label}, against copying the shards",
-                total / seconds,
-                total / copy_s,
-                "B/s",
-                copy_s / seconds,
-                "≥ 0.5× the copy",
-                copy_s / seconds >= 0.5,
-                "reference: the same shards copied to new files in the same run (read + write)",
-            )
-        )
+        rows.extend(merge_rows(label, total, seconds, read_bps, copy_s, "shards"))
         rows.append(
             Row(
                 "aggregate --plan on HF folders: peak extra anonymous memory",

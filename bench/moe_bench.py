@@ -6,6 +6,7 @@ one full local training step of a ~2M-parameter MoE classifier at batch 32 (fuse
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,64 +77,22 @@ def layer_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def step_rows(quick: bool) -> list[Row]:
-    cfg = MoEConfig((1, 28, 28), 10, "mlp", 1024, 256, 8, 2, 512)
-    model = init_model(cfg, 0)
-    params = sum(p.numel() for p in model.parameters())
+STEP_CONFIG = MoEConfig((1, 28, 28), 10, "mlp", 1024, 256, 8, 2, 512)  # ~2.16M parameters
+
+
+def _step_time(opt_of: Callable[[nn.Module], torch.optim.Optimizer], train: TrainConfig,
+               reps: int) -> tuple[float, int]:  # fmt: skip
+    """Seconds per local step (batch 32, cross-entropy + balance loss, under ``train``'s
+    precision) of a fresh :data:`STEP_CONFIG` model with the optimiser ``opt_of`` makes, and its
+    parameter count."""
+    model = init_model(STEP_CONFIG, 0)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(32, 1, 28, 28, generator=gen)
     y = torch.randint(0, 10, (32,), generator=gen)
-    rows = []
-    results = {}
-    for fused in (True, False):
-        if fused:
-            opt = make_optimizer(list(model.parameters()), TrainConfig())
-        else:
-            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = opt_of(model)
 
-        def step(opt=opt) -> None:
-            out = model(x)
-            loss = nn.functional.cross_entropy(out.logits, y) + 0.01 * out.balance_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        reps = 10 if quick else 50
-
-        def many(step=step, reps: int = reps) -> None:
-            for _ in range(reps):
-                step()
-
-        results[fused] = median_time(many, repeats=3) / reps
-    rows.append(
-        Row(
-            f"local step, {params / 1e6:.2f}M-parameter MoE, batch 32, fused Adam",
-            results[True],
-            results[False],
-            "s",
-            results[False] / results[True],
-            "≤ 5 ms",
-            results[True] <= 0.005,
-            "reference: the same step with default (unfused) Adam",
-        )
-    )
-    return rows
-
-
-def bf16_rows(quick: bool) -> list[Row]:
-    """The same local step (fused Adam) with ``precision: bf16`` (CPU bfloat16 autocast, fp32
-    master weights) against fp32, measured in the same run."""
-    cfg = MoEConfig((1, 28, 28), 10, "mlp", 1024, 256, 8, 2, 512)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(32, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (32,), generator=gen)
-    times = {}
-    for precision in (Precision.FP32, Precision.BF16):
-        train = TrainConfig(precision=precision)
-        model = init_model(cfg, 0)
-        opt = make_optimizer(list(model.parameters()), train)
-
-        def step(model=model, opt=opt, train=train) -> None:
+    def many() -> None:
+        for _ in range(reps):
             with autocast(train):
                 out = model(x)
                 loss = nn.functional.cross_entropy(out.logits.float(), y)
@@ -142,13 +101,40 @@ def bf16_rows(quick: bool) -> list[Row]:
             loss.backward()
             opt.step()
 
-        reps = 5 if quick else 20
+    return median_time(many, repeats=3) / reps, sum(p.numel() for p in model.parameters())
 
-        def many(step=step, reps: int = reps) -> None:
-            for _ in range(reps):
-                step()
 
-        times[precision] = median_time(many, repeats=3) / reps
+def step_rows(quick: bool) -> list[Row]:
+    """One local step with fused Adam against the default (unfused) loop."""
+    train, reps = TrainConfig(), (10 if quick else 50)
+    fused, params = _step_time(lambda m: make_optimizer(list(m.parameters()), train), train, reps)
+    plain, _ = _step_time(lambda m: torch.optim.Adam(m.parameters(), lr=3e-3), train, reps)
+    return [
+        Row(
+            f"local step, {params / 1e6:.2f}M-parameter MoE, batch 32, fused Adam",
+            fused,
+            plain,
+            "s",
+            plain / fused,
+            "≤ 5 ms",
+            fused <= 0.005,
+            "reference: the same step with default (unfused) Adam",
+        )
+    ]
+
+
+def bf16_rows(quick: bool) -> list[Row]:
+    """The same local step (fused Adam) with ``precision: bf16`` (CPU bfloat16 autocast, fp32
+    master weights) against fp32, measured in the same run."""
+    reps = 5 if quick else 20
+    times = {}
+    for precision in (Precision.FP32, Precision.BF16):
+        train = TrainConfig(precision=precision)
+
+        def fused(m: nn.Module, train: TrainConfig = train) -> torch.optim.Optimizer:
+            return make_optimizer(list(m.parameters()), train)
+
+        times[precision], _ = _step_time(fused, train, reps)
     units = "with" if bf16_native() else "without"
     return [
         Row(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Row, cli, copy_time, sequential_read
+from bench.common import Row, cli, copy_time, merge_rows, sequential_read
 from bench.round_bench import AnonPeak
 from fedmoe.io.atomic import OutputSet
 from fedmoe.io.checkpoint import CheckpointMeta, save_checkpoint
@@ -73,25 +73,7 @@ def run(quick: bool) -> list[Row]:
     label = f"aggregate --plan (Eq. 11): 8 fedmoe checkpoints × {mb:.1f} MB, 2 MoE layers, top-3"
     largest = max(v.numel() * 4 for v in state_of(init_model(cfg, 0)).values())
     return [
-        Row(
-            label,
-            total / seconds,
-            read_bps,
-            "B/s",
-            total / seconds / read_bps,
-            note="reference: sequential read of the same files (page cache); the merge also "
-            "writes as many bytes to disk",
-        ),
-        Row(
-            f"{label}, against copying the files",
-            total / seconds,
-            total / copy_s,
-            "B/s",
-            copy_s / seconds,
-            "≥ 0.5× the copy",
-            copy_s / seconds >= 0.5,
-            "reference: the same files copied to new files in the same run (read + write)",
-        ),
+        *merge_rows(label, total, seconds, read_bps, copy_s, "files"),
         Row(
             "aggregate --plan on fedmoe checkpoints: peak extra anonymous memory",
             float(peak.extra),
