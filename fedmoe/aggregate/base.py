@@ -87,7 +87,7 @@ class CrossExpert:
 
     matrix: AggregationMatrix  # the applied rows: present targets, present sources
     defence: ExpertDefence = ExpertDefence()  # noqa: RUF009  frozen; default: Eq. 11 itself
-    wire: str = "native"  # remote sources rounded to bf16 / fp16 before the merge (FedMoEDA.wire)
+    wire: str | None = None  # torch dtype remote sources are rounded to (FedMoEDA.wire), or none
 
 
 LayerMerge = SameIndex | CrossExpert | None  # None: every client keeps its experts of this layer

@@ -296,14 +296,10 @@ def merge_states(
     return {c: dict(merger.client(c)) for c in spec.clients}
 
 
-WIRE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-
-
-def _on_wire(t: torch.Tensor, wire: str, remote: bool) -> torch.Tensor:
-    """A source expert as its target receives it: rounded to the wire's precision when it comes
-    from another client (``FedMoEDA.wire``; the merge then widens it exactly), as stored
-    otherwise."""
-    if not remote or wire not in WIRE_DTYPES:
+def _on_wire(t: torch.Tensor, wire: str | None, remote: bool) -> torch.Tensor:
+    """A source expert as its target receives it: rounded to the wire's dtype when it comes from
+    another client (``FedMoEDA.wire``; the merge then widens it exactly), as stored otherwise."""
+    if not remote or wire is None:
         return t
-    dtype = getattr(torch, WIRE_DTYPES[wire])
+    dtype = getattr(torch, wire)
     return t if t.dtype == dtype else t.to(dtype)

@@ -82,6 +82,11 @@ class Wire(str, enum.Enum):
         """Bytes per value on the wire (``None``: as stored)."""
         return None if self is Wire.NATIVE else 2
 
+    @property
+    def dtype_name(self) -> str | None:
+        """The torch dtype a remote expert is rounded to (``None``: as stored)."""
+        return {Wire.BF16: "bfloat16", Wire.FP16: "float16"}.get(self)
+
 
 @dataclass(frozen=True, kw_only=True)
 class FedMoEDA(ReduceParams, Aggregator):
@@ -192,7 +197,7 @@ class FedMoEDA(ReduceParams, Aggregator):
         merge = self.interval is Interval.MATRIX or inputs.matrix_round == inputs.round
         applied = tuple(restrict(m, present) for m in inputs.matrices)
         experts = tuple(
-            CrossExpert(m, self.defence(), self.wire.value) if merge else None for m in applied
+            CrossExpert(m, self.defence(), self.wire.dtype_name) if merge else None for m in applied
         )
         shared: tuple[Group, ...] = (group,)
         if self.shared is SharedMix.AFFINITY:
