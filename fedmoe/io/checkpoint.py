@@ -268,14 +268,16 @@ class Checkpoint:
         check_finite(t, f"{self.path}: tensor {name} expert {index}")
         return t
 
+    def reads_whole(self, name: str, indices: list[int]) -> bool:
+        """Whether :meth:`experts` reads the whole stacked tensor for ``indices`` (at least half
+        of its experts wanted) rather than one slice each."""
+        return 2 * len(indices) >= self.shape(name)[0]
+
     def experts(self, name: str, indices: list[int]) -> torch.Tensor:
-        """Slices ``[indices]`` of stacked expert tensor ``name``, stacked (k, ...): the whole
-        tensor is read once when at least half of its experts are wanted, else one slice each."""
-        total = self.shape(name)[0]
-        if indices == list(range(total)):
-            return self.tensor(name)
-        if 2 * len(indices) >= total:
-            return self.tensor(name)[indices]
+        """Slices ``[indices]`` of stacked expert tensor ``name``, stacked (k, ...): see
+        :meth:`reads_whole`."""
+        if self.reads_whole(name, indices):
+            return pick(self.tensor(name), indices)
         import torch
 
         return torch.stack([self.expert(name, j) for j in indices])
@@ -283,6 +285,12 @@ class Checkpoint:
     def state(self) -> dict[str, torch.Tensor]:
         """Every tensor, by name."""
         return {name: self.tensor(name) for name in self.names}
+
+
+def pick(whole: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """Experts ``indices`` of a whole stacked tensor: the tensor itself when they are all of them
+    in order (no copy), else a stacked copy."""
+    return whole if indices == list(range(whole.shape[0])) else whole[indices]
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe.errors import InputError
-from fedmoe.io.checkpoint import Checkpoint, open_checkpoint
+from fedmoe.io.checkpoint import Checkpoint, open_checkpoint, pick
 from fedmoe.io.hf_options import FolderOptions, is_hf_folder
 from fedmoe.io.manifest import STDIO, malformed, read_manifest, relative, require, resolve
 from fedmoe.model.hf import HFConfig
@@ -200,13 +200,13 @@ class CheckpointSource:
         whole = self._whole.get(key)
         if whole is None:
             ckpt = self.checkpoints[client]
-            if 2 * len(indices) < ckpt.shape(name)[0]:  # a few experts: read only their bytes
+            if not ckpt.reads_whole(name, indices):  # a few experts: read only their bytes
                 return ckpt.experts(name, indices)
             whole = ckpt.tensor(name)
             self._keep(key, whole)
         else:
             self._whole.move_to_end(key)
-        return whole if indices == list(range(whole.shape[0])) else whole[indices]
+        return pick(whole, indices)
 
     def _keep(self, key: tuple[int, str], t: Any) -> None:
         size = t.numel() * t.element_size()
