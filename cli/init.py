@@ -57,9 +57,9 @@ def init(
         str | None,
         typer.Option(
             help="A Hugging Face byte-level MoE language model of this family (mixtral, "
-            "qwen2_moe, qwen3_moe, olmoe) instead of the classifier; --out is a folder. Sizes: "
-            "--embed-dim (width, default 64), --expert-hidden (128), --experts (4), --top-k (2), "
-            "--moe-layers (2)."
+            "qwen2_moe, qwen3_moe, olmoe) instead of the classifier (or a recipe whose model: "
+            "has family:); --out is a folder. Sizes: --embed-dim (width, default 64), "
+            "--expert-hidden (128), --experts (4), --top-k (2), --moe-layers (2)."
         ),
     ] = None,
     seed: Seed = 0,
@@ -74,25 +74,25 @@ def init(
     from fedmoe.io.checkpoint import CheckpointMeta, save_checkpoint
     from fedmoe.io.partition_file import load_partition
     from fedmoe.model import MoEConfig, init_model, schema_for, state_of
+    from fedmoe.model.hf import TinyLM
+    from fedmoe.params import from_mapping
 
     console = stderr_console(quiet)
-    if hf is not None:
-        _init_language(
-            hf,
-            embed_dim,
-            expert_hidden,
-            moe_layers,
-            experts,
-            top_k,
-            partition,
-            seed,
-            out,
-            force,
-            json_,
-            console,
-        )
-        return
     fields: dict[str, Any] = _recipe_model(config) if config is not None else {}
+    if hf is not None or "family" in fields:
+        if embed is not None or embed_hidden is not None:
+            raise UsageError(
+                "--embed and --embed-hidden describe the classifier's embedding network",
+                hint="a language model's sizes are --embed-dim, --expert-hidden, --experts, "
+                "--top-k and --moe-layers",
+            )
+        sizes = {"embed_dim": embed_dim, "expert_hidden": expert_hidden, "num_experts": experts,
+                 "top_k": top_k, "moe_layers": moe_layers}  # fmt: skip
+        lm = {**fields, **({"family": hf} if hf else {})}
+        lm.update({k: v for k, v in sizes.items() if v is not None})
+        _init_language(from_mapping(TinyLM, lm, "model"), partition, seed, out, force, json_,
+                       console)  # fmt: skip
+        return
     given = {
         "embed": embed,
         "embed_hidden": embed_hidden,
@@ -149,31 +149,24 @@ def init(
 
 
 def _init_language(
-    family: str, hidden: int | None, ffn: int | None, layers: int | None, experts: int | None,
-    top_k: int | None, partition: str | None, seed: int, out: Path, force: bool, json_: bool,
-    console: Any,
-) -> None:  # fmt: skip
+    spec: Any, partition: str | None, seed: int, out: Path, force: bool, json_: bool, console: Any
+) -> None:
     """A randomly initialised byte-level MoE language model folder (the global start model)."""
     from fedmoe.io.atomic import OutputSet
-    from fedmoe.io.checkpoint import CheckpointMeta
-    from fedmoe.io.hf_folder import CONFIG, HFModel, new_lm, stage_lm
+    from fedmoe.io.hf_folder import CONFIG, HFModel, stage_new_lm
     from fedmoe.io.partition_file import load_partition
-    from fedmoe.model.hf import HFConfig, tiny_lm_config
 
     if out.suffix == ".safetensors":
         raise UsageError(f"--out {out}: a Hugging Face model is a folder", hint="e.g. --out init/")
-    data = tiny_lm_config(family, hidden or 64, ffn or 128, layers or 2, experts or 4, top_k or 2)
     parent = load_partition(partition).sha256 if partition is not None else ""
-    lm = new_lm(data, seed)
     with OutputSet(force) as outputs:
         outputs.reserve(out / CONFIG)
-        meta = CheckpointMeta(HFConfig.from_dict(data), None, 0, 0, seed, "init", parent)
-        stage_lm(outputs, out, lm, meta)
+        stage_new_lm(outputs, out, spec, seed, parent)
     model = HFModel(out)
     params = sum(e.numel for e in model.schema.entries)
     in_experts = sum(e.numel for e in model.schema.experts())
     console.print(
-        f"initial {family} model: {params:,} parameters ({in_experts:,} in "
+        f"initial {spec.family} model: {params:,} parameters ({in_experts:,} in "
         f"{model.schema.num_experts[0]} experts × {model.schema.num_layers} MoE layers)"
     )
     emit(out, {"ok": True, "path": str(out), "sha256": model.sha256, "parameters": params}, json_)

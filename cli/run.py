@@ -34,8 +34,11 @@ HELP = """Run a whole federation from a recipe: partition → initial model → 
 split and initial model, then write report.json, the comparison table and the plots.
 
 Clients train in --workers processes (default: one per core), each on one torch thread; results
-do not depend on the number of workers. The run folder gets recipe.yaml (resolved),
-partition.json, init.safetensors, metrics.jsonl (one line per method and round),
+do not depend on the number of workers. A recipe whose model: names a family (mixtral, qwen2_moe,
+qwen3_moe, olmoe) runs a Hugging Face MoE language model on a text dataset instead: its clients
+train in this process on every thread, and runs are scored by per-byte perplexity (lower is
+better) instead of accuracy. The run folder gets recipe.yaml (resolved), partition.json,
+init.safetensors (init/ for a language model), metrics.jsonl (one line per method and round),
 rounds/<method>/round-XXX/ (what the commands write for that round: train/, affinity.json,
 plan.json, models/; checkpoints are kept for the latest round only), report.json and PNG plots.
 --resume continues an interrupted run from its last complete round, with the same result as an
@@ -183,7 +186,9 @@ def _one_run(
     )
     part = ctx.partition
     pool = pools.get(part.fingerprint)
-    if pool is None:
+    if ctx.language is not None:
+        pool = None  # a language model trains in this process, on every thread
+    elif pool is None:
         pool = TrainPool(
             part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
         )
@@ -193,7 +198,7 @@ def _one_run(
             console.print(f"[yellow]note: {pool.fallback}[/yellow]")
     try:
         with _CTRL_C:
-            _run_methods(rec, ctx, pool, progress, console, done, quiet)
+            _run_methods(ctx, pool, progress, console, done, quiet)
             _CTRL_C.check()  # never publish a run that was interrupted
     except KeyboardInterrupt:
         kept = (
@@ -248,9 +253,8 @@ _CTRL_C = _RememberedInterrupt()
 
 
 def _run_methods(
-    rec: Any,
     ctx: Any,
-    pool: TrainPool,
+    pool: TrainPool | None,
     progress: Progress,
     console: Any,
     done: dict[str, int],
@@ -259,14 +263,14 @@ def _run_methods(
     """Every method's remaining rounds, with a live progress bar on a terminal."""
     from fedmoe.run.orchestrator import run_method
 
+    rec, q = ctx.recipe, ctx.quality
     tasks: dict[str, Any] = {}
 
     def update(method: str, rnd: int, total: int, row: dict[str, Any]) -> None:
         _CTRL_C.check()  # a Ctrl-C Python swallowed (in a finaliser) stops the run here
-        acc = row.get("mean_local_acc")
-        progress.update(
-            tasks[method], completed=rnd, acc="" if acc is None else f"local acc {100 * acc:.1f}%"
-        )
+        v = row.get(q.mean_local)
+        score = "" if v is None else f"local {q.short} {q.cell(v)}{'%' if q.unit == '%' else ''}"
+        progress.update(tasks[method], completed=rnd, acc=score)
 
     with progress:
         for method in rec.arms:

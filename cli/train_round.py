@@ -235,8 +235,8 @@ def _train_language(
     """One round of Hugging Face MoE language models, clients one after another."""
     import torch
 
+    from fedmoe.model.hf import TrainParts
     from fedmoe.pipeline.train_lm import train_lm_clients
-    from fedmoe.train.lm import TrainParts
 
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # one process: every core for its steps

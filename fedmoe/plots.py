@@ -147,10 +147,13 @@ def group_colours(groups: Sequence[int]) -> dict[int, Any]:
 def accuracy_panels(
     panels: Sequence[tuple[str, Mapping[str, tuple[Sequence[int], Sequence[float]]]]],
     references: Collection[str] = (),
+    ylabel: str = "accuracy (%)",
+    scale: float = 100.0,
+    score: str = "accuracy",
 ) -> bytes:
-    """Accuracy per round, one panel per accuracy kind side by side (same y scale), one line per
-    method through its evaluated rounds (``(rounds, accuracies)`` as fractions, drawn in %);
-    ``references`` dashed."""
+    """A score per round (accuracy by default), one panel per kind side by side (same y scale),
+    one line per method through its evaluated rounds (``(rounds, values)``, drawn × ``scale``:
+    fractions in %); ``references`` dashed."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -161,7 +164,7 @@ def accuracy_panels(
         for i, (name, (xs, ys)) in enumerate(series.items()):
             (line,) = ax.plot(
                 list(xs),
-                [100 * y for y in ys],
+                [scale * y for y in ys],
                 marker="o",
                 markersize=3,
                 color=f"C{i % 10}",
@@ -173,8 +176,8 @@ def accuracy_panels(
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
-    fig.suptitle("accuracy per evaluated round")
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(f"{score} per evaluated round")
     if handles:
         fig.legend(
             list(handles.values()),

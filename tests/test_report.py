@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedmoe.run.figures import accuracy_series, affinity_view, client_domains, sync_view
+from fedmoe.run.figures import affinity_view, client_domains, quality_series, sync_view
 from fedmoe.run.metrics_csv import metrics_csv
 from fedmoe.run.provenance import read_run_info, record_run
 from fedmoe.run.report import build_report, combine_reports
@@ -165,7 +165,7 @@ def test_summary_table_marks_the_best_mean_and_says_mean_and_std() -> None:
 
 def test_accuracy_lines_join_the_evaluated_rounds() -> None:
     rows = [row("fedavg", 1, 0.2), row("fedavg", 2, None), row("fedavg", 3, 0.4)]
-    series = accuracy_series(build_report(rows, {}, []))
+    series = quality_series(build_report(rows, {}, []))
     assert series["mean_local_acc"]["fedavg"] == ([1, 3], [0.2, 0.4])
     assert series["mean_global_acc"]["fedavg"] == ([1, 3], [0.8, 0.6])
 
@@ -368,9 +368,10 @@ def test_the_plots_get_client_ids_and_domains(
     assert active == (False, True, True)
     assert {s for s, _, _ in edges} | {t for _, t, _ in edges} == {3, 7, 12}
     assert seen["client_similarity"][2] == (7, 3, 12)
-    panels, refs = seen["accuracy_panels"]
+    panels, refs, ylabel, scale, score = seen["accuracy_panels"]
     assert [title.split(":")[0] for title, _ in panels] == ["personalised", "global"]
     assert panels[0][1]["fedavg"] == ([2], [0.5]) and refs == {"oracle-domain", "local"}
+    assert (ylabel, scale, score) == ("accuracy (%)", 100.0, "accuracy")
 
 
 def test_real_plots_are_pngs(folder: Path) -> None:
@@ -397,3 +398,72 @@ def test_fedmoe_report_does_not_import_torch(folder: Path) -> None:
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
     report = json.loads((folder / "report.json").read_text())
     assert report["environment"]["torch"] is not None  # read from the package metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# language models: perplexity, lower is better
+
+
+def ppl_row(method: str, rnd: int, ppl: float | None, **extra: Any) -> dict[str, Any]:
+    """A language model's metrics line (per-byte perplexity; None: not evaluated)."""
+    out = {k: v for k, v in row(method, rnd, None).items() if k != "seconds"}
+    if ppl is not None:
+        out |= {
+            "mean_local_ppl": ppl,
+            "worst_local_ppl": ppl + 2,
+            "mean_global_ppl": ppl + 1,
+            "local_ppl_by_domain": [ppl, ppl * 2],
+            "global_ppl_by_domain": [ppl, None],
+        }
+    return out | extra | {"seconds": 0.5}
+
+
+def test_a_perplexity_run_ranks_the_lowest_and_measures_drops_upwards() -> None:
+    rows = [
+        ppl_row("fedmoe-da", 1, None),
+        ppl_row("fedmoe-da", 2, 4.004),
+        ppl_row("fedavg", 2, 4.501),
+        ppl_row("naive-moe", 2, 4.0),  # prints as 4.00, the same as fedmoe-da's 4.004: a tie
+        ppl_row("local", 2, 3.0),  # a reference: lower, but not ranked
+        ppl_row("fedavg@noise", 2, 6.251, attack="noise"),
+    ]
+    report = build_report(rows, {}, DOMAINS)
+    assert report["quality"] == "perplexity"
+    m = report["methods"]
+    assert m["fedmoe-da"]["mean_local_ppl"] == 4.004 and "mean_local_acc" not in m["fedmoe-da"]
+    assert m["fedmoe-da"]["local_ppl_by_domain"] == [4.004, 8.008]
+    assert m["fedmoe-da"]["per_round"]["mean_local_ppl"] == [None, 4.004]
+    assert m["fedavg@noise"]["drop_vs_clean"] == pytest.approx(1.75)  # 6.251 − 4.501: worse
+    table = report["table"]
+    assert table["best"]["mean_local_ppl"] == ["fedmoe-da", "naive-moe"]
+    assert table["best"]["worst_local_ppl"] == ["fedmoe-da", "naive-moe"]
+    keys = [c["key"] for c in table["columns"]]
+    cells = dict(zip(keys, next(r for r in table["rows"] if r[0] == "fedavg@noise"), strict=True))
+    assert (cells["mean_local_ppl"], cells["drop_vs_clean"]) == ("6.25", "1.75")
+    assert (
+        table["caption"][0] == "perplexity ppl/byte (last evaluated round), traffic MiB per round"
+    )
+    assert "* best compared method of a perplexity column (ties marked alike)" in table["caption"]
+    csv_head = metrics_csv(rows, DOMAINS).splitlines()[0].split(",")
+    assert csv_head[4:11] == [
+        "mean_local_ppl", "worst_local_ppl", "mean_global_ppl",
+        "local_ppl_by_domain.rot0", "local_ppl_by_domain.rot90",
+        "global_ppl_by_domain.rot0", "global_ppl_by_domain.rot90",
+    ]  # fmt: skip
+
+
+def test_a_summary_of_perplexity_runs_gives_mean_and_std_and_ranks_the_lowest() -> None:
+    seeds = [
+        [ppl_row("fedmoe-da", 1, 5.0), ppl_row("fedavg", 1, 6.0)],
+        [ppl_row("fedmoe-da", 1, 7.0), ppl_row("fedavg", 1, 6.5)],
+    ]
+    reports = [build_report(r, {"seed": s}, DOMAINS) for s, r in enumerate(seeds)]
+    summary = combine_reports(reports, ["s0", "s1"])
+    assert summary["quality"] == "perplexity"
+    da = summary["methods"]["fedmoe-da"]
+    assert da["mean_local_ppl"]["mean"] == 6.0
+    assert da["mean_local_ppl"]["std"] == pytest.approx(1.414214)  # sample std of 5 and 7
+    assert da["per_round"] == {"round": [1], "mean_local_ppl": [6.0], "std_local_ppl": [1.414214]}
+    table = summary["table"]
+    assert table["best"]["mean_local_ppl"] == ["fedmoe-da"]  # 6.00 < 6.25
+    assert table["rows"][0][1] == "6.00±1.41"

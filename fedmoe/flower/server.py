@@ -218,6 +218,12 @@ def _connect(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
 
 def check_recipe(recipe: Recipe) -> None:
     """Refuse what a Flower run cannot do (before any process starts)."""
+    if recipe.language_model is not None:
+        raise UsageError(
+            "recipe: model.family makes the clients language models; the Flower app trains the "
+            "classifier only",
+            hint="run language-model recipes with fedmoe run",
+        )
     if recipe.seeds:
         raise UsageError(
             "recipe: seeds runs several federations; a Flower run is one",

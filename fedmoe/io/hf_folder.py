@@ -41,7 +41,7 @@ from fedmoe.io.safetensors_format import (
     TensorSpec,
     read_header,
 )
-from fedmoe.model.hf import HF_ARCHS, HFConfig
+from fedmoe.model.hf import HF_ARCHS, HFConfig, TinyLM
 from fedmoe.model.schema import ModelSchema
 
 FORMAT = "fedmoe-hf/1"
@@ -476,3 +476,13 @@ def stage_lm(
                 outputs.write_bytes(dest / name, data)
                 digests[name] = sha256_bytes(data)
     return folder_digest(digests)
+
+
+def stage_new_lm(
+    outputs: OutputSet, dest: Path, spec: TinyLM, seed: int, parent_sha256: str = ""
+) -> str:
+    """Stage a new, randomly initialised model folder of ``spec`` at ``dest`` (the global start
+    model of ``fedmoe init --hf`` and of a language-model recipe). Returns the folder's digest."""
+    data = spec.config_json()
+    meta = CheckpointMeta(HFConfig.from_dict(data), None, 0, 0, seed, "init", parent_sha256)
+    return stage_lm(outputs, dest, new_lm(data, seed), meta)

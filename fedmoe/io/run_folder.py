@@ -3,9 +3,10 @@ are not a manifest or a checkpoint (the metrics log, upload links, pruning old r
 
 Layout::
 
-    recipe.yaml  partition.json  init.safetensors  run.json  metrics.jsonl  metrics.csv
-    report.json  *.png
-    rounds/<method>/round-XXX/train/        train-round output (client-XXX.safetensors, manifest)
+    recipe.yaml  partition.json  init.safetensors (init/: a language model's folder)  run.json
+    metrics.jsonl  metrics.csv  report.json  *.png
+    rounds/<method>/round-XXX/train/        train-round output (client-XXX.safetensors or
+                                            client-XXX/ model folders, manifest)
     rounds/<method>/round-XXX/affinity.json FedMoE-DA, rounds where the matrices are recomputed
     rounds/<method>/round-XXX/plan.json     FedMoE-DA's sync plan
     rounds/<method>/round-XXX/models/       aggregate output: every client's next model
@@ -36,11 +37,12 @@ RUN_FILES = (
     "partition.json",
     "init.safetensors",
     "accuracy.png",
+    "perplexity.png",
     "traffic.png",
     "affinity.png",
     "sync_graph.png",
 )
-RUN_DIRS = ("rounds",)
+RUN_DIRS = ("rounds", "init")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class RunFolder:
     def init(self) -> Path:
         """The initial model."""
         return self.root / "init.safetensors"
+
+    @property
+    def init_folder(self) -> Path:
+        """The initial model of a language-model run (a Hugging Face model folder)."""
+        return self.root / "init"
 
     @property
     def recipe(self) -> Path:
@@ -198,16 +205,31 @@ def completed_rounds(path: Path) -> dict[str, int]:
 
 def publish_upload(source: Path, folder: Path) -> None:
     """Make ``folder/<name>`` the same file as ``source`` (a hard link, else a copy), replacing an
-    older upload of the same client."""
+    older upload of the same client; a model folder is linked file by file."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / source.name
     tmp = folder / f".{source.name}.tmp"
+    if source.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        old = folder / f".{source.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
+    _link_or_copy(source, tmp)
     os.replace(tmp, target)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link, else a copy (another file system)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def prune_checkpoints(round_dir: Path) -> None:

@@ -17,14 +17,16 @@ given with ``--layout``): the rules, and which ``config.json`` keys hold E and H
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedmoe.errors import InputError
+from fedmoe.errors import InputError, ParamError
 from fedmoe.model.config import MoEConfig
 from fedmoe.model.schema import Layout, Role, TensorRule
+from fedmoe.params import check_params, param
 
 # config.json keys that do not change the architecture (tools, versions, runtime switches)
 VOLATILE_KEYS = frozenset(
@@ -210,6 +212,50 @@ class HFConfig:
 
 ModelConfig = MoEConfig | HFConfig
 """A model's architecture: fedmoe's built-in classifier, or a Hugging Face model's config."""
+
+
+class TrainParts(str, enum.Enum):
+    """Which tensors a client of a Hugging Face language model trains."""
+
+    ALL = "all"
+    EXPERTS = "experts"  # the routed experts and the routers only
+
+
+@dataclass(frozen=True)
+class TinyLM:
+    """A small byte-level MoE language model of a Hugging Face family, built offline from its
+    ``transformers`` config with random initialisation (``fedmoe init --hf``; a recipe's
+    ``model:`` section with ``family``). The one source of these defaults."""
+
+    family: str = param("mixtral", f"Hugging Face MoE family: {', '.join(HF_ARCHS)}")
+    embed_dim: int = param(64, "hidden width H (divisible by 4: 4 attention heads)", ge=4)
+    expert_hidden: int = param(128, "width of each routed expert's MLP", ge=1)
+    num_experts: int = param(4, "routed experts per MoE layer (E)", ge=1)
+    top_k: int = param(2, "experts per token", ge=1)
+    moe_layers: int = param(2, "transformer blocks, each with one MoE layer", ge=1, le=64)
+    trains: TrainParts = param(
+        TrainParts.ALL, "which tensors clients train: all, or experts (routed experts and routers)"
+    )
+
+    def __post_init__(self) -> None:
+        check_params(self)
+        if self.family not in HF_ARCHS:
+            raise ParamError("family", self.family, f"must be one of {', '.join(HF_ARCHS)}")
+        if self.embed_dim % 4:
+            raise ParamError("embed_dim", self.embed_dim, "must be divisible by 4")
+        if self.top_k > self.num_experts:
+            raise ParamError("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
+
+    def config_json(self) -> dict[str, Any]:
+        """The model's ``config.json``."""
+        return tiny_lm_config(
+            self.family, self.embed_dim, self.expert_hidden, self.moe_layers, self.num_experts,
+            self.top_k,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as a recipe's ``model:`` section."""
+        return {**self.__dict__, "trains": self.trains.value}
 
 
 def tiny_lm_config(

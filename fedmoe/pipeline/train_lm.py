@@ -18,11 +18,12 @@ from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta
 from fedmoe.io.hf_folder import HFModel, load_lm, stage_lm
 from fedmoe.io.manifest import dumps
 from fedmoe.io.partition_file import LoadedPartition
+from fedmoe.model.hf import TrainParts
 from fedmoe.model.schema import Role
 from fedmoe.pipeline.train import train_manifest
 from fedmoe.train import TrainConfig
 from fedmoe.train.client import client_seed
-from fedmoe.train.lm import TrainParts, lm_routing, train_lm
+from fedmoe.train.lm import lm_routing, train_lm
 
 
 def expert_params(model: HFModel, lm: Any) -> Callable[[str], bool]:

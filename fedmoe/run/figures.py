@@ -1,8 +1,8 @@
 """The run report's figures: what each plot shows, computed from the report and the run's artefacts
 by pure functions (tested on their own), then drawn by :mod:`fedmoe.plots`.
 
-- ``accuracy.png``: personalised (mean local) and global accuracy per evaluated round, one line per
-  method; reference methods dashed.
+- ``accuracy.png`` (``perplexity.png`` for a language model): personalised (mean local) and
+  global score per evaluated round, one line per method; reference methods dashed.
 - ``traffic.png``: server and peer-to-peer MiB per round per method.
 - ``affinity.png``: FedMoE-DA's latest affinity as a client × client similarity, clients grouped
   by their dominant true domain, beside where each domain's candidate neighbours lie.
@@ -20,26 +20,29 @@ from typing import Any
 import numpy as np
 
 from fedmoe.io.run_folder import RunFolder, read_text
+from fedmoe.run.quality import quality_named
 from fedmoe.run.results_table import references
 
 MAX_ARTEFACT_BYTES = 256 << 20  # an affinity or plan larger than this is not drawn
 UNKNOWN = -1  # the group of a client whose domain is not known
 
 
-def accuracy_series(
+def quality_series(
     report: dict[str, Any],
 ) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """Per accuracy key (``mean_local_acc``, ``mean_global_acc``) and method, the evaluated rounds
-    and their accuracies: rounds without an evaluation are left out, so a line joins the evaluated
-    rounds (``eval_every`` > 1) instead of breaking into dots. A key no method has is left out."""
+    """Per score key (``mean_local_acc``, ``mean_global_acc``, or the ``_ppl`` keys of a language
+    model) and method, the evaluated rounds and their values: rounds without an evaluation are
+    left out, so a line joins the evaluated rounds (``eval_every`` > 1) instead of breaking into
+    dots. A key no method has is left out."""
+    q = quality_named(report.get("quality"))
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for key in ("mean_local_acc", "mean_global_acc"):
+    for key in (q.mean_local, q.mean_global):
         per_method = {}
         for m, d in report["methods"].items():
             pr = d["per_round"]
             pts = [
                 (int(r), float(v))
-                for r, v in zip(pr["round"], pr[key], strict=True)
+                for r, v in zip(pr["round"], pr.get(key, [None] * len(pr["round"])), strict=True)
                 if isinstance(v, (int, float))
             ]
             per_method[m] = ([r for r, _ in pts], [v for _, v in pts])
@@ -237,8 +240,8 @@ def run_domains(run_dir: Path) -> tuple[dict[int, int], list[str]]:
 
 
 def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
-    """accuracy.png, traffic.png, affinity.png and sync_graph.png (those the run has data for);
-    returns the paths written."""
+    """accuracy.png (perplexity.png), traffic.png, affinity.png and sync_graph.png (those the run
+    has data for); returns the paths written."""
     from fedmoe import plots
     from fedmoe.io.atomic import write_atomic
 
@@ -250,17 +253,19 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
         write_atomic(run_dir / name, png, force=True)
         written.append(run_dir / name)
 
-    series = accuracy_series(report)
+    q = quality_named(report.get("quality"))
+    series = quality_series(report)
     panels = [
         (title, series[key])
         for key, title in (
-            ("mean_local_acc", "personalised: own local test split, mean over clients"),
-            ("mean_global_acc", "global: shared global test set, mean over clients"),
+            (q.mean_local, "personalised: own local test split, mean over clients"),
+            (q.mean_global, "global: shared global test set, mean over clients"),
         )
         if key in series
     ]
     if panels:
-        put("accuracy.png", plots.accuracy_panels(panels, refs))
+        scores = plots.accuracy_panels(panels, refs, f"{q.name} ({q.unit})", q.scale, q.name)
+        put(q.plot_file, scores)
     names = list(methods)
     put(
         "traffic.png",

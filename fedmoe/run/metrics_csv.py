@@ -2,7 +2,8 @@
 
 One row per method and round, in the log's order (a round redone after an interruption appears
 once, as its last line); one column per field. The per-domain lists are spread over one column per
-domain, ``local_acc_by_domain.<domain>`` (the domain's name from the partition, else its index);
+domain, ``local_acc_by_domain.<domain>`` (``local_ppl_by_domain.<domain>`` for a language
+model; the domain's name from the partition, else its index);
 any other list or object is kept as compact JSON in one cell. Columns come in a fixed order: the
 known fields first (:data:`ORDER`), then any other field by name, so the same kind of run always
 gives the same header. Missing values are empty cells; numbers and booleans are written as JSON
@@ -27,6 +28,11 @@ ORDER = (
     "mean_global_acc",
     "local_acc_by_domain",
     "global_acc_by_domain",
+    "mean_local_ppl",
+    "worst_local_ppl",
+    "mean_global_ppl",
+    "local_ppl_by_domain",
+    "global_ppl_by_domain",
     "server_bytes",
     "p2p_bytes",
     "fedavg_bytes",
@@ -38,7 +44,12 @@ ORDER = (
     "seconds",
     "train_seconds",
 )  # the known fields of a metrics line, in the order of the table
-SPREAD = ("local_acc_by_domain", "global_acc_by_domain")  # lists spread over one column per domain
+SPREAD = (
+    "local_acc_by_domain",
+    "global_acc_by_domain",
+    "local_ppl_by_domain",
+    "global_ppl_by_domain",
+)  # lists spread over one column per domain
 
 
 def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,6 +1,10 @@
 """``fedmoe run``: a whole federation from a recipe, every method on the same split and the same
 initial model, through exactly the steps the commands run (:mod:`fedmoe.pipeline`).
 
+The clients' model is the built-in classifier, or a Hugging Face MoE language model when the
+recipe's ``model:`` names a ``family`` (trained on byte windows of a text dataset and scored by
+per-byte perplexity instead of accuracy: :mod:`fedmoe.run.quality`).
+
 Per method and round: the round's participants train (``train-round``); FedMoE-DA recomputes its
 affinity every I rounds over every client whose proxies the server holds (``affinity``) and plans
 the round (``plan-sync``); the method's merge gives every client its next model (``aggregate``);
@@ -43,6 +47,7 @@ from fedmoe.io.run_folder import (
     remove_round,
 )
 from fedmoe.model import MoEConfig, init_model, state_of
+from fedmoe.model.hf import HFConfig, ModelConfig, TinyLM
 from fedmoe.partition import get_partitioner, make_partition
 from fedmoe.pipeline.affinity import affinity_artefact
 from fedmoe.pipeline.merge import merge_round
@@ -51,6 +56,7 @@ from fedmoe.pipeline.sync import sync_artefact
 from fedmoe.pipeline.train import train_clients
 from fedmoe.plan import AggregationMatrix
 from fedmoe.round import RoundPlan
+from fedmoe.run.quality import ACCURACY, PERPLEXITY, Quality
 from fedmoe.run.recipe import Recipe
 from fedmoe.train import evaluate_models
 
@@ -64,12 +70,40 @@ class RunContext:
     recipe: Recipe
     folder: RunFolder
     partition: LoadedPartition  # the run folder's partition.json (its data loaded lazily)
-    config: MoEConfig
+    config: ModelConfig  # the classifier's, or the language model's config.json
 
     @property
     def num_clients(self) -> int:
         """N."""
         return self.partition.num_clients
+
+    @property
+    def language(self) -> TinyLM | None:
+        """The recipe's language model (None: the classifier)."""
+        return self.recipe.language_model
+
+    @property
+    def quality(self) -> Quality:
+        """How the run's models are scored."""
+        return ACCURACY if self.language is None else PERPLEXITY
+
+    @property
+    def init_path(self) -> Path:
+        """The initial model: a checkpoint, or a language model's folder."""
+        return self.folder.init if self.language is None else self.folder.init_folder
+
+    def open_init(self) -> Checkpoint:
+        """The initial model, opened."""
+        return open_model(self.init_path)
+
+
+def open_model(path: Path) -> Checkpoint:
+    """A checkpoint file, or a Hugging Face model folder."""
+    if path.is_dir():
+        from fedmoe.io.hf_folder import HFModel
+
+        return HFModel(path)
+    return open_checkpoint(path)
 
 
 def participants(recipe: Recipe, round_: int, num_clients: int) -> list[int]:
@@ -100,6 +134,9 @@ def write_setup(
 
     spec = recipe.data.spec()
     dataset = load_dataset(spec)
+    language = recipe.language_model
+    if language is not None:
+        _check_text(dataset.x, spec.source)
     p = recipe.partition
     partition = make_partition(
         dataset.y,
@@ -111,14 +148,18 @@ def write_setup(
         p.local_test,
         has_domains=dataset.has_domains,
     )
-    config = recipe.model_config(dataset.input_shape, dataset.num_classes)
     manifest = dumps(partition_to_manifest(partition, dataset, spec, folder.root)).encode()
     with OutputSet(force=True) as outputs:
         outputs.write_bytes(folder.recipe, yaml.safe_dump(resolved, sort_keys=False).encode())
         outputs.write_bytes(folder.partition, manifest)
         from fedmoe.io.digest import sha256_bytes
 
-        if with_init:
+        if with_init and language is not None:
+            from fedmoe.io.hf_folder import stage_new_lm
+
+            stage_new_lm(outputs, folder.init_folder, language, recipe.seed, sha256_bytes(manifest))
+        elif with_init:
+            config = recipe.model_config(dataset.input_shape, dataset.num_classes)
             meta = CheckpointMeta(
                 config, None, 0, 0, recipe.seed, "init", parent_sha256=sha256_bytes(manifest)
             )
@@ -128,15 +169,43 @@ def write_setup(
             before_publish()
 
 
+def _check_text(x: np.ndarray, dataset: str) -> None:
+    """A language model's dataset must be text (byte windows)."""
+    from fedmoe.data.text import tokens_of
+
+    try:
+        tokens_of(x)
+    except InputError:
+        raise InputError(
+            f"{dataset}: the recipe's model is a language model (model.family) but this dataset "
+            "is not text",
+            hint="use a text dataset (text-mix, a .jsonl file, a folder of text files) or drop "
+            "model.family",
+        ) from None
+
+
 def prepare(recipe: Recipe, out: Path) -> RunContext:
     """The context of a run whose folder holds its setup (see :func:`write_setup`)."""
     folder = RunFolder(out)
     part = load_partition(folder.partition)
-    init = open_checkpoint(folder.init)
-    config = recipe.model_config(part.input_shape, part.num_classes)
-    if init.config != config:
+    language = recipe.language_model
+    init_path = folder.init if language is None else folder.init_folder
+    init = open_model(init_path)
+    if language is None:
+        config: ModelConfig = recipe.model_config(part.input_shape, part.num_classes)
+        same = init.config == config
+    else:  # transformers completes config.json with its defaults: compare the architecture
+        config = init.config
+        schema = init.schema
+        same = (
+            isinstance(config, HFConfig)
+            and config.model_type == language.family
+            and schema.num_layers == language.moe_layers
+            and set(schema.num_experts) == {language.num_experts}
+        )
+    if not same:
         raise InputError(
-            f"{folder.init}: its model_config differs from the recipe's",
+            f"{init_path}: its model config differs from the recipe's",
             hint="start the run again with --force",
         )
     return RunContext(recipe, folder, part, config)
@@ -150,7 +219,7 @@ def true_groups(part: LoadedPartition) -> dict[int, int]:
 def _models(ctx: RunContext, method: str, round_: int) -> dict[int, Checkpoint]:
     """Every client's model after ``round_`` (the initial model before round 1)."""
     if round_ == 0:
-        init = open_checkpoint(ctx.folder.init)
+        init = ctx.open_init()
         return {c: init for c in range(ctx.num_clients)}
     return client_checkpoints(
         [str(ctx.folder.round(method, round_) / "models" / "aggregate.json")], "run"
@@ -217,7 +286,7 @@ def run_method(
     ctx: RunContext,
     name: str,
     resume_from: int,
-    pool: TrainPool,
+    pool: TrainPool | None,
     progress: Progress | None = None,
 ) -> None:
     """All rounds of one method, appending to ``metrics.jsonl`` after each."""
@@ -241,19 +310,36 @@ def run_method(
         remove_round(rdir)  # what an interrupted attempt at this round left
         active = participants(recipe, rnd, n)
         train_dir = rdir / "train"
-        train_clients(
-            ctx.partition,
-            str(ctx.folder.partition),
-            {c: models[c] for c in active},
-            method.local_training(recipe.train),
-            recipe.seed,
-            rnd,
-            {c: train_dir / f"client-{c:03d}.safetensors" for c in active},
-            train_dir / "train-round.json",
-            pool,
-            force=True,
-            candidates=clusters,
-        )
+        if ctx.language is not None:
+            from fedmoe.pipeline.train_lm import train_lm_clients
+
+            train_lm_clients(
+                ctx.partition,
+                str(ctx.folder.partition),
+                {c: models[c] for c in active},
+                method.local_training(recipe.train),
+                recipe.seed,
+                rnd,
+                {c: train_dir / f"client-{c:03d}" for c in active},
+                train_dir / "train-round.json",
+                ctx.language.trains,
+                force=True,
+            )
+        else:
+            assert pool is not None  # the classifier's clients train in the pool
+            train_clients(
+                ctx.partition,
+                str(ctx.folder.partition),
+                {c: models[c] for c in active},
+                method.local_training(recipe.train),
+                recipe.seed,
+                rnd,
+                {c: train_dir / f"client-{c:03d}.safetensors" for c in active},
+                train_dir / "train-round.json",
+                pool,
+                force=True,
+                candidates=clusters,
+            )
         train_s = time.perf_counter() - start
         fresh = client_checkpoints([str(train_dir / "train-round.json")], "run")
         if attack is not None and rnd >= recipe.attack.start_round:
@@ -281,16 +367,35 @@ def run_method(
         row = round_row(name, rnd, len(active), rplan, groups, attack, bad)
         if rnd % recipe.eval_every == 0 or rnd == recipe.rounds:
             # the malicious clients' own accuracy is not counted
-            states = {c: k.state() for c, k in models.items() if c not in bad}
-            part = ctx.partition
-            ev = evaluate_models(ctx.config, states, part.dataset, part.clients, part.global_test)
-            row.update({key: ev[key] for key in EVAL_KEYS})
+            ev = _evaluate(ctx, {c: k for c, k in models.items() if c not in bad})
+            row.update({key: ev[key] for key in ctx.quality.eval_keys})
         row["seconds"] = round(time.perf_counter() - start, 4)
         row["train_seconds"] = round(train_s, 4)
         append_line(ctx.folder.metrics, json.dumps(row, separators=(",", ":")))
         prune_checkpoints(ctx.folder.round(name, rnd - 1))
         if progress is not None:
             progress(name, rnd, recipe.rounds, row)
+
+
+def _evaluate(ctx: RunContext, models: dict[int, Checkpoint]) -> dict[str, Any]:
+    """The clients' models scored on their local test splits and the global test set (accuracy,
+    or a language model's per-byte perplexity)."""
+    part = ctx.partition
+    if ctx.language is None:
+        states = {c: k.state() for c, k in models.items()}
+        assert isinstance(ctx.config, MoEConfig)
+        return evaluate_models(ctx.config, states, part.dataset, part.clients, part.global_test)
+    from functools import partial
+
+    from fedmoe.data.text import tokens_of
+    from fedmoe.io.hf_folder import HFModel, load_lm
+    from fedmoe.train.lm import evaluate_lms
+
+    loaders = {c: partial(load_lm, k) for c, k in models.items() if isinstance(k, HFModel)}
+    data = part.dataset
+    return evaluate_lms(
+        loaders, tokens_of(data.x), data.domain, data.num_domains, part.clients, part.global_test
+    )
 
 
 def _clusters(ctx: RunContext, name: str, method: IFCA, done: int) -> list[Checkpoint]:
@@ -309,6 +414,7 @@ def _clusters(ctx: RunContext, name: str, method: IFCA, done: int) -> list[Check
         return found
     init = open_checkpoint(ctx.folder.init)
     seed = ctx.recipe.seed
+    assert isinstance(ctx.config, MoEConfig)  # IFCA runs the classifier only (the recipe's check)
     states = [init.state()] + [
         state_of(
             init_model(
@@ -431,13 +537,7 @@ def _attack(
     return {c: open_checkpoint(paths[c]) if c in paths else k for c, k in fresh.items()}
 
 
-EVAL_KEYS = (
-    "mean_local_acc",
-    "worst_local_acc",
-    "mean_global_acc",
-    "local_acc_by_domain",
-    "global_acc_by_domain",
-)  # what an evaluation adds to a round's metrics line
+EVAL_KEYS = ACCURACY.eval_keys  # what an evaluation of the classifier adds to a metrics line
 
 
 def round_row(

@@ -21,6 +21,7 @@ from fedmoe.data import BUILTIN, DataSpec
 from fedmoe.data.spec import option_problem
 from fedmoe.errors import InputError, ParamError, UsageError
 from fedmoe.model.config import MoEConfig
+from fedmoe.model.hf import TinyLM
 from fedmoe.params import params_dict
 from fedmoe.partition import PARTITIONERS, get_partitioner
 from fedmoe.partition.pipeline import GLOBAL_TEST, LOCAL_TEST, NUM_CLIENTS
@@ -73,6 +74,7 @@ class PartitionSection:
 MODEL_KEYS = tuple(
     f.name for f in dataclasses.fields(MoEConfig) if f.name not in ("input_shape", "num_classes")
 )
+LM_KEYS = tuple(f.name for f in dataclasses.fields(TinyLM))  # model: with family: a language model
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,18 @@ class Recipe:
     eval_every: int = 1  # evaluate every k rounds (and always after the last)
     data: DataSection = DataSection()
     partition: PartitionSection = PartitionSection()
-    model: dict[str, Any] = field(default_factory=dict)  # partial MoEConfig (MoEConfig's defaults)
+    model: dict[str, Any] = field(default_factory=dict)  # partial MoEConfig, or TinyLM (family:)
     train: TrainConfig = TrainConfig()  # noqa: RUF009  (frozen, so sharing the default is safe)
     fedmoe: FedMoEDA = FedMoEDA()  # noqa: RUF009  FedMoE-DA's parameters
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # other methods'
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → {method, params}
     attack: AttackConfig = AttackConfig()  # noqa: RUF009  simulated malicious clients
+
+    @property
+    def language_model(self) -> TinyLM | None:
+        """The Hugging Face MoE language model the clients train when ``model:`` names a
+        ``family`` (None: the built-in classifier)."""
+        return TinyLM(**self.model) if "family" in self.model else None
 
     def model_config(self, input_shape: tuple[int, ...], num_classes: int) -> MoEConfig:
         """The model of this recipe for data of ``input_shape`` and ``num_classes``."""
@@ -247,14 +255,23 @@ def _model_section(data: Any) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UsageError("recipe: 'model' must be a mapping")
+    language = "family" in data
+    keys = LM_KEYS if language else MODEL_KEYS
     for key in data:
-        if key not in MODEL_KEYS:
-            near = _nearest(str(key), list(MODEL_KEYS))
-            raise UsageError(f"recipe: unknown key 'model.{key}'{near}")
+        if key not in keys:
+            near = _nearest(str(key), list(keys))
+            kind = "a language model's" if language else "the classifier's"
+            raise UsageError(
+                f"recipe: unknown key 'model.{key}'{near}",
+                hint=f"{kind} keys are {', '.join(keys)}",
+            )
     try:
-        MoEConfig.from_dict({**data, "input_shape": [1, 8, 8], "num_classes": 2})
+        if language:
+            TinyLM(**data)
+        else:
+            MoEConfig.from_dict({**data, "input_shape": [1, 8, 8], "num_classes": 2})
     except ParamError as exc:
-        raise UsageError(f"recipe: model.{exc.worded(exc.key)}") from None
+        raise UsageError(f"recipe: model.{exc.worded(exc.key)}", hint=exc.hint) from None
     return dict(data)
 
 
@@ -419,6 +436,25 @@ def _check(r: Recipe) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(f"recipe: {message}")
+    if r.language_model is not None:
+        _check_language(r)
+
+
+def _check_language(r: Recipe) -> None:
+    """What a language-model recipe cannot run: clustered methods (IFCA: clients pick a cluster
+    model by the classifier's loss) and simulated attacks (run on the classifier)."""
+    for name in r.methods:
+        if r.method(name).uses_clusters:
+            raise UsageError(
+                f"recipe: method '{name}' keeps cluster models chosen by the classifier's loss; "
+                "it is not available for language models",
+                hint="drop it from methods, or drop model.family to run the classifier",
+            )
+    if r.attack.kinds:
+        raise UsageError(
+            "recipe: attack is not available for language models",
+            hint="drop the attack section, or drop model.family to run the classifier",
+        )
 
 
 def yaml_problem(exc: BaseException) -> str:

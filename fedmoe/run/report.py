@@ -1,7 +1,8 @@
 """The run report: ``report.json`` from ``metrics.jsonl``, and the summary of several runs.
 
 ``report.json`` (kind ``run-report``) holds per method: final mean and worst-client personalised
-accuracy, global accuracy, per-domain accuracy, server / peer-to-peer / FedAvg-equivalent bytes per
+score, global score, per-domain score (accuracy, or per-byte perplexity for a language model:
+:mod:`fedmoe.run.quality`; ``quality`` names it), server / peer-to-peer / FedAvg-equivalent bytes per
 round (mean over rounds), wall time, and the per-round series of the same quantities; then the
 comparison table (:mod:`fedmoe.run.results_table`), the run's command line and environment (its
 ``run.json``, :mod:`fedmoe.run.provenance`) and the environment the report itself was made in.
@@ -21,9 +22,15 @@ from fedmoe.errors import InputError
 from fedmoe.io.manifest import header
 from fedmoe.io.run_folder import RunFolder, read_lines, read_text
 from fedmoe.run.provenance import command_line, environment, utc_now
+from fedmoe.run.quality import QUALITIES, Quality, quality_named, quality_of_rows
 from fedmoe.run.results_table import references, results_table, summary_table
 
-SERIES = ("mean_local_acc", "worst_local_acc", "mean_global_acc", "server_bytes", "p2p_bytes")
+TRAFFIC_SERIES = ("server_bytes", "p2p_bytes")
+
+
+def series_keys(q: Quality) -> tuple[str, ...]:
+    """The per-round series a report keeps for each method."""
+    return (*q.scalars, *TRAFFIC_SERIES)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -46,7 +53,9 @@ def _usable(row: dict[str, Any]) -> bool:
         and all(
             number(row.get(k)) for k in ("server_bytes", "p2p_bytes", "fedavg_bytes", "seconds")
         )
-        and all(row.get(k) is None or number(row.get(k)) for k in SERIES)
+        and all(
+            row.get(k) is None or number(row.get(k)) for q in QUALITIES.values() for k in q.scalars
+        )
     )
 
 
@@ -83,20 +92,17 @@ def build_report(
     ``run.json`` (None: not recorded) and ``environment`` where the report is made (see
     :func:`report_environment`; None leaves it out, so the report is a function of the run)."""
     rows = [r for r in rows if _usable(r)]
+    q = quality_of_rows(rows)
     methods: dict[str, Any] = {}
     order = list(dict.fromkeys(r["method"] for r in rows))
     for m in order:
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["round"])
         mine = list({r["round"]: r for r in mine}.values())  # a redone round replaces the old line
-        evald = [r for r in mine if r.get("mean_local_acc") is not None]
+        evald = [r for r in mine if r.get(q.mean_local) is not None]
         last = evald[-1] if evald else {}
         methods[m] = {
             "rounds": len(mine),
-            "mean_local_acc": last.get("mean_local_acc"),
-            "worst_local_acc": last.get("worst_local_acc"),
-            "mean_global_acc": last.get("mean_global_acc"),
-            "local_acc_by_domain": last.get("local_acc_by_domain"),
-            "global_acc_by_domain": last.get("global_acc_by_domain"),
+            **{key: last.get(key) for key in q.eval_keys},
             "server_bytes_per_round": float(np.mean([r["server_bytes"] for r in mine])),
             "p2p_bytes_per_round": float(np.mean([r["p2p_bytes"] for r in mine])),
             "fedavg_bytes_per_round": float(np.mean([r["fedavg_bytes"] for r in mine])),
@@ -105,24 +111,23 @@ def build_report(
             "malicious_source_weight": _mean_of(mine, "sources_malicious"),
             "per_round": {
                 "round": [r["round"] for r in mine],
-                **{k: [r.get(k) for r in mine] for k in SERIES},
+                **{k: [r.get(k) for r in mine] for k in series_keys(q)},
             },
         }
     for m, d in methods.items():  # an attacked arm "name@kind" beside its clean arm "name"
         clean = methods.get(m.split("@", 1)[0]) if "@" in m else None
         d["drop_vs_clean"] = (
-            round(clean["mean_local_acc"] - d["mean_local_acc"], 6)
-            if clean is not None
-            and clean["mean_local_acc"] is not None
-            and d["mean_local_acc"] is not None
+            round(q.drop(clean[q.mean_local], d[q.mean_local]), 6)
+            if clean is not None and clean[q.mean_local] is not None and d[q.mean_local] is not None
             else None
         )
     report = {
         **header("run-report"),
         "recipe": recipe,
+        "quality": q.name,
         "domain_names": domain_names,
         "methods": methods,
-        "table": results_table(methods, recipe),
+        "table": results_table(methods, recipe, q),
         "run": run_info,
     }
     if environment is not None:
@@ -145,15 +150,10 @@ def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
     return round(float(np.mean(vals)), 6) if vals else None
 
 
-SUMMARY_KEYS = (
-    "mean_local_acc",
-    "worst_local_acc",
-    "mean_global_acc",
-    "drop_vs_clean",
-    "server_bytes_per_round",
-    "p2p_bytes_per_round",
-    "fedavg_bytes_per_round",
-)
+def summary_keys(q: Quality) -> tuple[str, ...]:
+    """The quantities a summary of several runs gives per method."""
+    return (*q.scalars, "drop_vs_clean", "server_bytes_per_round", "p2p_bytes_per_round",
+            "fedavg_bytes_per_round")  # fmt: skip
 
 
 def combine_reports(reports: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
@@ -164,9 +164,10 @@ def combine_reports(reports: list[dict[str, Any]], sources: list[str]) -> dict[s
     methods: dict[str, Any] = {}
     order = list(dict.fromkeys(m for r in reports for m in r["methods"]))
     seeds = [r.get("recipe", {}).get("seed") for r in reports]
+    q = quality_named(reports[0].get("quality")) if reports else quality_named(None)
     for m in order:
         entry: dict[str, Any] = {}
-        for key in SUMMARY_KEYS:
+        for key in summary_keys(q):
             vals = [
                 (s, float(r["methods"][m][key]))
                 for s, r in zip(seeds, reports, strict=True)
@@ -184,19 +185,20 @@ def combine_reports(reports: list[dict[str, Any]], sources: list[str]) -> dict[s
                 "seeds": [s for s, _ in vals],
             }
         entry["per_round"] = _per_round(
-            [r["methods"][m]["per_round"] for r in reports if m in r["methods"]]
+            [r["methods"][m]["per_round"] for r in reports if m in r["methods"]], q
         )
         methods[m] = entry
-    summary = {**header("run-summary"), "runs": sources, "seeds": seeds, "methods": methods}
+    summary = {**header("run-summary"), "quality": q.name, "runs": sources, "seeds": seeds,
+               "methods": methods}  # fmt: skip
     recipe: dict[str, Any] = next(
         (r["recipe"] for r in reports if isinstance(r.get("recipe"), dict)), {}
     )
-    summary["table"] = summary_table(summary, recipe)
+    summary["table"] = summary_table(summary, recipe, q)
     return summary
 
 
-def _per_round(series: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample standard deviation over runs of the mean personalised accuracy, round by
+def _per_round(series: list[dict[str, Any]], q: Quality) -> dict[str, Any]:
+    """Mean and sample standard deviation over runs of the mean personalised score, round by
     round (a round evaluated in no run is null)."""
     rounds = sorted({int(r) for s in series for r in s["round"]})
     mean: list[float | None] = []
@@ -205,25 +207,26 @@ def _per_round(series: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [
             float(v)
             for s in series
-            for r, v in zip(s["round"], s["mean_local_acc"], strict=True)
+            for r, v in zip(s["round"], s[q.mean_local], strict=True)
             if r == rnd and isinstance(v, (int, float))
         ]
         mean.append(round(float(np.mean(vals)), 6) if vals else None)
         std.append(
             round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else 0.0 if vals else None
         )
-    return {"round": rounds, "mean_local_acc": mean, "std_local_acc": std}
+    return {"round": rounds, q.mean_local: mean, f"std_local_{q.short}": std}
 
 
 def summary_plot(summary: dict[str, Any]) -> bytes:
-    """accuracy per round, mean line and ± one standard deviation band per method."""
+    """The score per round, mean line and ± one standard deviation band per method."""
     from fedmoe import plots
 
+    q = quality_named(summary.get("quality"))
     series = {
         m: (
             d["per_round"]["round"],
-            [np.nan if v is None else 100 * v for v in d["per_round"]["mean_local_acc"]],
-            [0.0 if v is None else 100 * v for v in d["per_round"]["std_local_acc"]],
+            [np.nan if v is None else q.scale * v for v in d["per_round"][q.mean_local]],
+            [0.0 if v is None else q.scale * v for v in d["per_round"][f"std_local_{q.short}"]],
         )
         for m, d in summary["methods"].items()
     }
@@ -232,8 +235,8 @@ def summary_plot(summary: dict[str, Any]) -> bytes:
     png: bytes = plots.bands(
         series,
         "round",
-        "personalised accuracy (%), mean ± std",
-        f"accuracy per evaluated round (seeds {seeds})",
+        f"personalised {q.name} ({q.unit}), mean ± std",
+        f"{q.name} per evaluated round (seeds {seeds})",
         refs,
     )
     return png

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedmoe.run.quality import ACCURACY, Quality
+
 REFERENCES = {
     "oracle-domain": "is given the true domains, which a federation does not know",
     "local": "trains each client alone, never communicates",
@@ -31,19 +33,37 @@ class Column:
     key: str  # the report's field (or a quantity derived from its fields)
     header: str  # the printed heading
     unit: str  # what a cell is measured in
-    ranked: bool  # accuracy columns: higher is better, the best method is marked
+    ranked: bool  # the score's columns: the best method is marked
     meaning: str  # one line for the caption
 
 
-COLUMNS = (
-    Column("mean_local_acc", "local", "%", True,
-           "personalised: each client on its own test split, mean over clients"),
-    Column("worst_local_acc", "worst", "%", True,
-           "the lowest personalised accuracy of any client"),
-    Column("mean_global_acc", "global", "%", True,
-           "accuracy on the shared global test set (all domains), mean over clients"),
-    Column("drop_vs_clean", "drop", "pp", False,
-           "attacked arm: its clean arm's local accuracy minus its own, percentage points"),
+def quality_columns(q: Quality) -> tuple[Column, ...]:
+    """The score's columns (ranked) and an attacked arm's drop."""
+    if q is ACCURACY:
+        return (
+            Column(q.mean_local, "local", "%", True,
+                   "personalised: each client on its own test split, mean over clients"),
+            Column(q.worst_local, "worst", "%", True,
+                   "the lowest personalised accuracy of any client"),
+            Column(q.mean_global, "global", "%", True,
+                   "accuracy on the shared global test set (all domains), mean over clients"),
+            Column("drop_vs_clean", "drop", "pp", False,
+                   "attacked arm: its clean arm's local accuracy minus its own, percentage "
+                   "points"),
+        )  # fmt: skip
+    return (
+        Column(q.mean_local, "local", q.unit, True,
+               f"personalised: each client's {q.name} on its own test split, mean over clients"),
+        Column(q.worst_local, "worst", q.unit, True,
+               f"the {q.worst_word} personalised {q.name} of any client"),
+        Column(q.mean_global, "global", q.unit, True,
+               f"{q.name} on the shared global test set (all domains), mean over clients"),
+        Column("drop_vs_clean", "drop", q.drop_unit, False,
+               f"attacked arm: how much worse its local {q.name} is than its clean arm's"),
+    )  # fmt: skip
+
+
+TRAFFIC_COLUMNS = (
     Column("server_bytes_per_round", "server", "MiB/round", False,
            "MiB/round via the server (uploads, downloads, plan), mean over rounds"),
     Column("p2p_bytes_per_round", "p2p", "MiB/round", False,
@@ -53,8 +73,12 @@ COLUMNS = (
     Column("wall_seconds", "s", "s", False,
            "wall-clock seconds of all rounds (train, aggregate, evaluate)"),
 )  # fmt: skip
-SUMMARY_COLUMNS = ("mean_local_acc", "worst_local_acc", "mean_global_acc", "drop_vs_clean",
-                   "server_bytes_per_round", "p2p_bytes_per_round")  # fmt: skip
+SUMMARY_TRAFFIC = ("server_bytes_per_round", "p2p_bytes_per_round")  # a summary's traffic columns
+
+
+def columns_of(q: Quality) -> tuple[Column, ...]:
+    """Every column of a run's table, the score's first."""
+    return (*quality_columns(q), *TRAFFIC_COLUMNS)
 
 
 def base_method(arm: str, recipe: dict[str, Any]) -> str:
@@ -77,12 +101,16 @@ def references(arms: Sequence[str], recipe: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def best_methods(values: dict[str, float | None], excluded: set[str], decimals: int) -> list[str]:
-    """The methods with the highest value, compared as shown (``decimals`` places), so that two
-    cells that print the same are both marked; ``excluded`` methods and missing values are not
-    ranked. Empty when nothing is left to rank."""
+def best_methods(
+    values: dict[str, float | None], excluded: set[str], decimals: int, sign: int = 1
+) -> list[str]:
+    """The methods with the best value (the highest, or with ``sign`` −1 the lowest), compared as
+    shown (``decimals`` places), so that two cells that print the same are both marked;
+    ``excluded`` methods and missing values are not ranked. Empty when nothing is left to rank."""
     shown = {
-        m: round(v, decimals) for m, v in values.items() if v is not None and m not in excluded
+        m: sign * round(v, decimals)
+        for m, v in values.items()
+        if v is not None and m not in excluded
     }
     if not shown:
         return []
@@ -103,22 +131,21 @@ def _attacked_note(arms: Sequence[str]) -> list[str]:
     return []
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def _caption(columns: Sequence[Column], refs: dict[str, str], first: str) -> list[str]:
+def _caption(columns: Sequence[Column], refs: dict[str, str], first: str, q: Quality) -> list[str]:
     lines = [first]
     lines += [f"{c.header}: {c.meaning}" for c in columns]
-    lines.append(f"{BEST_MARK} best compared method of an accuracy column (ties marked alike)")
+    lines.append(f"{BEST_MARK} best compared method of {'an' if q.name[0] in 'aeiou' else 'a'} "
+                 f"{q.name} column (ties marked alike)")  # fmt: skip
     if refs:
         why = "; ".join(f"{m} {r.removeprefix('reference: ')}" for m, r in refs.items())
         lines.append(f"{REFERENCE_MARK} reference, not ranked: {why}")
     return lines
 
 
-def results_table(methods: dict[str, dict[str, Any]], recipe: dict[str, Any]) -> dict[str, Any]:
-    """The table of one run from its report's ``methods``.
+def results_table(
+    methods: dict[str, dict[str, Any]], recipe: dict[str, Any], q: Quality = ACCURACY
+) -> dict[str, Any]:
+    """The table of one run from its report's ``methods``, scored by ``q``.
 
     Returns
     -------
@@ -130,7 +157,8 @@ def results_table(methods: dict[str, dict[str, Any]], recipe: dict[str, Any]) ->
     """
     arms = list(methods)
     attacked = any(d.get("attack") for d in methods.values())
-    cols = [c for c in COLUMNS if c.key != "drop_vs_clean" or attacked]
+    cols = [c for c in columns_of(q) if c.key != "drop_vs_clean" or attacked]
+    scored = set(q.scalars)
     refs = references(arms, recipe)
     out = _ranked_out(arms, refs)
 
@@ -138,8 +166,8 @@ def results_table(methods: dict[str, dict[str, Any]], recipe: dict[str, Any]) ->
         if key == "server_vs_fedavg":
             return f"{d['server_bytes_per_round'] / (d['fedavg_bytes_per_round'] or 1):.2f}"
         v = d.get(key)
-        if key.endswith("_acc") or key == "drop_vs_clean":
-            return _pct(v)
+        if key in scored or key == "drop_vs_clean":
+            return q.cell(v)
         if v is None:
             return "-"
         if key.endswith("_bytes_per_round"):
@@ -148,21 +176,25 @@ def results_table(methods: dict[str, dict[str, Any]], recipe: dict[str, Any]) ->
 
     rows = [[m, *(cell(c.key, d) for c in cols)] for m, d in methods.items()]
     best = {
-        c.key: best_methods({m: methods[m].get(c.key) for m in arms}, out, 3)
+        c.key: best_methods(
+            {m: methods[m].get(c.key) for m in arms}, out, q.rank_decimals, q.sign()
+        )
         for c in cols
         if c.ranked
     }
-    first = "accuracy % (last evaluated round), traffic MiB per round"
+    first = f"{q.name} {q.unit} (last evaluated round), traffic MiB per round"
     return {
         "columns": _columns(cols),
         "rows": rows,
         "best": best,
         "reference": refs,
-        "caption": _caption(cols, refs, first) + _attacked_note(arms),
+        "caption": _caption(cols, refs, first, q) + _attacked_note(arms),
     }
 
 
-def summary_table(summary: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+def summary_table(
+    summary: dict[str, Any], recipe: dict[str, Any], q: Quality = ACCURACY
+) -> dict[str, Any]:
     """The table of several runs from a run summary's ``methods`` (as :func:`results_table`, each
     cell the mean ± sample standard deviation over the runs, ranked by the mean, and a last
     column ``n``: how many runs have the method)."""
@@ -170,37 +202,43 @@ def summary_table(summary: dict[str, Any], recipe: dict[str, Any]) -> dict[str, 
     arms = list(methods)
     attacked = any("@" in m for m in arms)
     cols = [
-        c for c in COLUMNS if c.key in SUMMARY_COLUMNS and (c.key != "drop_vs_clean" or attacked)
+        c
+        for c in columns_of(q)
+        if (c.ranked or c.key in SUMMARY_TRAFFIC or c.key == "drop_vs_clean")
+        and (c.key != "drop_vs_clean" or attacked)
     ]
     refs = references(arms, recipe)
     out = _ranked_out(arms, refs)
 
     def cell(key: str, d: dict[str, Any]) -> str:
-        q = d.get(key)
-        if q is None:
+        v = d.get(key)
+        if v is None:
             return "-"
         if key.endswith("_bytes_per_round"):
-            return f"{q['mean'] / 2**20:.3f}"  # traffic barely varies with the seed: the mean
-        return f"{100 * q['mean']:.1f}±{100 * q['std']:.1f}"
+            return f"{v['mean'] / 2**20:.3f}"  # traffic barely varies with the seed: the mean
+        return f"{q.cell(v['mean'])}±{q.cell(v['std'])}"
 
     def n(d: dict[str, Any]) -> str:
-        q = d.get("mean_local_acc")
-        return str(q["n"]) if q else "0"
+        v = d.get(q.mean_local)
+        return str(v["n"]) if v else "0"
 
     rows = [[m, *(cell(c.key, d) for c in cols), n(d)] for m, d in methods.items()]
     best = {
         c.key: best_methods(
-            {m: (d[c.key]["mean"] if d.get(c.key) else None) for m, d in methods.items()}, out, 3
+            {m: (d[c.key]["mean"] if d.get(c.key) else None) for m, d in methods.items()},
+            out,
+            q.rank_decimals,
+            q.sign(),
         )
         for c in cols
         if c.ranked
     }
     seeds = ", ".join(str(s) for s in summary.get("seeds", []))
     first = (
-        f"{len(summary.get('runs', []))} runs (seeds {seeds}): accuracy % as mean ± std "
+        f"{len(summary.get('runs', []))} runs (seeds {seeds}): {q.name} {q.unit} as mean ± std "
         "(sample, n − 1) over the runs, traffic MiB per round as the mean"
     )
-    caption = _caption(cols, refs, first) + _attacked_note(arms)
+    caption = _caption(cols, refs, first, q) + _attacked_note(arms)
     caption.insert(len(cols) + 1, "n: how many runs have the method")
     columns = [*_columns(cols), {"key": "n", "header": "n", "unit": "runs",
                                  "meaning": "how many runs have the method"}]  # fmt: skip

@@ -14,22 +14,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedmoe.model.hf import TrainParts
 from fedmoe.train.config import Optimizer, TrainConfig
 from fedmoe.train.local import autocast, proximal_term
-
-
-class TrainParts(str, Enum):
-    """Which tensors a client trains."""
-
-    ALL = "all"
-    EXPERTS = "experts"  # the routed experts and the routers only
 
 
 @dataclass(frozen=True)
