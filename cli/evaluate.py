@@ -80,27 +80,18 @@ def evaluate(
 
 def _language(ckpts: dict[Any, Any], part: Any) -> dict[str, Any]:
     """Per-byte perplexity of Hugging Face language models (one loaded at a time)."""
-    from functools import partial
-
     import torch
 
-    from fedmoe.data.text import tokens_of
-    from fedmoe.io.hf_folder import load_lm
-    from fedmoe.train.lm import evaluate_lms
+    from fedmoe.pipeline.train_lm import evaluate_lm_clients
 
-    tokens = tokens_of(part.dataset.x)
     if set(ckpts) == {None}:
         picked = dict.fromkeys(range(part.num_clients), ckpts[None])
     else:
         picked = {c: k for c, k in ckpts.items() if c is not None}
-    loaders = {c: partial(load_lm, k) for c, k in picked.items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        result = evaluate_lms(
-            loaders, tokens, part.dataset.domain, part.dataset.num_domains, part.clients,
-            part.global_test,
-        )  # fmt: skip
+        result = evaluate_lm_clients(picked, part)
     finally:
         torch.set_num_threads(threads)
     return {**header("evaluation"), **result, "domain_names": list(part.dataset.domain_names)}

@@ -165,7 +165,7 @@ def test_registry_and_declared_parameters() -> None:
         "fedmoe-da", "fedavg", "naive-moe", "local", "oracle-domain", "fedprox", "fedper", "ifca",
     ]  # fmt: skip
     assert all(cls.name == key and cls.summary for key, cls in AGGREGATORS.items())
-    robust = ["reduce", "trim", "clip"]
+    robust = ["reduce", "trim", "clip", "krum_ratio"]
     assert list(FedAvg.parameters()) == robust
     assert list(NaiveMoE.parameters()) == robust and list(OracleDomain.parameters()) == robust
     assert list(Local.parameters()) == []
@@ -206,7 +206,7 @@ def test_make_method_builds_the_declared_values() -> None:
     ("name", "params", "key", "option"),
     [
         ("fedavg", {"reduce": "bogus"}, "reduce",
-         "--reduce must be one of mean, median, trimmed-mean, clipped-mean, aligned-mean, got 'bogus'"),
+         "--reduce must be one of mean, median, trimmed-mean, clipped-mean, aligned-mean, multi-krum, got 'bogus'"),
         ("naive-moe", {"trim": 0.5}, "trim", "--trim must be < 0.5, got 0.5"),
         ("oracle-domain", {"clip": 0}, "clip", "--clip must be > 0, got 0.0"),
         ("fedmoe-da", {"top_p": -1}, "top_p", "--top-p must be >= 0, got -1"),
@@ -384,6 +384,46 @@ def test_clipped_mean_stays_within_clip_of_the_median(clip: float) -> None:
     assert float((out - median).norm()) <= clip * (1 + 1e-9)
     mean = reduce_tensors(Reduce(), tensors, w, torch.float64)
     assert float((mean - median).norm()) > 1e6  # what the outlier does to the plain mean
+
+
+def test_multi_krum_by_hand() -> None:
+    """Sources a (1, 0), b (1.1, 0), c (0.9, 0), d (1, 0.1) and e (−5, 0), weights 0.1, 0.2, 0.3,
+    0.2, 0.2, trim 0.2: f = 1, each scored on its 5 − 1 − 2 = 2 nearest. Squared distances: a–b,
+    a–c, a–d 0.01, b–c 0.04, b–d and c–d 0.02, a–e 36, b–e 37.21, c–e 34.81, d–e 36.01. Scores:
+    a 0.02, b 0.03, c 0.03, d 0.03, e 34.81 + 36 = 70.81, so e is dropped and a–d averaged with
+    weights 0.125, 0.25, 0.375, 0.25: (0.9875, 0.025)."""
+    from fedmoe.aggregate.reduce import multi_krum_keep
+
+    points = ([1.0, 0.0], [1.1, 0.0], [0.9, 0.0], [1.0, 0.1], [-5.0, 0.0])
+    tensors = [torch.tensor(v, dtype=torch.float64) for v in points]
+    w = (0.1, 0.2, 0.3, 0.2, 0.2)
+    assert multi_krum_keep(torch.stack(tensors), 1) == [0, 1, 2, 3]
+    # f = 2 drops e and one of b, c, d (scores 0.03); with krum_ratio 2 only scores above twice
+    # the median score (0.03) go: e alone
+    assert len(multi_krum_keep(torch.stack(tensors), 2)) == 3
+    assert multi_krum_keep(torch.stack(tensors), 2, 2.0) == [0, 1, 2, 3]
+    assert multi_krum_keep(torch.stack(tensors), 2, 1e4) == [0, 1, 2, 3, 4]  # 70.81 < 300
+    out = reduce_tensors(Reduce(ReduceKind.MULTI_KRUM, trim=0.2), tensors, w, torch.float64)
+    assert out.tolist() == pytest.approx([0.9875, 0.025], abs=1e-12)
+    # ⌊0.1 · 5⌋ = 0 dropped: the weighted mean
+    plain = reduce_tensors(Reduce(ReduceKind.MULTI_KRUM, trim=0.1), tensors, w, torch.float64)
+    assert plain.tolist() == pytest.approx(reduce_tensors(Reduce(), tensors, w, torch.float64)
+                                           .tolist(), abs=1e-12)  # fmt: skip
+
+
+def test_multi_krum_drops_flipped_updates_of_a_shared_direction() -> None:
+    """16 honest updates along a common direction with noise, 4 flipped (θ0 − Δ): with trim 0.2
+    every flipped source is dropped, so the result is the honest sources' weighted mean."""
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(50, generator=g, dtype=torch.float64)
+    common = torch.randn(50, generator=g, dtype=torch.float64)
+    honest = [start + common + 0.3 * torch.randn(50, generator=g, dtype=torch.float64)
+              for _ in range(16)]  # fmt: skip
+    flipped = [start - (h - start) for h in honest[:4]]
+    tensors = honest + flipped
+    w = (0.05,) * 20
+    out = reduce_tensors(Reduce(ReduceKind.MULTI_KRUM, trim=0.2), tensors, w, torch.float64)
+    assert torch.allclose(out, torch.stack(honest).mean(dim=0), atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

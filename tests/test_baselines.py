@@ -47,9 +47,9 @@ def states() -> dict[int, State]:
 
 def test_the_baselines_are_registered_with_their_parameters() -> None:
     assert {"fedprox", "fedper", "ifca"} <= set(AGGREGATORS)
-    assert list(FedProx.parameters()) == ["reduce", "trim", "clip", "mu"]
-    assert list(FedPer.parameters()) == ["reduce", "trim", "clip"]
-    assert list(IFCA.parameters()) == ["reduce", "trim", "clip", "clusters"]
+    assert list(FedProx.parameters()) == ["reduce", "trim", "clip", "krum_ratio", "mu"]
+    assert list(FedPer.parameters()) == ["reduce", "trim", "clip", "krum_ratio"]
+    assert list(IFCA.parameters()) == ["reduce", "trim", "clip", "krum_ratio", "clusters"]
     assert [n for n, cls in AGGREGATORS.items() if cls.uses_clusters] == ["ifca"]
     with pytest.raises(Exception, match="mu"):
         make_method("fedprox", {"mu": 0})  # mu > 0: mu = 0 is FedAvg

@@ -1007,7 +1007,7 @@ def test_fedavg_with_previous_and_reduce_kinds(partial: Path, run_cli: Run) -> N
     assert r.code == 0, r.err
     manifest = read(partial / "fa" / "aggregate.json")
     assert json.loads(r.out) == manifest
-    assert manifest["params"] == {"reduce": "mean", "trim": 0.1, "clip": 1.0}
+    assert manifest["params"] == {"reduce": "mean", "trim": 0.1, "clip": 1.0, "krum_ratio": 0.0}
     assert [c["client"] for c in manifest["carried"]] == [2]
     assert [(e["client"], e["trained"]) for e in manifest["checkpoints"]] == [
         (0, True),
@@ -1471,7 +1471,7 @@ def test_param_without_a_value_names_param(work: Path, run_cli: Run) -> None:
         (("--method", "fedavg", "--gate", "shared"), "--gate is a fedmoe-da option"),
         (("--method", "fedavg", "--param", "trim=0.7"), "--param trim must be < 0.5, got 0.7"),
         (("--method", "fedavg", "--param", "top_p=2"),
-         "fedavg: unknown parameter 'top_p' (its parameters: reduce, trim, clip)"),
+         "fedavg: unknown parameter 'top_p' (its parameters: reduce, trim, clip, krum_ratio)"),
         (("--method", "local", "--param", "reduce=median"),
          "local: unknown parameter 'reduce' (it has no parameters)"),
         (("--method", "fedavg", "--param", "reduce"), "expected key=value"),

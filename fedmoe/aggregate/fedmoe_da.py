@@ -138,7 +138,8 @@ class FedMoEDA(ReduceParams, Aggregator):
     )
     expert_reduce: ReduceKind = param(
         ReduceKind.MEAN,
-        "how a target combines its sources: mean (Eq. 11), median, trimmed-mean or clipped-mean",
+        "how a target combines its sources: mean (Eq. 11), median, trimmed-mean, clipped-mean or"
+        " multi-krum",
     )
     expert_bound: float = param(
         0.0,
@@ -162,7 +163,7 @@ class FedMoEDA(ReduceParams, Aggregator):
     def defence(self) -> ExpertDefence:
         """How each target combines its row of A (:mod:`fedmoe.aggregate.defence`)."""
         return ExpertDefence(
-            Reduce(self.expert_reduce, self.trim, self.clip),
+            Reduce(self.expert_reduce, self.trim, self.clip, self.krum_ratio),
             self.expert_bound,
             self.expert_outlier,
             self.expert_trust,

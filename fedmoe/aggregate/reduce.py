@@ -21,6 +21,19 @@
   update that points against the majority's (a sign flip) gets no weight, one much longer than
   the majority's (scaling) is cut to its length. Needs the sources' start models.
 
+- ``multi-krum``: Multi-Krum (Blanchard, El Mhamdi, Guerraoui & Stainer, "Machine Learning with
+  Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017), with f = ⌊β·S⌋ sources
+  tolerated (β = ``trim``): each source is scored by the sum of its squared L2 distances to its
+  S − f − 2 nearest other sources, the f highest-scoring sources are dropped and the rest averaged
+  with their weights renormalised. A source moved against the others (a sign flip) or far from
+  them (scaling, noise) is dropped; honest sources, which agree with their nearest peers, stay.
+  Departures: the paper scores whole gradient vectors; here each tensor is scored on its own, so
+  the merge still streams tensor by tensor. With ``krum_ratio = r > 0`` (our addition) a source
+  among the f worst is dropped only if its score exceeds r times the median score, so a round
+  without outliers keeps every source: with clients of different domains the f worst-scored honest
+  clients are whole domains' worth of data, and an attack built to sit in the middle (ALIE) is
+  never among the worst.
+
 The robust kinds hold every source's copy of one tensor at once (S × the tensor's size).
 """
 
@@ -45,6 +58,7 @@ class ReduceKind(str, enum.Enum):
     TRIMMED_MEAN = "trimmed-mean"
     CLIPPED_MEAN = "clipped-mean"
     ALIGNED_MEAN = "aligned-mean"
+    MULTI_KRUM = "multi-krum"
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,19 @@ class Reduce:
     """A reduce kind and its parameters."""
 
     kind: ReduceKind = param(ReduceKind.MEAN, "how a group's sources are combined")
-    trim: float = param(0.1, "trimmed-mean: share of values cut at each end", ge=0.0, lt=0.5)
+    trim: float = param(
+        0.1,
+        "trimmed-mean: share of values cut at each end; multi-krum: share of sources dropped",
+        ge=0.0,
+        lt=0.5,
+    )
     clip: float = param(1.0, "clipped-mean: L2 radius of a deviation from the median", gt=0.0)
+    krum_ratio: float = param(
+        0.0,
+        "multi-krum: drop a source only if its score exceeds this multiple of the median score"
+        " (0: always drop the share trim)",
+        ge=0.0,
+    )
 
     def __post_init__(self) -> None:
         check_params(self)
@@ -69,8 +94,11 @@ class Reduce:
         return self.kind is ReduceKind.MEAN
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready."""
-        return {"kind": self.kind.value, "trim": self.trim, "clip": self.clip}
+        """JSON-ready (``krum_ratio`` only when set, so artefacts without it read the same)."""
+        out: dict[str, object] = {"kind": self.kind.value, "trim": self.trim, "clip": self.clip}
+        if self.krum_ratio:
+            out["krum_ratio"] = self.krum_ratio
+        return out
 
 
 CHUNK = 1 << 18  # values per float64 accumulator chunk (2 MiB: it stays in cache)
@@ -158,6 +186,30 @@ def _aligned(
     return base + step
 
 
+def multi_krum_keep(flat: torch.Tensor, f: int, ratio: float = 0.0) -> list[int]:
+    """The sources Multi-Krum keeps, in order: all but the f with the highest Krum score (the sum
+    of squared distances to the S − f − 2 nearest other sources, at least one; ties drop the
+    higher index), and with ``ratio`` > 0 only those of the f whose score exceeds ``ratio`` times
+    the median score are dropped. ``flat`` is (S, D) float64."""
+    import torch
+
+    n = flat.shape[0]
+    if f <= 0 or n <= 2:
+        return list(range(n))
+    sq = (flat * flat).sum(dim=1)
+    d2 = torch.clamp(sq[:, None] + sq[None, :] - 2.0 * (flat @ flat.T), min=0.0)  # (S, S)
+    d2.fill_diagonal_(math.inf)
+    near = max(1, n - f - 2)
+    scores = d2.sort(dim=1).values[:, :near].sum(dim=1)  # (S,)
+    order = sorted(range(n), key=lambda i: (float(scores[i]), i))
+    worst = order[n - f :]
+    if ratio > 0:
+        s = scores.sort().values
+        median = float((s[(n - 1) // 2] + s[n // 2]) / 2)
+        worst = [i for i in worst if float(scores[i]) > ratio * median]
+    return sorted(set(range(n)) - set(worst))
+
+
 def _median(stacked: torch.Tensor) -> torch.Tensor:
     s = stacked.sort(dim=0).values
     n = s.shape[0]
@@ -189,6 +241,13 @@ def reduce_tensors(
         cut = math.floor(reduce.trim * n + 1e-9)  # ⌊β·S⌋, immune to 0.29·100 = 28.999…
         s = stacked.sort(dim=0).values
         out = s[cut : n - cut].mean(dim=0)
+    elif reduce.kind is ReduceKind.MULTI_KRUM:
+        f = math.floor(reduce.trim * n + 1e-9)
+        keep = multi_krum_keep(stacked.reshape(n, -1), f, reduce.krum_ratio)
+        w = torch.tensor([weights[i] for i in keep], dtype=torch.float64)
+        total = float(w.sum())
+        w = w / total if total > 0 else torch.full_like(w, 1.0 / len(keep))
+        out = torch.tensordot(w, stacked[keep], dims=1)
     else:  # centred clipping around the coordinate-wise median
         centre = _median(stacked)
         dev = stacked - centre  # (S, ...)

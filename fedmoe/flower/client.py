@@ -275,7 +275,9 @@ class _PeerSource:
 def _defence(data: Mapping[str, Any]) -> ExpertDefence:
     r = data["reduce"]
     return ExpertDefence(
-        Reduce(ReduceKind(r["kind"]), float(r["trim"]), float(r["clip"])),
+        Reduce(
+            ReduceKind(r["kind"]), float(r["trim"]), float(r["clip"]), float(r.get("krum_ratio", 0))
+        ),
         float(data["bound"]),
         float(data["outlier"]),
         bool(data["trust"]),
@@ -311,7 +313,7 @@ def _merge(settings: ClientSettings, body: dict[str, Any], pending: dict[str, to
                 raise UsageError(
                     f"expert_reduce {defence.reduce.kind.value} needs every source's start "
                     "model, which peers do not publish",
-                    hint="use mean, median, trimmed-mean or clipped-mean on Flower",
+                    hint="use mean, median, trimmed-mean, clipped-mean or multi-krum on Flower",
                 )
             experts[layer] = CrossExpert(matrix, defence)
         spec = MergeSpec("fedmoe-da", (client.id,), (), (), tuple(experts))

@@ -254,7 +254,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise UsageError(
                 f"recipe: method {arm} reduces with {reducer().kind.value}, which needs every "
                 "client's start model on the server",
-                hint="use mean, median, trimmed-mean or clipped-mean on Flower",
+                hint="use mean, median, trimmed-mean, clipped-mean or multi-krum on Flower",
             )
 
 

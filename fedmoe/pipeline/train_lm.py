@@ -1,4 +1,4 @@
-"""One local round of Hugging Face MoE language models (FedMoE-DA, arXiv 2411.02115, Sec. III,
+"""One local round of Hugging Face MoE language models, and their evaluation (FedMoE-DA, arXiv 2411.02115, Sec. III,
 step 1): each client fine-tunes its model folder on its byte windows and writes a model folder
 with its routing statistics by domain; the ``train-round`` manifest lists the folders.
 
@@ -92,3 +92,18 @@ def train_lm_clients(
         )  # fmt: skip
         outputs.write_bytes(manifest_path, dumps(manifest).encode())
     return manifest
+
+
+def evaluate_lm_clients(models: dict[int, Checkpoint], part: LoadedPartition) -> dict[str, Any]:
+    """Per-byte perplexity of each client's model folder on its local test split and on the
+    global test set, overall and per domain (:func:`fedmoe.train.lm.evaluate_lms`; one model
+    loaded at a time)."""
+    from functools import partial
+
+    from fedmoe.train.lm import evaluate_lms
+
+    loaders = {c: partial(load_lm, k) for c, k in models.items() if isinstance(k, HFModel)}
+    data = part.dataset
+    return evaluate_lms(
+        loaders, tokens_of(data.x), data.domain, data.num_domains, part.clients, part.global_test
+    )

@@ -310,36 +310,7 @@ def run_method(
         remove_round(rdir)  # what an interrupted attempt at this round left
         active = participants(recipe, rnd, n)
         train_dir = rdir / "train"
-        if ctx.language is not None:
-            from fedmoe.pipeline.train_lm import train_lm_clients
-
-            train_lm_clients(
-                ctx.partition,
-                str(ctx.folder.partition),
-                {c: models[c] for c in active},
-                method.local_training(recipe.train),
-                recipe.seed,
-                rnd,
-                {c: train_dir / f"client-{c:03d}" for c in active},
-                train_dir / "train-round.json",
-                ctx.language.trains,
-                force=True,
-            )
-        else:
-            assert pool is not None  # the classifier's clients train in the pool
-            train_clients(
-                ctx.partition,
-                str(ctx.folder.partition),
-                {c: models[c] for c in active},
-                method.local_training(recipe.train),
-                recipe.seed,
-                rnd,
-                {c: train_dir / f"client-{c:03d}.safetensors" for c in active},
-                train_dir / "train-round.json",
-                pool,
-                force=True,
-                candidates=clusters,
-            )
+        _train(ctx, method, rnd, {c: models[c] for c in active}, train_dir, pool, clusters)
         train_s = time.perf_counter() - start
         fresh = client_checkpoints([str(train_dir / "train-round.json")], "run")
         if attack is not None and rnd >= recipe.attack.start_round:
@@ -377,6 +348,34 @@ def run_method(
             progress(name, rnd, recipe.rounds, row)
 
 
+def _train(
+    ctx: RunContext,
+    method: Aggregator,
+    rnd: int,
+    starts: dict[int, Checkpoint],
+    train_dir: Path,
+    pool: TrainPool | None,
+    clusters: list[Checkpoint] | None,
+) -> None:
+    """The round's participants train from ``starts``, written into ``train_dir`` as
+    ``train-round`` writes them: the classifier's clients in the pool, a language model's in this
+    process."""
+    recipe = ctx.recipe
+    cfg = method.local_training(recipe.train)
+    part, ref, manifest = ctx.partition, str(ctx.folder.partition), train_dir / "train-round.json"
+    if ctx.language is not None:
+        from fedmoe.pipeline.train_lm import train_lm_clients
+
+        paths = {c: train_dir / f"client-{c:03d}" for c in starts}
+        train_lm_clients(part, ref, starts, cfg, recipe.seed, rnd, paths, manifest,
+                         ctx.language.trains, force=True)  # fmt: skip
+        return
+    assert pool is not None  # the classifier's clients train in the pool
+    paths = {c: train_dir / f"client-{c:03d}.safetensors" for c in starts}
+    train_clients(part, ref, starts, cfg, recipe.seed, rnd, paths, manifest, pool, force=True,
+                  candidates=clusters)  # fmt: skip
+
+
 def _evaluate(ctx: RunContext, models: dict[int, Checkpoint]) -> dict[str, Any]:
     """The clients' models scored on their local test splits and the global test set (accuracy,
     or a language model's per-byte perplexity)."""
@@ -385,17 +384,9 @@ def _evaluate(ctx: RunContext, models: dict[int, Checkpoint]) -> dict[str, Any]:
         states = {c: k.state() for c, k in models.items()}
         assert isinstance(ctx.config, MoEConfig)
         return evaluate_models(ctx.config, states, part.dataset, part.clients, part.global_test)
-    from functools import partial
+    from fedmoe.pipeline.train_lm import evaluate_lm_clients
 
-    from fedmoe.data.text import tokens_of
-    from fedmoe.io.hf_folder import HFModel, load_lm
-    from fedmoe.train.lm import evaluate_lms
-
-    loaders = {c: partial(load_lm, k) for c, k in models.items() if isinstance(k, HFModel)}
-    data = part.dataset
-    return evaluate_lms(
-        loaders, tokens_of(data.x), data.domain, data.num_domains, part.clients, part.global_test
-    )
+    return evaluate_lm_clients(models, part)
 
 
 def _clusters(ctx: RunContext, name: str, method: IFCA, done: int) -> list[Checkpoint]:
