@@ -81,6 +81,10 @@ class RunFolder:
         """The initial model of a language-model run (a Hugging Face model folder)."""
         return self.root / "init"
 
+    def init_model(self, language: bool) -> Path:
+        """The initial model: the checkpoint, or a language model's folder."""
+        return self.init_folder if language else self.init
+
     @property
     def recipe(self) -> Path:
         """The resolved recipe."""

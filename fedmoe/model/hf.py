@@ -253,10 +253,6 @@ class TinyLM:
             self.top_k,
         )  # fmt: skip
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data, as a recipe's ``model:`` section."""
-        return {**self.__dict__, "trains": self.trains.value}
-
 
 def tiny_lm_config(
     family: str, hidden: int, ffn: int, layers: int, experts: int, top_k: int, vocab: int = 256

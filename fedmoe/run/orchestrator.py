@@ -33,7 +33,7 @@ from fedmoe.errors import InputError
 from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import OutputSet, write_atomic
 from fedmoe.io.checkpoint import Checkpoint, CheckpointMeta, open_checkpoint, save_checkpoint
-from fedmoe.io.checkpoint_set import client_checkpoints, load_candidates
+from fedmoe.io.checkpoint_set import client_checkpoints, load_candidates, open_model
 from fedmoe.io.datasets import load_dataset
 from fedmoe.io.manifest import dumps, header
 from fedmoe.io.partition_file import LoadedPartition, load_partition, partition_to_manifest
@@ -87,23 +87,9 @@ class RunContext:
         """How the run's models are scored."""
         return ACCURACY if self.language is None else PERPLEXITY
 
-    @property
-    def init_path(self) -> Path:
-        """The initial model: a checkpoint, or a language model's folder."""
-        return self.folder.init if self.language is None else self.folder.init_folder
-
     def open_init(self) -> Checkpoint:
         """The initial model, opened."""
-        return open_model(self.init_path)
-
-
-def open_model(path: Path) -> Checkpoint:
-    """A checkpoint file, or a Hugging Face model folder."""
-    if path.is_dir():
-        from fedmoe.io.hf_folder import HFModel
-
-        return HFModel(path)
-    return open_checkpoint(path)
+        return open_model(self.folder.init_model(self.language is not None))
 
 
 def participants(recipe: Recipe, round_: int, num_clients: int) -> list[int]:
@@ -189,7 +175,7 @@ def prepare(recipe: Recipe, out: Path) -> RunContext:
     folder = RunFolder(out)
     part = load_partition(folder.partition)
     language = recipe.language_model
-    init_path = folder.init if language is None else folder.init_folder
+    init_path = folder.init_model(language is not None)
     init = open_model(init_path)
     if language is None:
         config: ModelConfig = recipe.model_config(part.input_shape, part.num_classes)
