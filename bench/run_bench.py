@@ -1,14 +1,15 @@
-"""End to end: ``fedmoe run`` of the quickstart recipe (in quick mode: 2 rounds, 2 methods), with
-the same worker pool the command uses (one training process per core), report and plots aside,
-against what its training alone costs: a sample of the run's own client jobs (every
-:data:`SAMPLE`-th, same start model, data and settings) is timed again here, one at a time on one
-thread, scaled to every job and divided by the workers. The ratio is the share of the wall time
-that is clients' training; the rest is the federation's overhead (merges, affinity, plans,
-evaluation, files, process round trips)."""
+"""End to end: ``fedmoe run`` of the quickstart recipe (in quick mode: 2 rounds, 2 methods) as a
+user runs it — the command in its own process, with its worker pool (one process per core, each
+running whole arms, each training a round's clients as one cohort), report and plots included —
+against what its clients' training costs alone: the quickstart's 20 clients' first local round
+timed here one client at a time on one thread (how every client trained before cohorts), scaled
+to every client job of the run and divided by the workers. A second row times the same 20 local
+rounds as one cohort (the same tensors, bit for bit) against one at a time."""
 
 from __future__ import annotations
 
-import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,85 +17,84 @@ from pathlib import Path
 import torch
 
 from bench.common import Row
-from fedmoe.io.run_folder import RunFolder
-from fedmoe.pipeline.pool import Job, TrainPool, _train, default_workers
+from fedmoe.pipeline.pool import Job, _train, default_workers
 from fedmoe.run import load_recipe
-from fedmoe.run.orchestrator import prepare, run_method, write_setup
+from fedmoe.run.orchestrator import prepare
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
-SAMPLE = 10  # time every 10th job of the run again, alone
 
 
-class RecordingPool(TrainPool):
-    """The command's pool, keeping every :data:`SAMPLE`-th job it trains (and counting all)."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
-        self.jobs = 0
-        self.sample: list[Job] = []
-        self.seconds = 0.0  # wall time spent in run(): training as the run sees it
-
-    def run(self, jobs: list[Job]) -> list:
-        for job in jobs:
-            if self.jobs % SAMPLE == 0:
-                self.sample.append(job)
-            self.jobs += 1
-        start = time.perf_counter()
-        try:
-            return super().run(jobs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
-def training_alone(pool: RecordingPool, dataset: object) -> tuple[float, float]:
-    """(seconds per job, one thread, alone; the estimated sum over every job of the run)."""
+def _first_round(out: Path, overrides: dict[str, str]) -> tuple[float, float, int, int]:
+    """(seconds one client at a time, seconds as one cohort, clients, client jobs in the run)
+    for round 1 of the run in ``out``, on one thread."""
+    recipe, _ = load_recipe(RECIPE, overrides)
+    ctx = prepare(recipe, out)
+    part = ctx.partition
+    init = ctx.open_init()
+    start = init.state()
+    cfg = recipe.method(recipe.methods[0]).local_training(recipe.train)
+    jobs = [
+        Job(init.moe_config, start, part.client(c), cfg, recipe.seed, 1, c)
+        for c in range(part.num_clients)
+    ]
+    dataset = part.dataset
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        times = []
-        for job in pool.sample:
-            start = time.perf_counter()
-            _train(job, dataset)  # type: ignore[arg-type]
-            times.append(time.perf_counter() - start)
+        _train(jobs[:2], dataset)  # warm-up
+        begin = time.perf_counter()
+        for job in jobs:
+            _train([job], dataset)
+        alone = time.perf_counter() - begin
+        begin = time.perf_counter()
+        _train(jobs, dataset)
+        cohort = time.perf_counter() - begin
     finally:
         torch.set_num_threads(previous)
-    per_job = statistics.mean(times)
-    return per_job, per_job * pool.jobs
+    return alone, cohort, len(jobs), recipe.rounds * len(recipe.arms) * len(jobs)
 
 
 def run(quick: bool) -> list[Row]:
     overrides = {"rounds": "2", "methods": "[fedmoe-da, local]"} if quick else {}
     recipe, _ = load_recipe(RECIPE, overrides)
+    workers = default_workers()
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        write_setup(recipe, RunFolder(Path(tmp)), recipe.to_dict())
-        ctx = prepare(recipe, Path(tmp))
-        part = ctx.partition
-        workers = default_workers()
-        pool = RecordingPool(part.dataset_spec, part.fingerprint, lambda: part.dataset, workers)
-        with pool:
-            for method in recipe.arms:
-                run_method(ctx, method, 0, pool)
-        seconds = time.perf_counter() - start
-        per_job, total = training_alone(pool, part.dataset)
-    ideal = total / workers
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "fedmoe_cli.app", "run", str(RECIPE), "--out", str(out), "-q"]
+        cmd += [a for k, v in overrides.items() for a in ("-c", f"{k}={v}")]
+        begin = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - begin
+        alone, cohort, clients, total = _first_round(out, overrides)
+    ideal = alone / clients * total / workers
     target = "" if quick else "≤ 40 s"
     what = (
         "quick (2 rounds, 2 methods)"
         if quick
-        else f"{recipe.rounds} rounds, {len(recipe.methods)} methods"
+        else f"{recipe.rounds} rounds, {len(recipe.arms)} methods"
     )
     return [
         Row(
-            f"fedmoe run quickstart, {what}: wall time against its clients' training alone",
+            f"fedmoe run quickstart, {what}, the command: wall time against its clients' "
+            "training alone (one at a time)",
             seconds,
             ideal,
             "s",
             ideal / seconds,
             target,
             (seconds <= 40.0) if target else None,
-            f"reference: {pool.jobs} client jobs × {1e3 * per_job:.0f} ms (mean of "
-            f"{len(pool.sample)} of them re-timed alone, 1 thread) / {workers} workers; the "
-            f"run waited {pool.seconds:.1f} s on its training pool",
-        )
+            f"reference: {total} client jobs × {1e3 * alone / clients:.0f} ms (round 1's "
+            f"{clients} clients timed one at a time, 1 thread) / {workers} workers",
+        ),
+        Row(
+            f"local round of the quickstart's {clients} clients as one cohort (same tensors, "
+            "bit for bit) against one client at a time, 1 thread",
+            cohort,
+            alone,
+            "s",
+            alone / cohort,
+            "",
+            None,
+            "",
+        ),
     ]

@@ -261,7 +261,7 @@ def _run_methods(
     quiet: bool,
 ) -> None:
     """Every method's remaining rounds, with a live progress bar on a terminal."""
-    from fedmoe.run.orchestrator import run_method
+    from fedmoe.run.arms import run_arms
 
     rec, q = ctx.recipe, ctx.quality
     tasks: dict[str, Any] = {}
@@ -271,18 +271,15 @@ def _run_methods(
         v = row.get(q.mean_local)
         score = "" if v is None else f"local {q.short} {q.cell(v)}{'%' if q.unit == '%' else ''}"
         progress.update(tasks[method], completed=rnd, acc=score)
+        if rnd == total and progress.disable and not quiet:  # no live bar: one line an arm
+            console.print(f"{method}: {total} rounds done")
 
     with progress:
         for method in rec.arms:
             tasks[method] = progress.add_task(
                 method, total=rec.rounds, acc="", completed=done.get(method, 0)
             )
-        for method in rec.arms:
-            start = done.get(method, 0)
-            if start < rec.rounds:
-                run_method(ctx, method, start, pool, update)
-            if progress.disable and not quiet:  # no live bar (not a terminal): one line each
-                console.print(f"{method}: {rec.rounds} rounds done")
+        run_arms(ctx, done, pool, update)
 
 
 command = handle_errors(run)

@@ -32,6 +32,19 @@ class FedMoeError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle by state, whatever the subclass's constructor takes: an error raised in a worker
+        process reaches the parent whole (class, message, hint and the subclass's fields)."""
+        return (_restore, (type(self), self.message, dict(self.__dict__)))
+
+
+def _restore(cls: type[FedMoeError], message: str, state: dict[str, object]) -> FedMoeError:
+    """The inverse of :meth:`FedMoeError.__reduce__`."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class UsageError(FedMoeError):
     """A bad option, argument or recipe key, or an impossible request (exit code 2)."""

@@ -60,7 +60,9 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "recipe.yaml").write_text(RECIPE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(orchestrator, "prune_checkpoints", lambda _: None)
-        run_in(folder, ("run", "recipe.yaml", "--out", "run", "--threads", "1", "-q"))
+        # one worker: the arms run in this process, where the patch above applies
+        run_in(folder, ("run", "recipe.yaml", "--out", "run", "--threads", "1", "--workers", "1",
+                        "-q"))  # fmt: skip
     recipe, _ = load_recipe(folder / "recipe.yaml")
     h = "hand"
     steps: list[tuple[str, ...]] = [

@@ -290,7 +290,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The metrics lines by method, then round (``fedmoe run`` appends its arms' lines in the
+    order the arms finish them when they run side by side)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return sorted(rows, key=lambda r: (str(r.get("method")), int(r.get("round", 0))))
 
 
 def same_metrics(a: Path, b: Path) -> list[dict[str, Any]]:

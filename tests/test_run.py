@@ -65,8 +65,11 @@ def same_rounds(a: Path, b: Path) -> None:
 
 
 def metrics(folder: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl without its wall-clock fields."""
+    """metrics.jsonl without its wall-clock fields, by arm (in the recipe's order), then round
+    (arms run side by side append their lines in the order they finish them)."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else 99,
+                             r["method"], r["round"]))  # fmt: skip
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
@@ -115,7 +118,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.delenv("FEDMOE_DEBUG", raising=False)
-        argv = ("run", "recipe.yaml", "--out", "run", "--threads", "1", "-q")
+        # two workers: the base run's arms run side by side, each whole in a worker process
+        argv = ("run", "recipe.yaml", "--out", "run", "--threads", "1", "--workers", "2", "-q")
         mp.setattr(sys, "argv", ["fedmoe", *argv])  # what the console script sees
         code, out = _main(*argv)
     torch.set_num_threads(threads)
@@ -184,7 +188,12 @@ def test_report_key_structure_is_golden(base: tuple[Path, str]) -> None:
 def test_metrics_one_line_per_method_and_round(base: tuple[Path, str]) -> None:
     run = base[0] / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["method"], r["round"]) for r in rows] == [(m, k) for m in METHODS for k in (1, 2)]
+    # arms side by side (the base run) append in the order they finish; each arm's in round order
+    assert sorted((r["method"], r["round"]) for r in rows) == sorted(
+        (m, k) for m in METHODS for k in (1, 2)
+    )
+    for m in METHODS:
+        assert [r["round"] for r in rows if r["method"] == m] == [1, 2]
     sizes = schema_for(open_checkpoint(run / "init.safetensors").config).sizes()
     for r in rows:
         assert r["participants"] == 4 and r["fedavg_bytes"] == 2 * 4 * sizes.model
@@ -233,6 +242,9 @@ def test_local_only_clients_never_mix(base: tuple[Path, str]) -> None:
 
 
 def test_same_seed_same_numbers(work: Path, run_cli: Run) -> None:
+    """The same recipe and seed give the same files, byte for byte, and the same numbers: here the
+    base run's arms ran side by side in two worker processes, this one's one after the other in
+    the test process."""
     r = run_cli(*RUN, "--out", "again")
     assert (r.code, r.out) == (0, "again/report.json\n"), r.err
     assert metrics(work / "again") == metrics(work / "run")
@@ -243,6 +255,51 @@ def test_same_seed_same_numbers(work: Path, run_cli: Run) -> None:
     assert metrics(work / "other") != [m for m in metrics(work / "run") if m["method"] == "local"]
 
 
+def test_ctrl_c_stops_arms_running_side_by_side(work: Path) -> None:
+    """Ctrl-C while arms run in worker processes: one line saying what was kept and how to
+    resume, exit 130, no traceback, the workers gone; ``--resume`` completes every arm."""
+    import signal
+    import subprocess
+    import time
+
+    cmd = [sys.executable, "-m", "fedmoe_cli.app", "run", "recipe.yaml", "--out", "cut",
+           "--workers", "2", "-q", "-c", "rounds=40"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal would
+    )  # fmt: skip
+    path = work / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if path.is_file() and {json.loads(x)["method"] for x in path.read_text().splitlines()} \
+                == {"fedmoe-da", "fedavg"}:  # fmt: skip
+            break  # two arms are running side by side
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                             text=True, check=False).stdout.split()  # fmt: skip
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "Error: interrupted; the rounds completed so far are kept in cut" in err
+    assert "--resume" in err
+    time.sleep(0.5)
+    assert workers and [w for w in workers if _running(int(w))] == []
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((work / "cut" / "report.json").read_text())
+    assert {m: d["rounds"] for m, d in report["methods"].items()} == dict.fromkeys(METHODS, 40)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def interrupt_at(monkeypatch: pytest.MonkeyPatch, method: str, round_: int) -> None:
     """Make the run stop (as Ctrl-C would) right after ``method`` wrote every file of ``round_``,
     before that round's line reaches metrics.jsonl."""
@@ -250,11 +307,11 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, method: str, round_: int) -> N
 
     real = orchestrator.append_line
 
-    def stop_before(path: Path, line: str) -> None:
+    def stop_before(path: Path, line: str, repair: bool = True) -> None:
         row = json.loads(line)
         if (row["method"], row["round"]) == (method, round_):
             raise KeyboardInterrupt
-        real(path, line)
+        real(path, line, repair)
 
     monkeypatch.setattr(orchestrator, "append_line", stop_before)
 
@@ -338,10 +395,7 @@ def test_resume_needs_the_same_recipe(work: Path, run_cli: Run) -> None:
     # resuming a finished run changes nothing but the report's timing
     r = run_cli(*RUN, "--out", "run", "--resume")
     assert (r.code, r.out) == (0, "run/report.json\n")
-    assert metrics(work / "run") == [
-        {k: v for k, v in json.loads(line).items() if k not in TIMINGS}
-        for line in before["metrics.jsonl"].decode().splitlines()
-    ]
+    assert (work / "run" / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +519,9 @@ def test_report_rebuilds_report_json(work: Path, run_cli: Run) -> None:
 def test_report_counts_a_redone_round_once(work: Path, run_cli: Run) -> None:
     path = work / "run" / "metrics.jsonl"
     lines = path.read_text().splitlines()
-    redone = json.loads(lines[1])
+    redone = next(
+        r for r in map(json.loads, lines) if (r["method"], r["round"]) == ("fedmoe-da", 2)
+    )
     redone["mean_local_acc"] = 0.5  # a round redone after an interruption: the last line wins
     path.write_text("\n".join([*lines, json.dumps(redone)]) + "\n")
     assert run_cli("report", "run", "-q").code == 0

@@ -400,3 +400,73 @@ def test_pool_trains_in_process_when_workers_cannot_start(monkeypatch: pytest.Mo
     for a, b in zip(expected, got, strict=True):
         assert a.client == b.client
         assert all(torch.equal(a.result.state[k], b.result.state[k]) for k in a.result.state)
+
+
+# ---------------------------------------------------------------------------------------------
+# cohorts: many clients trained as one computation, bit for bit each client alone
+
+_COHORT_MODEL = {
+    "input_shape": (1, 8, 8), "num_classes": 10, "embed": "mlp", "embed_hidden": 64,
+    "embed_dim": 32, "num_experts": 8, "top_k": 2, "expert_hidden": 64,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "train", "sizes"),
+    [
+        # ragged sizes: last batches of 10, 9, 8, 3 rows, a client with no data
+        ({}, {}, [58, 57, 40, 16, 3, 0]),
+        ({}, {"optimizer": "adamw", "weight_decay": 0.01}, [58, 33]),  # a one-row batch
+        ({}, {"optimizer": "sgd", "weight_decay": 0.001}, [58, 33]),
+        ({}, {"prox_mu": 0.1}, [58, 33]),
+        ({"top_k": 1, "gate_bias": True}, {}, [58, 33]),
+        # hidden MoE layers, k = 3 of 4, a batch size that leaves odd expert segments
+        (
+            {"num_experts": 4, "top_k": 3, "moe_layers": 3, "expert_hidden": 16},
+            {"batch_size": 7, "epochs": 3},
+            [1, 2, 7, 8, 15, 29],
+        ),
+        # products under torch's small-GEMM threshold (its own loop instead of BLAS)
+        (
+            {"embed_hidden": 8, "embed_dim": 8, "num_experts": 2, "top_k": 1, "expert_hidden": 8},
+            {"batch_size": 64, "epochs": 1},
+            [30, 31, 64, 65],
+        ),
+    ],
+)
+def test_a_cohort_trains_each_client_as_it_trains_alone(
+    model: dict[str, object], train: dict[str, object], sizes: list[int]
+) -> None:
+    """Every tensor of every client, bit for bit, its steps and (to rounding) its loss curve:
+    a cohort is only a faster way to run the same local rounds (on one thread, as clients train;
+    the fixture gives the thread count back)."""
+    from fedmoe.train.cohort import fit_cohort, supported
+
+    torch.set_num_threads(1)
+
+    config = MoEConfig(**{**_COHORT_MODEL, **model})  # type: ignore[arg-type]
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 1e-2, **train})  # type: ignore[arg-type]
+    assert supported(config, cfg)
+    starts = [state_of(init_model(config, c)) for c in range(len(sizes))]
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+        for n in sizes
+    ]
+    seeds = [100 + c for c in range(len(sizes))]
+    together = fit_cohort(config, starts, data, cfg, seeds)
+    for c, got in enumerate(together):
+        alone = train_local(config, starts[c], *data[c], cfg, seeds[c])
+        assert equal_states(got.state, alone.state), f"client {c}"
+        assert (got.steps, got.samples) == (alone.steps, alone.samples)
+        assert got.epoch_loss == pytest.approx(alone.epoch_loss, rel=1e-5, abs=1e-7)
+        assert got.epoch_balance == pytest.approx(alone.epoch_balance, rel=1e-5, abs=1e-7)
+    if sizes[-1] == 0:  # a client with no samples keeps its model
+        assert equal_states(together[-1].state, starts[-1]) and together[-1].steps == 0
+
+
+def test_cnn_and_bf16_clients_train_one_by_one() -> None:
+    from fedmoe.train.cohort import supported
+
+    assert not supported(MoEConfig(**{**_COHORT_MODEL, "embed": "cnn"}), TrainConfig())  # type: ignore[arg-type]
+    assert not supported(MoEConfig(**_COHORT_MODEL), TrainConfig(precision="bf16"))  # type: ignore[arg-type, call-overload]

@@ -172,6 +172,17 @@ class LoadedPartition:
             )
         return dataset
 
+    def adopt(self, dataset: Dataset) -> None:
+        """Use ``dataset``, already loaded (a worker process's copy), instead of loading it again;
+        it must be the manifest's dataset (same fingerprint)."""
+        if dataset.fingerprint() != self.fingerprint:
+            raise InputError(
+                f"{self.path}: dataset '{self.dataset_spec.source}' no longer matches the "
+                "manifest's fingerprint",
+                hint="re-run fedmoe partition with this installation",
+            )
+        self.__dict__["dataset"] = dataset  # what the cached property would have stored
+
     def client(self, client_id: int) -> ClientSplit:
         """Client ``client_id``'s split, or an :class:`InputError` naming the valid range."""
         if not 0 <= client_id < self.num_clients:

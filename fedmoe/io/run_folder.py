@@ -163,17 +163,27 @@ def publish_run(stage: Path, out: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line; a fragment left by an interrupted write is cut off first."""
+def append_line(path: Path, line: str, repair: bool = True) -> None:
+    """Append one line in one write; a fragment left by an interrupted write is cut off first
+    (``repair=False`` when other processes append to the same file at the same time: the file's
+    owner repairs it once with :func:`repair_lines` before they start)."""
+    if repair:
+        repair_lines(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair_lines(path: Path) -> None:
+    """Cut off a line fragment that an interrupted write left at the end of ``path``."""
     if path.is_file() and path.stat().st_size:
         data = path.read_bytes()
         if not data.endswith(b"\n"):
             with open(path, "r+b") as handle:
                 handle.truncate(data.rfind(b"\n") + 1)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _refuse(token: str) -> object:

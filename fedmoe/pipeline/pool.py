@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +25,7 @@ from fedmoe.errors import InputError
 from fedmoe.io.datasets import load_dataset
 from fedmoe.model import MoEConfig
 from fedmoe.partition import ClientSplit
-from fedmoe.train.client import ClientUpdate, train_client
+from fedmoe.train.client import ClientUpdate, train_cohort
 from fedmoe.train.local import TrainConfig
 
 _DATASET: Dataset | None = None
@@ -80,20 +80,51 @@ def _init(spec: DataSpec, fingerprint: str, parent: int) -> None:  # in each wor
     _DATASET = dataset
 
 
+def worker_dataset() -> Dataset | None:
+    """The dataset this worker process loaded at its start (None outside a worker)."""
+    return _DATASET
+
+
 def _ready(_: int) -> int:
     return os.getpid()
 
 
-def _run(job: Job) -> ClientUpdate:
+def _run(jobs: list[Job]) -> list[ClientUpdate]:
     assert _DATASET is not None
-    return _train(job, _DATASET)
+    return _train(jobs, _DATASET)
 
 
-def _train(job: Job, dataset: Dataset) -> ClientUpdate:
-    return train_client(
-        job.config, job.state, dataset, job.split, job.train, job.seed, job.round, job.client,
-        job.candidates,
-    )  # fmt: skip
+def _train(jobs: list[Job], dataset: Dataset) -> list[ClientUpdate]:
+    """Train ``jobs``: those that share their model, settings, round and candidates as one
+    cohort (:func:`fedmoe.train.client.train_cohort`), in their order."""
+    out: list[ClientUpdate] = []
+    first = 0
+    while first < len(jobs):
+        lead, last = jobs[first], first + 1
+        while last < len(jobs) and _same_cohort(lead, jobs[last]):
+            last += 1
+        part = jobs[first:last]
+        out.extend(
+            train_cohort(
+                lead.config,
+                [j.state for j in part],
+                dataset,
+                [j.split for j in part],
+                lead.train,
+                lead.seed,
+                lead.round,
+                [j.client for j in part],
+                lead.candidates,
+            )
+        )
+        first = last
+    return out
+
+
+def _same_cohort(a: Job, b: Job) -> bool:
+    return (a.config, a.train, a.seed, a.round) == (b.config, b.train, b.seed, b.round) and (
+        a.candidates is b.candidates
+    )
 
 
 def default_workers() -> int:
@@ -143,15 +174,38 @@ class TrainPool:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
+    @property
+    def parallel(self) -> bool:
+        """Whether jobs run in worker processes (else in this process)."""
+        return self._pool is not None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` in a worker process, where :func:`worker_dataset` is the pool's
+        dataset and torch runs one thread (only when :attr:`parallel`)."""
+        if self._pool is None:
+            raise RuntimeError("submit needs worker processes")
+        return self._pool.submit(fn, *args)
+
+    def abort(self) -> None:
+        """Stop every worker now, running tasks included (after an error or a Ctrl-C in this
+        process: their partial work is what ``--resume`` redoes). The pool is unusable after."""
+        if self._pool is None:
+            return
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            process.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
     def run(self, jobs: list[Job]) -> list[ClientUpdate]:
         """Train every job; results in the order of ``jobs``."""
         if self._pool is None:
             previous = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                dataset = self._dataset()
-                return [_train(job, dataset) for job in jobs]
+                return _train(jobs, self._dataset())
             finally:
                 torch.set_num_threads(previous)
-        chunk = max(1, -(-len(jobs) // (2 * self.workers)))  # few, balanced round trips
-        return list(self._pool.map(_run, jobs, chunksize=chunk))
+        # one cohort a worker: a step's overhead is paid once for all of a worker's clients
+        size = -(-len(jobs) // self.workers)
+        parts = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+        return [u for done in self._pool.map(_run, parts) for u in done]

@@ -29,6 +29,7 @@ from fedmoe.aggregate import Aggregator, StaleProxies
 from fedmoe.aggregate.fedmoe_da import FedMoEDA
 from fedmoe.aggregate.ifca import IFCA
 from fedmoe.attack import AttackContext, AttackKind, malicious_clients, poison_upload
+from fedmoe.data import Dataset
 from fedmoe.errors import InputError
 from fedmoe.io.affinity_file import load_affinity
 from fedmoe.io.atomic import OutputSet, write_atomic
@@ -170,10 +171,13 @@ def _check_text(x: np.ndarray, dataset: str) -> None:
         ) from None
 
 
-def prepare(recipe: Recipe, out: Path) -> RunContext:
-    """The context of a run whose folder holds its setup (see :func:`write_setup`)."""
+def prepare(recipe: Recipe, out: Path, dataset: Dataset | None = None) -> RunContext:
+    """The context of a run whose folder holds its setup (see :func:`write_setup`); ``dataset``:
+    the partition's data when the caller has it loaded already."""
     folder = RunFolder(out)
     part = load_partition(folder.partition)
+    if dataset is not None:
+        part.adopt(dataset)
     language = recipe.language_model
     init_path = folder.init_model(language is not None)
     init = open_model(init_path)
@@ -274,8 +278,10 @@ def run_method(
     resume_from: int,
     pool: TrainPool | None,
     progress: Progress | None = None,
+    shared_log: bool = False,
 ) -> None:
-    """All rounds of one method, appending to ``metrics.jsonl`` after each."""
+    """All rounds of one method, appending to ``metrics.jsonl`` after each (``shared_log``: other
+    processes append to it at the same time, see :func:`fedmoe.run.arms.run_arms`)."""
     recipe = ctx.recipe
     method: Aggregator = recipe.method(name)
     attack = recipe.attack_of(name)
@@ -328,7 +334,7 @@ def run_method(
             row.update({key: ev[key] for key in ctx.quality.eval_keys})
         row["seconds"] = round(time.perf_counter() - start, 4)
         row["train_seconds"] = round(train_s, 4)
-        append_line(ctx.folder.metrics, json.dumps(row, separators=(",", ":")))
+        append_line(ctx.folder.metrics, json.dumps(row, separators=(",", ":")), not shared_log)
         prune_checkpoints(ctx.folder.round(name, rnd - 1))
         if progress is not None:
             progress(name, rnd, recipe.rounds, row)

@@ -80,6 +80,26 @@ def run_context(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     return recipe if isinstance(recipe, dict) else {}, names
 
 
+def arm_order(arms: list[str], recipe: dict[str, Any]) -> list[str]:
+    """``arms`` in the recipe's order (its methods, each clean and then under each attack kind in
+    the recipe's order), whatever order their lines reached ``metrics.jsonl`` in (arms that run
+    side by side append them as they finish); arms the recipe does not name keep their order,
+    after the others."""
+    methods = recipe.get("methods")
+    methods = [m for m in methods if isinstance(m, str)] if isinstance(methods, list) else []
+    attack = recipe.get("attack")
+    kinds = attack.get("kinds") if isinstance(attack, dict) else None
+    kinds = [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
+
+    def rank(i: int) -> tuple[int, int, int]:
+        base, _, kind = arms[i].partition("@")
+        m = methods.index(base) if base in methods else len(methods)
+        k = 0 if not kind else kinds.index(kind) + 1 if kind in kinds else len(kinds) + 1
+        return (m, k, i)
+
+    return [arms[i] for i in sorted(range(len(arms)), key=rank)]
+
+
 def build_report(
     rows: list[dict[str, Any]],
     recipe: dict[str, Any],
@@ -94,7 +114,7 @@ def build_report(
     rows = [r for r in rows if _usable(r)]
     q = quality_of_rows(rows)
     methods: dict[str, Any] = {}
-    order = list(dict.fromkeys(r["method"] for r in rows))
+    order = arm_order(list(dict.fromkeys(r["method"] for r in rows)), recipe)
     for m in order:
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["round"])
         mine = list({r["round"]: r for r in mine}.values())  # a redone round replaces the old line

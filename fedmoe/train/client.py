@@ -13,6 +13,8 @@ import torch
 from fedmoe.data import Dataset
 from fedmoe.model import MoEConfig, build_model
 from fedmoe.partition import ClientSplit
+from fedmoe.train.cohort import fit_cohort
+from fedmoe.train.cohort import supported as cohort_supported
 from fedmoe.train.local import TrainConfig, TrainResult, fit
 from fedmoe.train.routing import routing_stats
 
@@ -65,6 +67,48 @@ def choose(
     the lowest loss on the client's train split (the lowest index on a tie), and every loss."""
     losses = tuple(mean_loss(config, s, x, y) for s in candidates)
     return min(range(len(losses)), key=lambda k: (losses[k], k)), losses
+
+
+def train_cohort(
+    config: MoEConfig,
+    states: list[dict[str, torch.Tensor]],
+    dataset: Dataset,
+    splits: list[ClientSplit],
+    cfg: TrainConfig,
+    seed: int,
+    round_: int,
+    clients: list[int],
+    candidates: tuple[dict[str, torch.Tensor], ...] = (),
+) -> list[ClientUpdate]:
+    """:func:`train_client` for every client of ``clients`` (starting from ``states``, or each
+    from its choice among ``candidates``), trained together as one cohort where the model allows
+    it (:mod:`fedmoe.train.cohort`: the same tensors, bit for bit, several times faster)."""
+    data = [tensors(dataset, split.train) for split in splits]
+    picks: list[tuple[int | None, tuple[float, ...]]] = [(None, ())] * len(clients)
+    if candidates:
+        picks = [choose(config, candidates, x, y) for x, y in data]
+        states = [candidates[choice] for choice, _ in picks if choice is not None]
+    seeds = [client_seed(seed, round_, c) for c in clients]
+    if len(clients) > 1 and cohort_supported(config, cfg):
+        results = fit_cohort(config, states, data, cfg, seeds)
+    else:
+        results = [
+            fit(build_model(config, s), x, y, cfg, k)
+            for s, (x, y), k in zip(states, data, seeds, strict=True)
+        ]
+    updates = []
+    for c, split, (x, _), result, (choice, losses) in zip(
+        clients, splits, data, results, picks, strict=True
+    ):
+        routing = routing_stats(
+            build_model(config, result.state),
+            x,
+            np.asarray(dataset.y[split.train]),
+            np.asarray(dataset.domain[split.train]),
+            dataset.num_domains,
+        )
+        updates.append(ClientUpdate(c, result, routing, int(split.train.size), choice, losses))
+    return updates
 
 
 def train_client(
