@@ -48,3 +48,12 @@ TINY_ROUND: list[tuple[str, ...]] = [
     ("train-round", "--partition", "p.json", "--model", "i.safetensors", "--epochs", "1",
      "--out", "r1", "-q"),
 ]  # fmt: skip
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux: reads /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TINY_ROUND, clean_failure
+from helpers import TINY_ROUND, clean_failure, running
 
 from fedmoe.errors import OutputError
 from fedmoe.io.atomic import OutputSet
@@ -127,16 +127,8 @@ def test_workers_die_with_a_killed_run(tmp_path: Path) -> None:
     alive = workers
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and _not_zombie(w)]
+        alive = [w for w in workers if running(w)]
     assert alive == []
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_plan_is_not_applied_to_other_checkpoints(

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import clean_failure
+from helpers import clean_failure, running
 
 from fedmoe.io.checkpoint import open_checkpoint
 from fedmoe.model import schema_for
@@ -271,8 +271,8 @@ def test_ctrl_c_stops_arms_running_side_by_side(work: Path) -> None:
     path = work / "cut" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if path.is_file() and {json.loads(x)["method"] for x in path.read_text().splitlines()} \
-                == {"fedmoe-da", "fedavg"}:  # fmt: skip
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if len({json.loads(x)["method"] for x in lines}) >= 2:
             break  # two arms are running side by side
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -284,20 +284,11 @@ def test_ctrl_c_stops_arms_running_side_by_side(work: Path) -> None:
     assert "Error: interrupted; the rounds completed so far are kept in cut" in err
     assert "--resume" in err
     time.sleep(0.5)
-    assert workers and [w for w in workers if _running(int(w))] == []
+    assert workers and [w for w in workers if running(int(w))] == []
     r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     report = json.loads((work / "cut" / "report.json").read_text())
     assert {m: d["rounds"] for m, d in report["methods"].items()} == dict.fromkeys(METHODS, 40)
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def interrupt_at(monkeypatch: pytest.MonkeyPatch, method: str, round_: int) -> None:

@@ -51,7 +51,13 @@ def dumps(obj: Any, indent: int = 1) -> str:
             if not value:
                 return "[]"
             if all(not isinstance(v, (dict, list, tuple)) for v in value):
-                return "[" + ",".join(enc(v, level) for v in value) + "]"
+                try:  # one call for the whole line (what joining each scalar's json.dumps gives)
+                    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+                except ValueError:
+                    bad = next(v for v in value if isinstance(v, float) and not math.isfinite(v))
+                    raise ValueError(
+                        f"cannot write non-finite number {bad} into a manifest"
+                    ) from None
             pad = " " * (indent * (level + 1))
             items = [pad + enc(v, level + 1) for v in value]
             return "[\n" + ",\n".join(items) + "\n" + " " * (indent * level) + "]"

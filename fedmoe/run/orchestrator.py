@@ -279,9 +279,11 @@ def run_method(
     pool: TrainPool | None,
     progress: Progress | None = None,
     shared_log: bool = False,
+    last: int | None = None,
 ) -> None:
-    """All rounds of one method, appending to ``metrics.jsonl`` after each (``shared_log``: other
-    processes append to it at the same time, see :func:`fedmoe.run.arms.run_arms`)."""
+    """The rounds of one method after ``resume_from`` (up to ``last``, else all), appending to
+    ``metrics.jsonl`` after each (``shared_log``: other processes append to it at the same
+    time, see :func:`fedmoe.run.arms.run_arms`)."""
     recipe = ctx.recipe
     method: Aggregator = recipe.method(name)
     attack = recipe.attack_of(name)
@@ -296,7 +298,7 @@ def run_method(
     n = ctx.num_clients
     models = _models(ctx, name, resume_from)  # every client's current model, opened once a round
     clusters = _clusters(ctx, name, method, resume_from) if isinstance(method, IFCA) else None
-    for rnd in range(resume_from + 1, recipe.rounds + 1):
+    for rnd in range(resume_from + 1, (recipe.rounds if last is None else last) + 1):
         start = time.perf_counter()
         rdir = ctx.folder.round(name, rnd)
         remove_round(rdir)  # what an interrupted attempt at this round left
