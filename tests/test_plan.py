@@ -866,3 +866,52 @@ def test_transfer_table_concat_orders_rows_and_keeps_each_rows_experts() -> None
     assert both.received() == {1: 27, 2: 21, 9: 10}
     assert Transfers.of(list(both)) == both and both != a
     assert len(Transfers.concat([])) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# hubness correction (CSLS) before Eq. 9-10
+
+
+def _four_rows() -> Neighbours:
+    """Rows sorted by decreasing similarity; client-expert 1 is near everyone (a hub)."""
+    rows = [
+        [(0, 1.0), (1, 0.9), (2, 0.5), (3, 0.4)],
+        [(1, 1.0), (0, 0.9), (3, 0.8), (2, 0.1)],
+        [(2, 1.0), (1, 0.55), (3, 0.5), (0, 0.1)],
+        [(3, 1.0), (1, 0.8), (2, 0.6), (0, 0.4)],
+    ]
+    return Neighbours(
+        np.array([0, 4, 8, 12, 16]),
+        np.array([c for r in rows for c, _ in r]),
+        np.array([v for r in rows for _, v in r], dtype=np.float32),
+        4,
+    )
+
+
+def test_csls_by_hand() -> None:
+    """k = 2: r = (0.7, 0.85, 0.525, 0.7) (mean of each row's two best other entries); a score is
+    s − (r_target + r_source) / 2, and row 2 now ranks client-expert 3 (−0.1125) above the hub 1
+    (−0.1375), which plain similarity ranked first (0.55 > 0.5)."""
+    from fedmoe.plan import csls, hub_scores
+
+    nb = _four_rows()
+    assert hub_scores(nb, 2) == pytest.approx([0.7, 0.85, 0.525, 0.7], abs=1e-7)
+    out = csls(nb, 2)
+    assert out.indices[8:12].tolist() == [2, 3, 1, 0]
+    assert out.values[8:12] == pytest.approx([0.475, -0.1125, -0.1375, -0.5125], abs=1e-6)
+    assert out.indices[0:4].tolist() == [0, 1, 2, 3]  # row 0 keeps its order
+    assert out.values[0:4] == pytest.approx([0.3, 0.125, -0.1125, -0.3], abs=1e-6)
+    # Eq. 9-10 on the scores: target 2 with P = 1 keeps itself and 3, softmax with tau = 0.5
+    a = aggregation_matrix(out, ExpertIndex((0, 1), 2), 1, 0.5)
+    sources, weights = a.row(2)
+    assert sources.tolist() == [2, 3]
+    w3 = 1.0 / (1.0 + math.exp((0.475 + 0.1125) / 0.5))
+    assert weights.tolist() == pytest.approx([1 - w3, w3])
+    assert aggregation_matrix(nb, ExpertIndex((0, 1), 2), 1, 0.5).row(2)[0].tolist() == [2, 1]
+    assert csls(nb, 0) is nb  # off: the paper's similarities
+
+
+def test_csls_is_a_recorded_fedmoe_da_parameter() -> None:
+    with pytest.raises(ParamError, match="csls"):
+        FedMoEDA(csls=-1)
+    assert FedMoEDA(csls=5).csls == 5

@@ -112,6 +112,14 @@ class FedMoEDA(ReduceParams, Aggregator):
         ge=0.0,
         lt=1.0,
     )
+    csls: int = param(
+        0,
+        "hubness correction (CSLS, Conneau et al. 2018): rank sources by similarity minus half"
+        " the target's and the source's mean similarity to their k nearest other experts, so"
+        " experts close to everyone (crafted near the mean: ALIE, mimicry) lose rank; k (0: off,"
+        " the paper)",
+        ge=0,
+    )
     wire: Wire = param(
         Wire.NATIVE,
         "precision of the experts sent peer to peer: native (as stored, the paper), bf16 or"

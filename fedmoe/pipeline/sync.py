@@ -87,7 +87,12 @@ def sync_artefact(
                 hint="fedmoe affinity CKPTS | fedmoe plan-sync -",
             )
         matrices = build_matrices(
-            affinity.affinity, method.top_p, method.tau, method.min_weight, method.top_clients
+            affinity.affinity,
+            method.top_p,
+            method.tau,
+            method.min_weight,
+            method.top_clients,
+            method.csls,
         )
         method = dataclasses.replace(
             method,

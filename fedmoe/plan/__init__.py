@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from fedmoe._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from fedmoe.plan.hubness import csls, hub_scores
     from fedmoe.plan.ledger import Ledger, server_ledger, traffic_ledger
     from fedmoe.plan.matrix import (
         AggregationMatrix,
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from fedmoe.plan.transfers import Transfer, Transfers, transfer_list, transfer_table
 
 _EXPORTS = {
+    "csls": "hubness",
+    "hub_scores": "hubness",
     "Ledger": "ledger",
     "server_ledger": "ledger",
     "traffic_ledger": "ledger",
@@ -43,7 +46,9 @@ __all__ = [
     "Transfers",
     "aggregation_matrix",
     "client_prior",
+    "csls",
     "drop_small",
+    "hub_scores",
     "identity_matrix",
     "restrict",
     "server_ledger",

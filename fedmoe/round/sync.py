@@ -24,6 +24,7 @@ from fedmoe.plan import (
     Transfers,
     aggregation_matrix,
     client_prior,
+    csls,
     drop_small,
     restrict,
     traffic_ledger,
@@ -74,13 +75,20 @@ def held_uploads(
 
 
 def build_matrices(
-    affinity: Affinity, top_p: int, tau: float, min_weight: float = 0.0, top_clients: int = 0
+    affinity: Affinity,
+    top_p: int,
+    tau: float,
+    min_weight: float = 0.0,
+    top_clients: int = 0,
+    csls_k: int = 0,
 ) -> tuple[AggregationMatrix, ...]:
-    """Eq. 9–10 for each MoE layer of ``affinity`` (candidates limited to the ``top_clients``
-    most similar clients, sources under ``min_weight`` dropped; both off at 0)."""
+    """Eq. 9–10 for each MoE layer of ``affinity`` (similarities corrected for hubness with
+    ``csls_k`` neighbours, candidates limited to the ``top_clients`` most similar clients,
+    sources under ``min_weight`` dropped; each off at 0)."""
     out = []
     for layer in affinity.layers:
-        near = client_prior(layer.neighbours, layer.index, top_clients)
+        scored = csls(layer.neighbours, csls_k)
+        near = client_prior(scored, layer.index, top_clients)
         out.append(drop_small(aggregation_matrix(near, layer.index, top_p, tau), min_weight))
     return tuple(out)
 
