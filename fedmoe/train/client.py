@@ -123,20 +123,7 @@ def train_client(
     candidates: tuple[dict[str, torch.Tensor], ...] = (),
 ) -> ClientUpdate:
     """Train ``client`` for one round from ``state`` (or, given ``candidates``, from the one with
-    the lowest loss on its train split) and measure its routing."""
-    x, y = tensors(dataset, split.train)
-    choice: int | None = None
-    losses: tuple[float, ...] = ()
-    if candidates:
-        choice, losses = choose(config, candidates, x, y)
-        state = candidates[choice]
-    model = build_model(config, state)  # built once: trained, then measured
-    result = fit(model, x, y, cfg, client_seed(seed, round_, client))
-    routing = routing_stats(
-        model,
-        x,
-        np.asarray(dataset.y[split.train]),
-        np.asarray(dataset.domain[split.train]),
-        dataset.num_domains,
-    )
-    return ClientUpdate(client, result, routing, int(split.train.size), choice, losses)
+    the lowest loss on its train split) and measure its routing (a cohort of one)."""
+    return train_cohort(config, [state], dataset, [split], cfg, seed, round_, [client], candidates)[
+        0
+    ]
