@@ -158,12 +158,7 @@ class LoadedPartition:
             When the data no longer matches the fingerprint, or cannot be read.
         """
         dataset = load_dataset(self.dataset_spec)
-        if dataset.fingerprint() != self.fingerprint:
-            raise InputError(
-                f"{self.path}: dataset '{self.dataset_spec.source}' no longer matches the "
-                "manifest's fingerprint",
-                hint="re-run fedmoe partition with this installation",
-            )
+        self._check_fingerprint(dataset)
         if dataset.num_samples != self.num_samples:  # only a hand-edited manifest gets here
             raise InputError(
                 f"{self.path}: records {self.num_samples} samples, its dataset has "
@@ -175,13 +170,17 @@ class LoadedPartition:
     def adopt(self, dataset: Dataset) -> None:
         """Use ``dataset``, already loaded (a worker process's copy), instead of loading it again;
         it must be the manifest's dataset (same fingerprint)."""
+        self._check_fingerprint(dataset)
+        self.__dict__["dataset"] = dataset  # what the cached property would have stored
+
+    def _check_fingerprint(self, dataset: Dataset) -> None:
+        """An :class:`InputError` unless ``dataset`` is the one the manifest recorded."""
         if dataset.fingerprint() != self.fingerprint:
             raise InputError(
                 f"{self.path}: dataset '{self.dataset_spec.source}' no longer matches the "
                 "manifest's fingerprint",
                 hint="re-run fedmoe partition with this installation",
             )
-        self.__dict__["dataset"] = dataset  # what the cached property would have stored
 
     def client(self, client_id: int) -> ClientSplit:
         """Client ``client_id``'s split, or an :class:`InputError` naming the valid range."""

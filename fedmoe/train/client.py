@@ -91,17 +91,16 @@ def train_cohort(
     seeds = [client_seed(seed, round_, c) for c in clients]
     if len(clients) > 1 and cohort_supported(config, cfg):
         results = fit_cohort(config, states, data, cfg, seeds)
-    else:
-        results = [
-            fit(build_model(config, s), x, y, cfg, k)
-            for s, (x, y), k in zip(states, data, seeds, strict=True)
-        ]
+        models = [build_model(config, r.state) for r in results]
+    else:  # client by client, each model built once: trained, then measured
+        models = [build_model(config, s) for s in states]
+        results = [fit(m, x, y, cfg, k) for m, (x, y), k in zip(models, data, seeds, strict=True)]
     updates = []
-    for c, split, (x, _), result, (choice, losses) in zip(
-        clients, splits, data, results, picks, strict=True
+    for c, split, (x, _), result, model, (choice, losses) in zip(
+        clients, splits, data, results, models, picks, strict=True
     ):
         routing = routing_stats(
-            build_model(config, result.state),
+            model,
             x,
             np.asarray(dataset.y[split.train]),
             np.asarray(dataset.domain[split.train]),
@@ -124,6 +123,7 @@ def train_client(
 ) -> ClientUpdate:
     """Train ``client`` for one round from ``state`` (or, given ``candidates``, from the one with
     the lowest loss on its train split) and measure its routing (a cohort of one)."""
-    return train_cohort(config, [state], dataset, [split], cfg, seed, round_, [client], candidates)[
-        0
-    ]
+    (update,) = train_cohort(
+        config, [state], dataset, [split], cfg, seed, round_, [client], candidates
+    )
+    return update

@@ -47,7 +47,7 @@ from fedmoe.model.classifier import MoEClassifier
 from fedmoe.model.experts import Experts, _GroupedMLP
 from fedmoe.model.router import Router
 from fedmoe.train.config import Optimizer, Precision, TrainConfig
-from fedmoe.train.local import TrainResult
+from fedmoe.train.local import TrainResult, epoch_batches
 
 
 def supported(config: MoEConfig, cfg: TrainConfig) -> bool:
@@ -95,19 +95,6 @@ def _names(model: MoEClassifier) -> tuple[tuple[str, str, str, str], list[_Layer
     return head, layers
 
 
-def _schedule(
-    n: int, cfg: TrainConfig, generator: torch.Generator
-) -> list[torch.Tensor]:  # fmt: skip
-    """A client's mini-batches for the whole round, drawn as :func:`fit` draws them."""
-    batches: list[torch.Tensor] = []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator)  # (n,)
-        batches.extend(
-            order[first : first + cfg.batch_size] for first in range(0, n, cfg.batch_size)
-        )
-    return batches
-
-
 def fit_cohort(
     config: MoEConfig,
     starts: list[dict[str, torch.Tensor]],
@@ -133,8 +120,8 @@ def fit_cohort(
     labels = torch.cat([y for _, y in data])  # (N,)
     sizes = [int(y.shape[0]) for _, y in data]
     offsets = [0, *itertools.accumulate(sizes)]
-    plans = [
-        _schedule(n, cfg, torch.Generator().manual_seed(seed))
+    plans = [  # each client's mini-batches for the whole round, drawn as fit draws them
+        [b for epoch in epoch_batches(n, cfg, torch.Generator().manual_seed(seed)) for b in epoch]
         for n, seed in zip(sizes, seeds, strict=True)
     ]
     total_steps = [len(p) for p in plans]

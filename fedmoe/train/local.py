@@ -10,6 +10,7 @@ threads make small matmuls ~50× slower on a 2-core machine). Adam uses the fuse
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,16 @@ def proximal_term(
     return 0.5 * mu * total
 
 
+def epoch_batches(
+    n: int, cfg: TrainConfig, generator: torch.Generator
+) -> Iterator[list[torch.Tensor]]:  # fmt: skip
+    """Each epoch's mini-batches of ``n`` samples: a permutation drawn from ``generator`` at the
+    epoch's start, cut into ``batch_size`` pieces (the last one shorter)."""
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)  # (n,)
+        yield [order[first : first + cfg.batch_size] for first in range(0, n, cfg.batch_size)]
+
+
 def fit(
     model: MoEClassifier, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int
 ) -> TrainResult:
@@ -107,11 +118,9 @@ def fit(
     losses: list[float] = []
     balances: list[float] = []
     steps = 0
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator)  # (n,)
+    for batches in epoch_batches(n, cfg, generator):
         total, total_bal = 0.0, 0.0
-        for first in range(0, n, cfg.batch_size):
-            idx = order[first : first + cfg.batch_size]  # (b,)
+        for idx in batches:  # (b,) sample indices
             with autocast(cfg):
                 out = model(x[idx])
                 task = nn.functional.cross_entropy(out.logits.float(), y[idx])
