@@ -74,6 +74,9 @@ def affinity(
     pool_layers: Annotated[
         bool, typer.Option(help=help_of(FedMoEDA, "pool_layers").capitalize() + ".")
     ] = False,
+    centred: Annotated[
+        bool, typer.Option(help=help_of(FedMoEDA, "centred").capitalize() + ".")
+    ] = False,
     partition: Annotated[
         str | None, typer.Option(help="Partition manifest, to name domains and labels.")
     ] = None,
@@ -119,6 +122,7 @@ def affinity(
             class_names,
             pool_layers,
             inline=arrays is None,
+            centred=centred,
         )
         from fedmoe.io.affinity_file import affinity_arrays
 

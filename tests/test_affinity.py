@@ -392,3 +392,67 @@ def test_overwrite_normalises_an_owned_array_in_place_with_the_same_result() -> 
     kept = x.copy()
     topk_cosine(kept, 5)  # without overwrite the input is left alone
     assert np.array_equal(kept, x)
+
+
+def centre_federation() -> dict[int, Upload]:
+    """Five clients, two experts, H = 3. Expert 0: clients 0 and 1 share a domain (second
+    coordinate +1), clients 2 and 3 another (-1); client 4 uploads the centre (10, 0, 0), as ALIE
+    does. Client 1's expert 1 is a copy of client 0's expert 0 (a cross-index twin)."""
+    e0 = [[10, 1, 0.8], [10, 1, -0.8], [10, -1, 0.8], [10, -1, -0.8], [10, 0, 0]]
+    e1 = [[0, 10, 1], [10, 1, 0.8], [0, 10, -1], [1, 10, 0], [0, 9, 0]]
+    return {
+        c: Upload(c, 5, 1, (torch.tensor([e0[c], e1[c]], dtype=torch.float32),), None)
+        for c in range(5)
+    }
+
+
+def test_centre_rows_by_hand() -> None:
+    from fedmoe.affinity.centre import centre_rows
+
+    got = centre_rows(np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32))
+    # the coordinate-wise median is (1, 1): (0, -1), (-1, 0) and an all-zero row, flagged
+    assert got.tolist() == [[0, -1, 0], [-1, 0, 0], [0, 0, 1]]
+
+
+def test_centred_proxies_rank_same_expert_peers_and_leave_the_centre_out() -> None:
+    """By hand. Plain cosines of client 0's expert 0 (m = 0): with the centre 10/√101.64 =
+    0.99190, with client 1's expert 0 (100 + 1 - 0.64)/101.64 = 0.98741, and 1 with client 1's
+    expert 1 (m = 3, its copy). Centred on expert 0's median row (10, 0, 0): (0, 1, 0.8) against
+    (0, 1, -0.8) is (1 - 0.64)/1.64 = 0.21951, against clients 2 and 3 -0.21951 and -1, and the
+    centre is all zero (cosine 0 with everyone, 1 with itself)."""
+    ups = centre_federation()
+    plain = compute_affinity(ups, 2, 2).layers[0].neighbours
+    assert plain.row(0)[0].tolist() == [0, 3]  # the cross-index copy
+    assert compute_affinity(ups, 3, 2).layers[0].neighbours.row(0)[0].tolist() == [0, 3, 8]
+    aff = compute_affinity(ups, 5, 2, centred=True)
+    assert aff.centred and not aff.pooled
+    nb = aff.layers[0].neighbours
+    cols, vals = nb.row(0)
+    assert cols.tolist() == [0, 2, 8, 4, 6]  # expert 0 of clients 0, 1, 4 (the centre), 2, 3
+    assert vals.tolist() == pytest.approx([1.0, 0.21951, 0.0, -0.21951, -1.0], abs=1e-5)
+    assert nb.plain is not None
+    assert nb.row(0)[0].size == 5 and all(int(c) % 2 == 0 for c in cols)  # only expert 0
+    plain_row = nb.plain[nb.indptr[0] : nb.indptr[1]].tolist()
+    assert plain_row[:3] == pytest.approx([1.0, 0.98741, 0.99190], abs=1e-5)
+    centre = nb.row(8)  # the centre's own row: itself, then everyone at 0 (ties, by column)
+    assert centre[0].tolist() == [8, 0, 2, 4, 6] and centre[1].tolist() == [1, 0, 0, 0, 0]
+    # expert 1 rows are compared among expert 1 only
+    assert all(int(c) % 2 == 1 for m in range(1, 10, 2) for c in nb.row(m)[0])
+
+
+def test_centred_choice_with_plain_weights_by_hand() -> None:
+    """Eq. 9 keeps client 0's own expert and the best centred peer (client 1's expert 0); Eq. 10
+    weighs them by their plain cosines 1 and 0.98741: a = (1, e^((0.98741 - 1)/τ)) / sum."""
+    from fedmoe.plan.matrix import aggregation_matrix
+
+    aff = compute_affinity(centre_federation(), 5, 2, centred=True)
+    la = aff.layers[0]
+    a = aggregation_matrix(la.neighbours, la.index, 1, 0.1)
+    src, w = a.row(0)
+    assert src.tolist() == [0, 2]
+    other = math.exp((100.36 / 101.64 - 1) / 0.1)
+    assert w.tolist() == pytest.approx([1 / (1 + other), other / (1 + other)], abs=1e-5)
+    assert a.similarity[:2].tolist() == pytest.approx([1.0, 0.98741], abs=1e-5)
+    # the paper's plain ranking of the same uploads gives the copy (and the centre) instead
+    plain = compute_affinity(centre_federation(), 5, 2).layers[0]
+    assert aggregation_matrix(plain.neighbours, plain.index, 1, 0.1).row(0)[0].tolist() == [0, 3]

@@ -171,7 +171,7 @@ def test_registry_and_declared_parameters() -> None:
     assert list(Local.parameters()) == []
     assert list(FedMoEDA.parameters()) == [
         *robust, "top_p", "tau", "top_clients", "min_weight", "csls", "wire", "refresh_interval",
-        "gate", "candidates", "shared", "pool_layers", "stale", "interval",
+        "gate", "candidates", "shared", "pool_layers", "centred", "stale", "interval",
         "expert_reduce", "expert_bound", "expert_outlier", "expert_trust",
     ]  # fmt: skip
     assert all(FedMoEDA.parameters().values())  # every parameter has a help text

@@ -34,6 +34,12 @@ ROUND = [
      "clients.jsonl", "--out", "plan-binary.json", "-q"),
     ("plan-sync", "inline.json", "--top-p", "3", "--per-client", "clients-inline.jsonl",
      "--out", "plan-inline-clients.json", "-q"),
+    ("affinity", "r1/", "--candidates", "5", "--centred", "--out", "centred.json", "-q"),
+    ("affinity", "r1/", "--candidates", "5", "--centred", "--arrays", "centred.bin", "--out",
+     "centred-binary.json", "-q"),
+    ("plan-sync", "centred.json", "--top-p", "3", "--out", "plan-centred.json", "-q"),
+    ("plan-sync", "centred-binary.json", "--top-p", "3", "--arrays", "plan-centred.bin",
+     "--out", "plan-centred-binary.json", "-q"),
 ]  # fmt: skip
 
 
@@ -204,3 +210,50 @@ def test_affinity_and_plan_sync_run_without_torch(tmp_path: Path) -> None:
     )
     assert done.stdout.strip().splitlines()[-1] == "False"
     assert len((tmp_path / "c.jsonl").read_bytes().splitlines()) == 3
+
+
+def test_centred_affinity_both_ways_and_its_plans(fed: Path) -> None:
+    """``--centred``: the artefact records it and each entry's plain cosine (inline as a third
+    element, in the companion as ``.plain``); both read back alike and give the plan that the
+    library gives from the same checkpoints."""
+    from fedmoe.affinity import compute_affinity
+    from fedmoe.io.checkpoint_set import client_checkpoints
+    from fedmoe.plan.matrix import aggregation_matrix
+
+    inline, binary = load_affinity(fed / "centred.json"), load_affinity(fed / "centred-binary.json")
+    assert inline.manifest["centred"] is True and binary.manifest["centred"] is True
+    assert "centred" not in load_affinity(fed / "inline.json").manifest
+    assert all(len(e) == 3 for row in inline.manifest["layers"][0]["neighbours"] for e in row)
+    assert inline.affinity.centred and binary.affinity.centred
+    held = {c: k.upload() for c, k in client_checkpoints([str(fed / "r1")], "t").items()}
+    lib = compute_affinity(held, 5, 10, centred=True)
+    for a, b, c in zip(inline.affinity.layers, binary.affinity.layers, lib.layers, strict=True):
+        assert a.neighbours.plain is not None and a.neighbours.same_as(b.neighbours)
+        assert a.neighbours.same_as(c.neighbours)
+        e = a.index.num_experts
+        rows = np.repeat(np.arange(a.index.size), np.diff(a.neighbours.indptr))
+        assert np.array_equal(rows % e, a.neighbours.indices % e)  # the same expert only
+    for name in ("plan-centred.json", "plan-centred-binary.json"):
+        plan = load_plan(fed / name)
+        assert plan.manifest["params"]["centred"] is True
+        for mat, la in zip(plan.plan.matrices, lib.layers, strict=True):
+            ref = aggregation_matrix(la.neighbours, la.index, 3, 0.1)
+            np.testing.assert_array_equal(mat.sources, ref.sources)
+            np.testing.assert_array_equal(mat.weights, ref.weights)
+
+
+def test_a_centred_artefact_with_two_element_entries_is_refused(
+    fed: Path, tmp_path: Path, run_cli: Callable[..., object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = json.loads((fed / "centred.json").read_text())
+    data["layers"][0]["neighbours"][4] = [e[:2] for e in data["layers"][0]["neighbours"][4]]
+    Path("a.json").write_text(json.dumps(data))
+    r = run_cli("plan-sync", "a.json", "--top-p", "3", "--out", "plan.json")
+    assert "neighbour row 4 has a malformed entry" in clean_failure(r, 3)
+    data = json.loads((fed / "centred.json").read_text())
+    data["centred"] = "yes"
+    Path("b.json").write_text(json.dumps(data))
+    r = run_cli("plan-sync", "b.json", "--top-p", "3", "--out", "plan.json")
+    assert "'centred' must be true or false" in clean_failure(r, 3)
+    assert not Path("plan.json").exists()

@@ -544,19 +544,24 @@ def test_two_moe_layers_end_to_end(work: Path, run_cli: Run) -> None:
     assert report["methods"]["fedmoe-da"]["mean_local_acc"] is not None
 
 
-def test_two_moe_layers_pooled(work: Path, run_cli: Run) -> None:
-    """``fedmoe.pool_layers: true``: one affinity over both layers' gate rows, the same matrix
-    for each layer, recorded in the plan's parameters."""
+def test_two_moe_layers_pooled_and_centred(work: Path, run_cli: Run) -> None:
+    """``fedmoe.pool_layers: true`` with ``centred: true``: one affinity over both layers' gate
+    rows, ranked on centred rows among the same expert of other clients, the same matrix for each
+    layer, both recorded in the plan's parameters."""
     r = run_cli(*RUN, "--out", "pooled", "-c", "model.moe_layers=2", "-c", "methods=[fedmoe-da]",
-                "-c", "fedmoe.pool_layers=true")  # fmt: skip
+                "-c", "fedmoe.pool_layers=true", "-c", "fedmoe.centred=true")  # fmt: skip
     assert r.code == 0, r.err
     rdir = work / "pooled" / "rounds" / "fedmoe-da" / "round-002"
     aff = json.loads((rdir / "affinity.json").read_text())
-    assert aff["pooled"] is True
+    assert aff["pooled"] is True and aff["centred"] is True
     assert aff["layers"][0]["neighbours"] == aff["layers"][1]["neighbours"]
+    e = aff["layers"][0]["num_experts"]
+    for m, row in enumerate(aff["layers"][0]["neighbours"]):
+        assert [src % e for src, _, _ in row] == [m % e] * len(row)  # the same expert only
+        assert row[0][0] == m and row[0][1] == row[0][2] == 1.0  # itself first
     plan = json.loads((rdir / "plan.json").read_text())
     assert plan["layers"][0]["targets"] == plan["layers"][1]["targets"]
-    assert plan["params"]["pool_layers"] is True
+    assert plan["params"]["pool_layers"] is True and plan["params"]["centred"] is True
 
 
 def test_report_summarises_several_runs(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedmoe.affinity.centre import centred_neighbours
 from fedmoe.affinity.domain import share_table
 from fedmoe.affinity.proxies import ExpertIndex, Upload, stack_proxies
 from fedmoe.affinity.topk import Neighbours, as_float32, topk_cosine
@@ -38,6 +39,7 @@ class Affinity:
     round: int  # the round of the freshest upload
     stale: tuple[int, ...]  # clients whose proxies are older than ``round`` (kept, marked)
     pooled: bool = False  # one neighbour list for every layer, from the layers' proxies together
+    centred: bool = False  # sources ranked by centred proxies (:mod:`fedmoe.affinity.centre`)
 
     @property
     def clients(self) -> tuple[int, ...]:
@@ -59,7 +61,11 @@ def pooled_proxies(gates: list[torch.Tensor | np.ndarray]) -> np.ndarray:
 
 
 def compute_affinity(
-    uploads: Mapping[int, Upload], candidates: int, num_classes: int, pooled: bool = False
+    uploads: Mapping[int, Upload],
+    candidates: int,
+    num_classes: int,
+    pooled: bool = False,
+    centred: bool = False,
 ) -> Affinity:
     """Neighbours and share tables of every MoE layer for the clients in ``uploads``.
 
@@ -77,6 +83,11 @@ def compute_affinity(
         same neighbours, hence the same matrix. For models whose expert j serves one domain in
         every layer (experts upcycled from one dense model per domain); it needs the same E in
         every layer. Share tables stay per layer.
+    centred
+        Rank each client-expert's candidates among the same expert of the other clients by the
+        cosine of proxies centred on that expert's median row (beyond the paper, against hubs
+        such as ALIE uploads: :mod:`fedmoe.affinity.centre`); the plain cosines stay beside the
+        ranking for Eq. 10's weights.
     """
     from fedmoe.train.routing import layer_stats
 
@@ -101,10 +112,10 @@ def compute_affinity(
                 raise InputError(
                     f"MoE layer {layer}: gate weights of different shapes {sorted(found)}"
                 )
-        pooled_rows, _ = stack_proxies(
+        pooled_rows, pooled_index = stack_proxies(
             {c: pooled_proxies(list(u.proxies)) for c, u in uploads.items()}
         )
-        shared = topk_cosine(pooled_rows, candidates, overwrite=True)  # our own stack
+        shared = neighbours_of(pooled_rows, pooled_index, candidates, centred)
     layers = []
     for layer in range(num_layers):
         gates = {c: u.proxies[layer] for c, u in uploads.items()}
@@ -115,9 +126,7 @@ def compute_affinity(
             )
         proxies, index = stack_proxies(gates)
         neighbours = (
-            shared
-            if shared is not None
-            else topk_cosine(proxies, candidates, overwrite=True)  # our own stack
+            shared if shared is not None else neighbours_of(proxies, index, candidates, centred)
         )
         stats = {c: layer_stats(u.routing, layer) for c, u in uploads.items()}
         widths = [len(r["by_domain"][0]) for r in stats.values() if r and r.get("by_domain")]
@@ -132,4 +141,13 @@ def compute_affinity(
             )
         )
     stale = tuple(sorted(c for c, u in uploads.items() if u.round < current))
-    return Affinity(tuple(layers), current, stale, shared is not None)
+    return Affinity(tuple(layers), current, stale, shared is not None, centred)
+
+
+def neighbours_of(
+    proxies: np.ndarray, index: ExpertIndex, candidates: int, centred: bool
+) -> Neighbours:
+    """Each row's candidates: the plain cosine top-k (the paper), or the centred ranking."""
+    if centred:
+        return centred_neighbours(proxies, index, candidates)
+    return topk_cosine(proxies, candidates, overwrite=True)  # our own stack

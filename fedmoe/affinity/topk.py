@@ -59,8 +59,21 @@ class Neighbours:
 
     indptr: np.ndarray  # (M + 1,) int64: row m's entries are [indptr[m], indptr[m + 1])
     indices: np.ndarray  # (nnz,) int64 column of each entry
-    values: np.ndarray  # (nnz,) float32 cosine similarity of each entry
+    values: np.ndarray  # (nnz,) float32 cosine similarity of each entry (the ranking score)
     k: int  # entries requested per row (rows hold more when ties reach the k-th value)
+    # (nnz,) float32 plain cosine of each entry when ``values`` rank by another score (centred
+    # proxies); None when ``values`` are the plain cosines
+    plain: np.ndarray | None = None
+
+    @property
+    def weight_values(self) -> np.ndarray:
+        """The similarities Eq. 10's softmax weighs: ``plain`` when set, else ``values``."""
+        return self.values if self.plain is None else self.plain
+
+    def subset(self, indptr: np.ndarray, keep: np.ndarray) -> Neighbours:
+        """The entries ``keep`` (a boolean mask or positions) under the new ``indptr``."""
+        plain = None if self.plain is None else self.plain[keep]
+        return Neighbours(indptr, self.indices[keep], self.values[keep], self.k, plain)
 
     @property
     def num_rows(self) -> int:
@@ -79,7 +92,15 @@ class Neighbours:
             and np.array_equal(self.indptr, other.indptr)
             and np.array_equal(self.indices, other.indices)
             and np.array_equal(self.values, other.values)
+            and _same_optional(self.plain, other.plain)
         )
+
+
+def _same_optional(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Both absent, or both present and equal."""
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(a, b))
 
 
 def normalise(proxies: Any, overwrite: bool = False) -> np.ndarray:

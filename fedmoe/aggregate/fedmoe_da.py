@@ -138,6 +138,12 @@ class FedMoEDA(ReduceParams, Aggregator):
         "one matrix for every MoE layer, from expert j's gate rows of all layers together"
         " (for experts that serve one domain in every layer)",
     )
+    centred: bool = param(
+        False,
+        "choose each expert's sources among the same expert of other clients by the cosine of"
+        " gate rows centred on that expert's median row, so rows near everyone's centre (ALIE"
+        " uploads) lose rank; Eq. 10 still weighs the plain cosine",
+    )
     stale: StaleProxies = param(
         StaleProxies.KEEP, "keep or drop the proxies of clients that sat the round out"
     )

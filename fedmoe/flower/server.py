@@ -419,6 +419,7 @@ class FlowerRun:
                 list(part.domain_names),
                 list(part.class_names),
                 method.pool_layers,
+                centred=method.centred,
             )
         return write_round_plan(method, rnd, active, affinity, rdir, previous, prev_path)
 

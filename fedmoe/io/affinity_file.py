@@ -10,6 +10,8 @@ schema 3 is schema 2 with the neighbours and share tables in a binary companion,
     clients: [client ids]; client-expert m = position(client)·E + expert
     stale:   [clients whose proxies are older than ``round``: kept, marked]
     pooled:  true when the layers were pooled (every layer then lists the same neighbours)
+    centred: true when the sources were ranked by centred proxies (fedmoe.affinity.centre): each
+             neighbour entry is then [m', score, plain cosine], sorted by the score
     layers:  [{layer, num_experts,
                neighbours: one row per m: [[m', similarity], ...], decreasing (ties kept),
                expert_domain: {names, shares}, expert_label: {names, shares}}]
@@ -18,7 +20,7 @@ Schema 3 (``fedmoe affinity --arrays FILE``, for large federations): each layer 
 ``num_experts`` and the share tables' ``names``; its neighbours and shares are the arrays
 ``layer-LLL.indptr`` (M+1, int64), ``.indices`` (int64), ``.values`` (float32), ``.domain_shares``
 (M, D) and ``.label_shares`` (M, C) (float64, rounded to 6 decimals as in JSON) of the companion
-that ``arrays`` names (:mod:`fedmoe.io.arrays_file`).
+that ``arrays`` names (:mod:`fedmoe.io.arrays_file`); ``.plain`` (float32) when ``centred``.
 """
 
 from __future__ import annotations
@@ -87,10 +89,17 @@ def affinity_to_manifest(
         if inline:
             nb = la.neighbours
             indptr, cols, vals = nb.indptr.tolist(), nb.indices.tolist(), nb.values.tolist()
-            layer["neighbours"] = [
-                [[cols[p], vals[p]] for p in range(indptr[m], indptr[m + 1])]
-                for m in range(nb.num_rows)
-            ]
+            if nb.plain is None:
+                layer["neighbours"] = [
+                    [[cols[p], vals[p]] for p in range(indptr[m], indptr[m + 1])]
+                    for m in range(nb.num_rows)
+                ]
+            else:
+                plain = nb.plain.tolist()
+                layer["neighbours"] = [
+                    [[cols[p], vals[p], plain[p]] for p in range(indptr[m], indptr[m + 1])]
+                    for m in range(nb.num_rows)
+                ]
             domain["shares"] = _rounded(la.by_domain)
             label["shares"] = _rounded(la.by_label)
         layers.append({**layer, "expert_domain": domain, "expert_label": label})
@@ -104,6 +113,7 @@ def affinity_to_manifest(
         "clients": list(aff.clients),
         "stale": list(aff.stale),
         **({"pooled": True} if aff.pooled else {}),
+        **({"centred": True} if aff.centred else {}),
         "layers": layers,
     }
 
@@ -116,6 +126,8 @@ def affinity_arrays(aff: Affinity) -> dict[str, np.ndarray]:
         out[f"{key}.indptr"] = la.neighbours.indptr.astype(np.int64)
         out[f"{key}.indices"] = la.neighbours.indices.astype(np.int64)
         out[f"{key}.values"] = la.neighbours.values.astype(np.float32)
+        if la.neighbours.plain is not None:
+            out[f"{key}.plain"] = la.neighbours.plain.astype(np.float32)
         out[f"{key}.domain_shares"] = np.round(la.by_domain.astype(np.float64), 6)
         out[f"{key}.label_shares"] = np.round(la.by_label.astype(np.float64), 6)
     return out
@@ -144,6 +156,17 @@ def load_affinity(source: str | Path) -> LoadedAffinity:
     return LoadedAffinity(aff, config, sizes, manifest, digest)
 
 
+def _check_cosines(vals: np.ndarray, indptr: np.ndarray, where: str) -> None:
+    bad = ~((vals >= -1.0001) & (vals <= 1.0001))  # NaN fails too: a cosine is in [-1, 1]
+    if bad.any():
+        p = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{where}: neighbour row {row_of(indptr, p)} has similarity {float(vals[p])!r}, "
+            "not a cosine",
+            hint="re-create it with fedmoe affinity",
+        )
+
+
 def _layer_from_arrays(
     data: dict[str, Any],
     layer: int,
@@ -151,6 +174,7 @@ def _layer_from_arrays(
     candidates: int,
     arrays: dict[str, np.ndarray],
     where: str,
+    centred: bool,
 ) -> LayerAffinity:
     """One layer of a schema-3 artefact, every check vectorised (M may be 65,536 or more)."""
     index = ExpertIndex(clients, int(require(data, "num_experts", where)))
@@ -161,14 +185,15 @@ def _layer_from_arrays(
     if cols.shape != vals.shape:
         raise InputError(f"{where}: {key} has {cols.size} neighbour columns for {vals.size} values")
     check_csr(indptr, cols, index.size, index.size, f"layer {layer}'s neighbours", where)
-    bad = ~((vals >= -1.0001) & (vals <= 1.0001))  # NaN fails too: a cosine is in [-1, 1]
-    if bad.any():
-        p = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            f"{where}: neighbour row {row_of(indptr, p)} has similarity {float(vals[p])!r}, "
-            "not a cosine",
-            hint="re-create it with fedmoe affinity",
-        )
+    _check_cosines(vals, indptr, where)
+    plain = None
+    if centred:
+        plain = take(arrays, f"{key}.plain", np.float32, 1, where)
+        if plain.shape != vals.shape:
+            raise InputError(
+                f"{where}: {key} has {plain.size} plain cosines for {vals.size} values"
+            )
+        _check_cosines(plain, indptr, where)
     same_row = np.ones(max(vals.size - 1, 0), dtype=bool)
     starts = indptr[1:-1]
     same_row[starts[(starts > 0) & (starts < vals.size)] - 1] = False
@@ -185,12 +210,17 @@ def _layer_from_arrays(
             raise InputError(f"{where}: {key}.{name} must be finite with {index.size} rows")
         shares.append(table)
     return LayerAffinity(
-        layer, index, Neighbours(indptr, cols, vals, candidates), shares[0], shares[1]
+        layer, index, Neighbours(indptr, cols, vals, candidates, plain), shares[0], shares[1]
     )
 
 
 def _parse_layer(
-    data: dict[str, Any], layer: int, clients: tuple[int, ...], candidates: int, where: str
+    data: dict[str, Any],
+    layer: int,
+    clients: tuple[int, ...],
+    candidates: int,
+    where: str,
+    centred: bool,
 ) -> LayerAffinity:
     index = ExpertIndex(clients, int(require(data, "num_experts", where)))
     rows = require(data, "neighbours", where)
@@ -198,7 +228,8 @@ def _parse_layer(
         raise InputError(
             f"{where}: layer {layer} has {len(rows)} neighbour rows for {index.size} client-experts"
         )
-    counts, cols, vals = [], [], []
+    counts, cols, vals, plain = [], [], [], []
+    width = 3 if centred else 2  # [m', similarity] or [m', score, plain cosine]
     for m, row in enumerate(rows):
         if not isinstance(row, list) or not row:  # a client-expert is always its own neighbour
             raise InputError(
@@ -207,23 +238,30 @@ def _parse_layer(
             )
         for entry in row:
             if not (
-                isinstance(entry, list) and len(entry) == 2 and 0 <= int(entry[0]) < index.size
+                isinstance(entry, list) and len(entry) == width and 0 <= int(entry[0]) < index.size
             ):
                 raise InputError(f"{where}: neighbour row {m} has a malformed entry {entry!r}")
             cols.append(int(entry[0]))
             vals.append(float(entry[1]))
-            if not -1.0001 <= vals[-1] <= 1.0001:  # NaN fails too: a cosine is in [-1, 1]
-                raise InputError(
-                    f"{where}: neighbour row {m} has similarity {entry[1]!r}, not a cosine",
-                    hint="re-create it with fedmoe affinity",
-                )
+            if centred:
+                plain.append(float(entry[2]))
+            for v in entry[1:]:
+                if not -1.0001 <= float(v) <= 1.0001:  # NaN fails too: a cosine is in [-1, 1]
+                    raise InputError(
+                        f"{where}: neighbour row {m} has similarity {v!r}, not a cosine",
+                        hint="re-create it with fedmoe affinity",
+                    )
         counts.append(len(row))
         if any(row[i][1] < row[i + 1][1] for i in range(len(row) - 1)):
             raise InputError(f"{where}: neighbour row {m} is not sorted by decreasing similarity")
     indptr = np.zeros(index.size + 1, dtype=np.int64)
     np.cumsum(np.asarray(counts, dtype=np.int64), out=indptr[1:])
     neighbours = Neighbours(
-        indptr, np.asarray(cols, dtype=np.int64), np.asarray(vals, dtype=np.float32), candidates
+        indptr,
+        np.asarray(cols, dtype=np.int64),
+        np.asarray(vals, dtype=np.float32),
+        candidates,
+        np.asarray(plain, dtype=np.float32) if centred else None,
     )
     dom = np.asarray(data.get("expert_domain", {}).get("shares", []), dtype=np.float64)
     lab = np.asarray(data.get("expert_label", {}).get("shares", []), dtype=np.float64)
@@ -243,10 +281,13 @@ def _parse(
         layers_data = [manifest]
     else:
         layers_data = require(manifest, "layers", where)
+    centred = manifest.get("centred", False)
+    if not isinstance(centred, bool):
+        raise InputError(f"{where}: 'centred' must be true or false")
     layers = tuple(
-        _parse_layer(data, layer, clients, candidates, where)
+        _parse_layer(data, layer, clients, candidates, where, centred)
         if arrays is None
-        else _layer_from_arrays(data, layer, clients, candidates, arrays, where)
+        else _layer_from_arrays(data, layer, clients, candidates, arrays, where, centred)
         for layer, data in enumerate(layers_data)
     )
     config = parse_config(require(manifest, "model_config", where), where)
@@ -275,4 +316,4 @@ def _parse(
     first = layers[0].neighbours
     if pooled and not all(la.neighbours.same_as(first) for la in layers[1:]):
         raise InputError(f"{where}: 'pooled' but its layers' neighbours differ")
-    return Affinity(layers, int(manifest.get("round", 0)), stale, pooled), config, sizes
+    return Affinity(layers, int(manifest.get("round", 0)), stale, pooled, centred), config, sizes

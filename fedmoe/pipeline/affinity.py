@@ -26,6 +26,7 @@ def affinity_artefact(
     class_names: list[str] | None = None,
     pooled: bool = False,
     inline: bool = True,
+    centred: bool = False,
 ) -> tuple[Affinity, dict[str, Any]]:
     """Compute the affinity of ``fresh`` plus the ``stale`` clients not in it (``pooled``: one
     neighbour list for every MoE layer, see :func:`fedmoe.affinity.compute.compute_affinity`;
@@ -70,6 +71,7 @@ def affinity_artefact(
         class_names,
         pooled,
         inline,
+        centred,
     )
 
 
@@ -83,11 +85,12 @@ def affinity_of_uploads(
     class_names: list[str] | None = None,
     pooled: bool = False,
     inline: bool = True,
+    centred: bool = False,
 ) -> tuple[Affinity, dict[str, Any]]:
     """The affinity artefact of the uploads the server holds (client id → upload, increasing),
     where ``sources`` names each upload (path or label, sha256) in the artefact's inputs: for an
     engine whose server receives uploads as messages, not files."""
-    aff = compute_affinity(held, candidates, config.num_classes, pooled)
+    aff = compute_affinity(held, candidates, config.num_classes, pooled, centred)
     inputs = [
         {
             "client": c,

@@ -98,6 +98,7 @@ def sync_artefact(
             method,
             candidates=affinity.affinity.layers[0].neighbours.k,
             pool_layers=affinity.affinity.pooled,
+            centred=affinity.affinity.centred,
         )
         matrix_round, config, sizes = round_, affinity.config, affinity.sizes
         aff_ref = {"path": _ref(str(affinity_source), base), "sha256": affinity.sha256}

@@ -63,4 +63,5 @@ def csls(neighbours: Neighbours, k: int) -> Neighbours:
     rows = np.repeat(np.arange(neighbours.num_rows), np.diff(indptr))
     score = neighbours.values.astype(np.float64) - 0.5 * (r[rows] + r[cols])
     order = np.lexsort((cols, -score, rows))
-    return Neighbours(indptr, cols[order], score[order].astype(np.float32), neighbours.k)
+    plain = None if neighbours.plain is None else neighbours.plain[order]
+    return Neighbours(indptr, cols[order], score[order].astype(np.float32), neighbours.k, plain)

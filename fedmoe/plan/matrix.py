@@ -63,7 +63,9 @@ def aggregation_matrix(
     ----------
     neighbours
         Each row's candidates, sorted by decreasing similarity (from ``topk_cosine``), with at
-        least ``min(P + 1, M)`` entries per row.
+        least ``min(P + 1, M)`` entries per row. When they carry plain cosines besides a
+        ranking score (centred proxies, :mod:`fedmoe.affinity.centre`), the score chooses the
+        kept set and the plain cosine weighs it.
     index
         Client-expert numbering.
     top_p
@@ -94,11 +96,13 @@ def aggregation_matrix(
     thr = vals[indptr[:-1] + np.minimum(need, lengths) - 1]  # (M,) (P+1)-th largest
     keep = vals >= np.repeat(thr, lengths)  # rows are sorted: a prefix of each row
     counts = np.add.reduceat(keep.astype(np.int64), indptr[:-1]) if num else keep
-    kept_cols, kept_vals = cols[keep], vals[keep]
+    kept_cols = cols[keep]
+    kept_vals = neighbours.weight_values.astype(np.float64)[keep]  # what Eq. 10 weighs
     row_of = np.repeat(np.arange(num), counts)
-    top = kept_vals[np.concatenate([[0], np.cumsum(counts)[:-1]])]  # (M,) row maxima
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    top = np.maximum.reduceat(kept_vals, firsts) if kept_vals.size else kept_vals  # row maxima
     expo = np.exp((kept_vals - top[row_of]) / tau)  # stable softmax
-    sums = np.add.reduceat(expo, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+    sums = np.add.reduceat(expo, firsts)
     new_ptr = np.zeros(num + 1, dtype=np.int64)
     np.cumsum(counts, out=new_ptr[1:])
     return AggregationMatrix(
@@ -114,7 +118,6 @@ def client_prior(neighbours: Neighbours, index: ExpertIndex, top_clients: int) -
     single expert pairs do; Eq. 9–10 then choose among the experts of similar clients only."""
     if top_clients <= 0:
         return neighbours
-    from fedmoe.affinity.topk import Neighbours
 
     e, n = index.num_experts, len(index.clients)
     indptr = neighbours.indptr
@@ -142,7 +145,7 @@ def client_prior(neighbours: Neighbours, index: ExpertIndex, top_clients: int) -
     counts = np.bincount(rows[keep], minlength=index.size)
     new_ptr = np.zeros(index.size + 1, dtype=np.int64)
     np.cumsum(counts, out=new_ptr[1:])
-    return Neighbours(new_ptr, neighbours.indices[keep], neighbours.values[keep], neighbours.k)
+    return neighbours.subset(new_ptr, keep)
 
 
 def drop_small(matrix: AggregationMatrix, min_weight: float) -> AggregationMatrix:

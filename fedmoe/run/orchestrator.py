@@ -244,6 +244,7 @@ def _sync(
             list(part.domain_names),
             list(part.class_names),
             method.pool_layers,
+            centred=method.centred,
         )
     return write_round_plan(method, rnd, active, affinity, rdir, previous, prev_path)
 
@@ -560,14 +561,15 @@ def round_row(
 
 
 def _malicious_share(applied: tuple[AggregationMatrix, ...], bad: set[int]) -> float | None:
-    """Weight share of the applied matrices' remote entries whose source client is malicious
-    (the damage an attack on the expert selection does)."""
+    """Weight share of the benign targets' remote entries in the applied matrices whose source
+    client is malicious (the damage an attack on the expert selection does; the malicious
+    targets' own rows, which draw on each other, are left out)."""
     num = den = 0.0
     for m in applied:
         e = m.index.num_experts
         clients = np.asarray(m.index.clients)
         tgt, src = clients[m.targets // e], clients[m.sources // e]
-        remote = tgt != src
+        remote = (tgt != src) & ~np.isin(tgt, list(bad))
         w = m.weights[remote]
         num += float((w * np.isin(src[remote], list(bad))).sum())
         den += float(w.sum())
