@@ -1,5 +1,10 @@
 """Start-up: how long ``fedmoe`` takes before it does anything, against a bare ``python -c pass``
-in the same run. Each row runs the console script in a fresh process (median of 5)."""
+in the same run. Each row runs the console script in a fresh process (median of 5).
+
+The project's modules are compiled to bytecode first, as pip does when it installs a wheel: an
+editable install compiles each module on its first import and keeps the bytecode, except where
+``PYTHONDONTWRITEBYTECODE`` is set (the development machine sets it), and then every start
+compiles every module it imports again (about 20–40 ms of a help screen)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from bench.common import Row
 
@@ -30,8 +36,19 @@ def _median(argv: list[str], repeats: int) -> float:
     return statistics.median(times)
 
 
+def compile_project() -> None:
+    """Bytecode for the ``fedmoe`` and ``fedmoe_cli`` packages, beside their sources."""
+    import fedmoe_cli
+
+    import fedmoe
+
+    folders = [str(Path(m.__file__).parent) for m in (fedmoe, fedmoe_cli) if m.__file__]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], check=True)
+
+
 def run(quick: bool) -> list[Row]:
     repeats = 3 if quick else 5
+    compile_project()
     exe = shutil.which("fedmoe")
     base = [sys.executable, "-m", "fedmoe_cli.app"] if exe is None else [exe]
     bare = _median([sys.executable, "-c", "pass"], repeats)

@@ -78,6 +78,58 @@ def defer_heavy_imports() -> None:
         sys.modules[name] = stand_in
 
 
+# modules that typer's help renderer imports at its top but never uses for fedmoe's help: the
+# Markdown renderer (markup mode "markdown"; fedmoe uses "rich") and rich's traceback (pretty
+# exceptions, which fedmoe turns off); together about 110 ms of a help screen's start-up
+HELP_UNUSED = ("rich.markdown", "rich.traceback")
+
+
+class _LaterName(type):
+    """A name imported from a :class:`_DeferredNames` module: calling it, or reading any of its
+    attributes, imports the real module and forwards to the real object."""
+
+    _module: str
+    _attr: str
+
+    def _real(cls) -> Any:
+        stand_in = sys.modules.get(cls._module)
+        if isinstance(stand_in, _DeferredNames):
+            del sys.modules[cls._module]
+        return getattr(importlib.import_module(cls._module), cls._attr)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real()(*args, **kwargs)
+
+    def __getattr__(cls, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(cls._real(), attr)
+
+
+class _DeferredNames(types.ModuleType):
+    """Stands in for a module whose names are imported (``from rich.markdown import Markdown``)
+    but not used while a help screen is built: each name is a :class:`_LaterName`, so the import
+    statement succeeds without running the module, and any real use loads it."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _LaterName(attr, (), {"_module": self.__name__, "_attr": attr})
+
+
+def defer_help_unused() -> None:
+    """Bind :class:`_DeferredNames` stand-ins for :data:`HELP_UNUSED` (for a help screen only)."""
+    for name in HELP_UNUSED:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        stand_in = _DeferredNames(name)
+        stand_in.__spec__ = spec
+        sys.modules[name] = stand_in
+
+
 def wants_help(args: list[str]) -> bool:
     """Whether the command line asks for help (before a ``--`` that ends the options)."""
     options = args[: args.index("--")] if "--" in args else args
@@ -134,6 +186,9 @@ def _root(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, print parser errors as one ``Error:`` line."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or wants_help(args):
+        defer_help_unused()
     try:
         code = app(args=argv, prog_name="fedmoe", standalone_mode=False)
     except Exception as exc:

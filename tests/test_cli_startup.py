@@ -17,8 +17,9 @@ try:
 except SystemExit:
     pass
 mods = [m for m in ("torch", "numpy", "fedmoe_cli.run", "fedmoe_cli.partition",
-                    "fedmoe_cli.aggregate")
-        if m in sys.modules and type(sys.modules[m]).__name__ != "_Deferred"]  # really loaded
+                    "fedmoe_cli.aggregate", "rich.markdown", "rich.traceback", "markdown_it")
+        if m in sys.modules
+        and type(sys.modules[m]).__name__ not in ("_Deferred", "_DeferredNames")]  # really loaded
 sys.stderr.write("\\n" + json.dumps(mods) + "\\n")
 """
 
@@ -67,6 +68,8 @@ def test_every_commands_help_imports_no_torch(command: str) -> None:
     out, mods = loaded(command, "--help")
     assert "Usage" in out and "--help" in out
     assert "torch" not in mods and "numpy" not in mods
+    # typer's Markdown renderer and rich's tracebacks are left unloaded for a help screen
+    assert not {"rich.markdown", "rich.traceback", "markdown_it"} & set(mods)
 
 
 DEFERRED_USE = """
@@ -91,5 +94,33 @@ def test_deferred_heavy_modules_still_work_when_used() -> None:
     the real ones."""
     done = subprocess.run(
         [sys.executable, "-c", DEFERRED_USE], capture_output=True, text=True, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+DEFERRED_NAMES = """
+import sys
+from fedmoe_cli.app import defer_help_unused
+defer_help_unused()
+from rich.markdown import Markdown
+from rich.traceback import Traceback
+assert type(sys.modules["rich.markdown"]).__name__ == "_DeferredNames"
+md = Markdown("# title")  # a real use loads the real module
+assert type(md).__module__ == "rich.markdown" and type(md).__name__ == "Markdown"
+assert type(sys.modules["rich.markdown"]).__name__ == "module"
+try:
+    raise ValueError("x")
+except ValueError as exc:
+    tb = Traceback.from_exception(type(exc), exc, exc.__traceback__)  # a class attribute too
+assert type(tb).__name__ == "Traceback"
+print("ok")
+"""
+
+
+def test_names_deferred_for_help_still_work_when_used() -> None:
+    """A help screen binds stand-ins for the modules typer imports but fedmoe's help never uses;
+    a name imported from one still works when called, and loads the real module."""
+    done = subprocess.run(
+        [sys.executable, "-c", DEFERRED_NAMES], capture_output=True, text=True, check=False
     )
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
