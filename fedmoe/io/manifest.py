@@ -71,12 +71,18 @@ def dumps(obj: Any, indent: int = 1) -> str:
 def relative(path: Path, base: Path) -> str:
     """``path`` relative to folder ``base``, with forward slashes (both with symlinks resolved; a
     folder's resolution is cached, since a manifest may list thousands of files of one folder)."""
-    path = Path(path)
-    if path.is_symlink() or path.name in ("", ".", ".."):
-        full = str(path.resolve())
+    text = os.fspath(path)  # string operations: a manifest may name 8,192 files
+    name = os.path.basename(text)
+    if name in ("", ".", "..") or os.path.islink(text):
+        full = os.path.realpath(text)
     else:
-        full = os.path.join(_real_dir(str(path.absolute().parent)), path.name)
-    return Path(os.path.relpath(full, _real_dir(str(Path(base).absolute())))).as_posix()
+        full = os.path.join(_real_dir(os.path.dirname(os.path.abspath(text))), name)
+    root = _real_dir(os.path.abspath(os.fspath(base)))
+    if full.startswith(root) and full[len(root) : len(root) + 1] == os.sep and root != os.sep:
+        rel = full[len(root) + 1 :]  # inside the base folder: the common case, no relpath needed
+    else:
+        rel = os.path.relpath(full, root)
+    return rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 
 @functools.lru_cache(maxsize=1024)

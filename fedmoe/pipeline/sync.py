@@ -17,6 +17,7 @@ from fedmoe.errors import ParamError, UsageError
 from fedmoe.io.affinity_file import LoadedAffinity
 from fedmoe.io.manifest import STDIO, relative
 from fedmoe.io.plan_file import LoadedPlan, plan_to_manifest
+from fedmoe.plan.transfers import sorted_unique
 from fedmoe.round import SyncPlan, build_matrices, plan_sync
 
 
@@ -120,10 +121,11 @@ def sync_artefact(
         }
     manifest = plan_to_manifest(plan, config, sizes, aff_ref, prev_ref, inline)
     if not reuse and affinity is not None:  # the uploads the fresh matrices were computed from
+        taking = set(plan.participants)
         manifest["uploads"] = {
             str(i["client"]): i["sha256"]
             for i in affinity.manifest.get("inputs", [])
-            if not i.get("stale") and int(i["client"]) in plan.participants
+            if not i.get("stale") and int(i["client"]) in taking
         }
     return plan, manifest
 
@@ -169,7 +171,7 @@ def client_plans(plan: SyncPlan, manifest: dict[str, Any]) -> Iterator[tuple[int
             )
             parts[c].append(f'{{"layer":{layer},"num_experts":{e},"experts":[{experts}]}}')
     ts = plan.transfers  # unique (receiver, sender) keys sort by receiver, then sender
-    pairs = np.unique(ts.target * (1 << 31) + ts.source) if len(ts) else np.zeros(0, np.int64)
+    pairs = sorted_unique(ts.target * (1 << 31) + ts.source) if len(ts) else np.zeros(0, np.int64)
     receivers, senders = (pairs >> 31).tolist(), (pairs & ((1 << 31) - 1)).tolist()
     peers: dict[int, list[str]] = {c: [] for c in plan.participants}
     for dst, src in zip(receivers, senders, strict=True):

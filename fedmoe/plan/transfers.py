@@ -12,6 +12,16 @@ import numpy as np
 from fedmoe.plan.matrix import AggregationMatrix
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-D integer array, by one sort and a mask: NumPy 2.3 and later hash
+    the values first, which is ~30× slower at the ~590,000 keys of an 8,192-client plan."""
+    ordered = np.sort(values)
+    keep = np.empty(ordered.shape[0], dtype=bool)
+    keep[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 @dataclass(frozen=True)
 class Transfer:
     """Experts of one MoE layer that one client sends another."""
@@ -119,7 +129,7 @@ def transfer_table(matrix: AggregationMatrix, expert_bytes: int, layer: int = 0)
     src = matrix.sources // e  # (nnz,) sending client's position
     remote = src != tgt
     # one int64 key per (sender, receiver, expert), sender-major: unique sorts and dedups at once
-    keys = np.unique((src[remote] * n + tgt[remote]) * e + matrix.sources[remote] % e)
+    keys = sorted_unique((src[remote] * n + tgt[remote]) * e + matrix.sources[remote] % e)
     if keys.size == 0:
         return Transfers.empty()
     pair = keys // e
