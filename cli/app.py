@@ -63,19 +63,25 @@ class _Deferred(types.ModuleType):
         return getattr(importlib.import_module(name), attr)
 
 
-def defer_heavy_imports() -> None:
-    """Put a :class:`_Deferred` stand-in in ``sys.modules`` for each :data:`HEAVY` module not yet
-    imported. Used only to show a command's ``--help``, which imports the command's module for
-    its options and exits before any of them runs."""
-    for name in HEAVY:
+def _bind_stand_ins(names: tuple[str, ...], kind: type[types.ModuleType]) -> None:
+    """Put a ``kind`` stand-in in ``sys.modules`` for each installed module of ``names`` not yet
+    imported."""
+    for name in names:
         if name in sys.modules:
             continue
         spec = importlib.util.find_spec(name)
         if spec is None:
             continue
-        stand_in = _Deferred(name)
+        stand_in = kind(name)
         stand_in.__spec__ = spec  # a finished import to the import system: it is not re-entered
         sys.modules[name] = stand_in
+
+
+def defer_heavy_imports() -> None:
+    """Put a :class:`_Deferred` stand-in in ``sys.modules`` for each :data:`HEAVY` module not yet
+    imported. Used only to show a command's ``--help``, which imports the command's module for
+    its options and exits before any of them runs."""
+    _bind_stand_ins(HEAVY, _Deferred)
 
 
 # modules that typer's help renderer imports at its top but never uses for fedmoe's help: the
@@ -119,15 +125,7 @@ class _DeferredNames(types.ModuleType):
 
 def defer_help_unused() -> None:
     """Bind :class:`_DeferredNames` stand-ins for :data:`HELP_UNUSED` (for a help screen only)."""
-    for name in HELP_UNUSED:
-        if name in sys.modules:
-            continue
-        spec = importlib.util.find_spec(name)
-        if spec is None:
-            continue
-        stand_in = _DeferredNames(name)
-        stand_in.__spec__ = spec
-        sys.modules[name] = stand_in
+    _bind_stand_ins(HELP_UNUSED, _DeferredNames)
 
 
 def wants_help(args: list[str]) -> bool:
