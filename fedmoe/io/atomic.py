@@ -8,7 +8,6 @@ halfway leaves no partial output at all.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -80,6 +79,8 @@ class OutputSet:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.extend(reversed(missing))
             _remove_orphans(path)
+            import tempfile  # 9 ms at start-up (random, shutil): only when something is written
+
             fd, tmp = tempfile.mkstemp(
                 prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent
             )
