@@ -88,18 +88,12 @@ def affinity_to_manifest(
         label: dict[str, Any] = {"names": class_names or [str(i) for i in range(c)]}
         if inline:
             nb = la.neighbours
-            indptr, cols, vals = nb.indptr.tolist(), nb.indices.tolist(), nb.values.tolist()
-            if nb.plain is None:
-                layer["neighbours"] = [
-                    [[cols[p], vals[p]] for p in range(indptr[m], indptr[m + 1])]
-                    for m in range(nb.num_rows)
-                ]
-            else:
-                plain = nb.plain.tolist()
-                layer["neighbours"] = [
-                    [[cols[p], vals[p], plain[p]] for p in range(indptr[m], indptr[m + 1])]
-                    for m in range(nb.num_rows)
-                ]
+            fields = [nb.indices.tolist(), nb.values.tolist()]
+            if nb.plain is not None:  # centred: [m', score, plain cosine]
+                fields.append(nb.plain.tolist())
+            entries = [list(entry) for entry in zip(*fields, strict=True)]
+            indptr = nb.indptr.tolist()
+            layer["neighbours"] = [entries[indptr[m] : indptr[m + 1]] for m in range(nb.num_rows)]
             domain["shares"] = _rounded(la.by_domain)
             label["shares"] = _rounded(la.by_label)
         layers.append({**layer, "expert_domain": domain, "expert_label": label})
