@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedmoe.data import Dataset
-from fedmoe.model import MoEConfig, build_model
+from fedmoe.model import MoEClassifier, MoEConfig, build_model
 from fedmoe.partition import ClientSplit
 from fedmoe.train.cohort import fit_cohort
 from fedmoe.train.cohort import supported as cohort_supported
@@ -89,16 +89,24 @@ def train_cohort(
         picks = [choose(config, candidates, x, y) for x, y in data]
         states = [candidates[choice] for choice, _ in picks if choice is not None]
     seeds = [client_seed(seed, round_, c) for c in clients]
+    models: list[MoEClassifier] | None = None
     if len(clients) > 1 and cohort_supported(config, cfg):
         results = fit_cohort(config, states, data, cfg, seeds)
-        models = [build_model(config, r.state) for r in results]
     else:  # client by client, each model built once: trained, then measured
         models = [build_model(config, s) for s in states]
         results = [fit(m, x, y, cfg, k) for m, (x, y), k in zip(models, data, seeds, strict=True)]
+    reused: MoEClassifier | None = None  # after a cohort: one module takes each result in turn
     updates = []
-    for c, split, (x, _), result, model, (choice, losses) in zip(
-        clients, splits, data, results, models, picks, strict=True
+    for i, (c, split, (x, _), result, (choice, losses)) in enumerate(
+        zip(clients, splits, data, results, picks, strict=True)
     ):
+        if models is not None:
+            model = models[i]
+        elif reused is None:
+            model = reused = build_model(config, result.state)
+        else:
+            model = reused
+            model.load_state_dict(result.state, strict=True)
         routing = routing_stats(
             model,
             x,

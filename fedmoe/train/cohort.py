@@ -312,16 +312,22 @@ class _Optimiser:
     AdamW (fused, as :func:`~fedmoe.train.local.make_optimizer` configures them) or SGD with
     momentum 0.9, with one state per client and tensor."""
 
+    @torch.no_grad()
     def __init__(self, cfg: TrainConfig, params: dict[str, torch.Tensor], count: int) -> None:
         self.cfg = cfg
         self.params = list(params.values())
+        # each client's views of the stacked tensors, made once (a step's view lists were 10 % of
+        # a quickstart round): a client's view is the same memory at every step
+        self.views = [[v[c] for v in self.params] for c in range(count)]
         if cfg.optimizer is Optimizer.SGD:
             self.momentum: list[list[torch.Tensor | None]] = [
                 [None] * len(self.params) for _ in range(count)
             ]
         else:
-            self.exp_avg = [torch.zeros_like(v) for v in self.params]
-            self.exp_avg_sq = [torch.zeros_like(v) for v in self.params]
+            exp_avg = [torch.zeros_like(v) for v in self.params]
+            exp_avg_sq = [torch.zeros_like(v) for v in self.params]
+            self.exp_avg = [[m[c] for m in exp_avg] for c in range(count)]
+            self.exp_avg_sq = [[s[c] for s in exp_avg_sq] for c in range(count)]
             self.steps = [
                 [torch.zeros((), dtype=torch.float32) for _ in self.params] for _ in range(count)
             ]
@@ -330,7 +336,7 @@ class _Optimiser:
     def step(self, active: list[int]) -> None:
         """One step of every active client, from the stacked tensors' gradients."""
         cfg = self.cfg
-        views = [v[c] for c in active for v in self.params]
+        views = [v for c in active for v in self.views[c]]
         grads = [v.grad[c] for c in active for v in self.params if v.grad is not None]
         assert len(grads) == len(views)
         if cfg.optimizer is Optimizer.SGD:
@@ -346,8 +352,8 @@ class _Optimiser:
         adam(
             views,
             grads,
-            [m[c] for c in active for m in self.exp_avg],
-            [s[c] for c in active for s in self.exp_avg_sq],
+            [m for c in active for m in self.exp_avg[c]],
+            [s for c in active for s in self.exp_avg_sq[c]],
             [],
             [s for c in active for s in self.steps[c]],
             foreach=False,

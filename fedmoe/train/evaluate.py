@@ -78,12 +78,17 @@ def evaluate_client(
     client: int,
     split: ClientSplit,
     global_test: np.ndarray,
+    model: MoEClassifier | None = None,
 ) -> ClientEval:
-    """``client``'s model on its local test split and on the global test set."""
+    """``client``'s model on its local test split and on the global test set; ``model``: a module
+    of ``config`` to load ``state`` into (its tensors are overwritten) instead of building one."""
     from fedmoe.train.client import tensors
 
     D = dataset.num_domains
-    model = build_model(config, state)
+    if model is None:
+        model = build_model(config, state)
+    else:
+        model.load_state_dict(state, strict=True)
     x, _ = tensors(dataset, split.test)
     yl, dl = np.asarray(dataset.y[split.test]), np.asarray(dataset.domain[split.test])
     pred = predict(model, x)
@@ -170,8 +175,10 @@ def evaluate_models(
     clients, global_test
         The partition's splits and global test indices.
     """
+    order = sorted(states)
+    model = build_model(config, states[order[0]]) if order else None  # one module, reloaded
     evals = [
-        evaluate_client(config, states[c], dataset, c, clients[c], global_test)
-        for c in sorted(states)
+        evaluate_client(config, states[c], dataset, c, clients[c], global_test, model)
+        for c in order
     ]
     return summarise(evals, dataset.num_domains)
