@@ -82,8 +82,6 @@ def run(
     import json
     from contextlib import ExitStack
 
-    import torch
-
     from fedmoe.io.run_folder import RunFolder, run_lock
     from fedmoe.run import load_recipe
     from fedmoe.run.report import combine_reports
@@ -91,7 +89,6 @@ def run(
     from .report import write_summary
 
     console = stderr_console(quiet)
-    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     rec, _ = load_recipe(recipe, parse_overrides(config))
     precision_note(rec.train, console)
     if rec.unused_variants:
@@ -106,6 +103,15 @@ def run(
     again += "".join(f" -c {c}" for c in config or [])
     with run_lock(out), ExitStack() as stack:  # one fedmoe run per folder at a time
         pools: dict[str, Any] = {}  # one training pool for every seed (same dataset)
+        if rec.language_model is None:  # the workers start now, beside the run's setup
+            from fedmoe.pipeline.pool import Workers, default_workers
+
+            pools[""] = stack.enter_context(
+                Workers(workers or default_workers(), warm=("fedmoe.run.arms",))
+            )
+        import torch
+
+        torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
         if not rec.seeds:
             path, report = _one_run(
                 rec, out, resume, force, workers, quiet, console, pools, stack, again
@@ -189,9 +195,8 @@ def _one_run(
     if ctx.language is not None:
         pool = None  # a language model trains in this process, on every thread
     elif pool is None:
-        pool = TrainPool(
-            part.dataset_spec, part.fingerprint, lambda: part.dataset, workers or default_workers()
-        )
+        processes = pools.get("", workers or default_workers())  # the run's workers, started
+        pool = TrainPool(part.dataset_spec, part.fingerprint, lambda: part.dataset, processes)
         stack.enter_context(pool)
         pools[part.fingerprint] = pool
         if pool.fallback:

@@ -1,52 +1,34 @@
 """Simulated malicious clients for robustness studies (``attack:`` in a recipe): one attack per
-file behind :class:`~fedmoe.attack.base.AttackContext`, and :func:`poison_upload` to apply one."""
+file behind :class:`~fedmoe.attack.base.AttackContext`, and :func:`poison_upload` to apply one.
+
+The package's names are imported on first use (:mod:`fedmoe._lazy`), so that a recipe's
+``attack:`` section is read without importing torch."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from fedmoe.attack import alie, mimicry, noise, scaling, sign_flip
-from fedmoe.attack.base import (
-    AttackConfig,
-    AttackContext,
-    AttackKind,
-    AttackParts,
-    malicious_clients,
-)
-from fedmoe.model.schema import Role
+from fedmoe._lazy import lazy_exports
 
-_SIMPLE = {
-    AttackKind.SIGN_FLIP: sign_flip.poison,
-    AttackKind.SCALING: scaling.poison,
-    AttackKind.NOISE: noise.poison,
-    AttackKind.ALIE: alie.poison,
+if TYPE_CHECKING:
+    from fedmoe.attack.base import (
+        AttackConfig,
+        AttackContext,
+        AttackKind,
+        AttackParts,
+        malicious_clients,
+    )
+    from fedmoe.attack.poison import poison_upload
+
+_EXPORTS = {
+    "AttackConfig": "base",
+    "AttackContext": "base",
+    "AttackKind": "base",
+    "AttackParts": "base",
+    "malicious_clients": "base",
+    "poison_upload": "poison",
 }
-
-
-def poison_upload(
-    kind: AttackKind,
-    ctx: AttackContext,
-    poison: AttackKind = AttackKind.NOISE,
-    parts: AttackParts = AttackParts.ALL,
-) -> dict[str, torch.Tensor]:
-    """The model a malicious client sends instead of its honest one (same names, shapes and
-    dtypes); with ``parts``, only the shared parts or only the experts are poisoned."""
-    simple = _SIMPLE[poison if kind is AttackKind.MIMICRY else kind]
-    out = mimicry.poison(ctx, simple) if kind is AttackKind.MIMICRY else simple(ctx)
-
-    def poisoned(name: str) -> bool:
-        role = ctx.schema.role(name)
-        if parts is AttackParts.SHARED:
-            return role is not Role.EXPERT
-        if parts is AttackParts.EXPERTS:
-            return role is Role.EXPERT or (kind is AttackKind.MIMICRY and role is Role.GATE)
-        return True
-
-    return {
-        n: (out[n] if poisoned(n) else ctx.trained[n]).to(ctx.trained[n].dtype).contiguous()
-        for n in ctx.trained
-    }
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "AttackConfig",

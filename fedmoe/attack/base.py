@@ -14,14 +14,17 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fedmoe.model.schema import ModelSchema
 from fedmoe.params import check_params, param
 
-State = Mapping[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+State = Mapping[str, "torch.Tensor"]
 
 
 class AttackParts(str, enum.Enum):
@@ -125,6 +128,8 @@ def malicious_clients(seed: int, num_clients: int, fraction: float) -> tuple[int
 
 def generator(seed: int) -> torch.Generator:
     """A torch generator for one attacker's draws."""
+    import torch
+
     g = torch.Generator()
     g.manual_seed(seed)
     return g

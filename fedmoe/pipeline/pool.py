@@ -3,8 +3,9 @@
 Small models gain nothing from a second intra-op thread (measured: 0.91 ms per step with one
 thread, 0.97 ms with two), while two clients trained side by side use both cores; and two processes
 that each run two torch threads slow small matmuls ~50×, so every worker is pinned to one thread.
-Workers are spawned (never forked: a forked OpenMP runtime can deadlock), load the dataset once,
-and are reused for every round. Results do not depend on how many workers there are: each client's
+Workers are spawned (never forked: a forked OpenMP runtime can deadlock) in the background as
+soon as a command knows it needs them, load a dataset the first time a task needs it, and are
+reused for every round. Results do not depend on how many workers there are: each client's
 training is seeded by (seed, round, client) alone and always runs on one thread.
 """
 
@@ -28,7 +29,7 @@ from fedmoe.partition import ClientSplit
 from fedmoe.train.client import ClientUpdate, train_cohort
 from fedmoe.train.local import TrainConfig
 
-_DATASET: Dataset | None = None
+_DATASET: tuple[str, Dataset] | None = None  # (fingerprint, data) of this worker
 
 
 @dataclass(frozen=True)
@@ -70,19 +71,36 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _init(spec: DataSpec, fingerprint: str, parent: int) -> None:  # in each worker process
-    global _DATASET
+def _init(parent: int, warm: tuple[str, ...]) -> None:  # in each worker process
+    import importlib
+
     _die_with_parent(parent)
     torch.set_num_threads(1)
-    dataset = load_dataset(spec)
-    if dataset.fingerprint() != fingerprint:
-        raise InputError(f"dataset {spec.source} changed while training")
-    _DATASET = dataset
+    for name in warm:  # import now what the tasks will need, while the parent sets up
+        importlib.import_module(name)
+
+
+def _bind(spec: DataSpec, fingerprint: str) -> Dataset:
+    """In a worker: the dataset ``spec`` (loaded once per worker and kept for later tasks),
+    checked against the ``fingerprint`` the run recorded."""
+    global _DATASET
+    if _DATASET is None or _DATASET[0] != fingerprint:
+        dataset = load_dataset(spec)
+        if dataset.fingerprint() != fingerprint:
+            raise InputError(f"dataset {spec.source} changed while training")
+        _DATASET = (fingerprint, dataset)
+    return _DATASET[1]
+
+
+def _task(spec: DataSpec, fingerprint: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """In a worker: ``fn(*args)`` with :func:`worker_dataset` bound to the pool's dataset."""
+    _bind(spec, fingerprint)
+    return fn(*args)
 
 
 def worker_dataset() -> Dataset | None:
-    """The dataset this worker process loaded at its start (None outside a worker)."""
-    return _DATASET
+    """The dataset of the task this worker process runs (None outside a worker)."""
+    return None if _DATASET is None else _DATASET[1]
 
 
 def _ready(_: int) -> int:
@@ -90,8 +108,9 @@ def _ready(_: int) -> int:
 
 
 def _run(jobs: list[Job]) -> list[ClientUpdate]:
-    assert _DATASET is not None
-    return _train(jobs, _DATASET)
+    dataset = worker_dataset()
+    assert dataset is not None
+    return _train(jobs, dataset)
 
 
 def _train(jobs: list[Job], dataset: Dataset) -> list[ClientUpdate]:
@@ -135,60 +154,64 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-class TrainPool:
-    """Trains jobs in ``workers`` processes (in this process, one thread, when ``workers`` is 1).
+class Workers:
+    """``count`` worker processes (spawned, never forked: a forked OpenMP runtime can deadlock),
+    one torch thread each, that start in the background as soon as this is made, so that their
+    start (Python, torch, the ``warm`` modules) overlaps what the caller does meanwhile. They take
+    any dataset: each task names its own (:class:`TrainPool`), loaded once per worker. With
+    ``count`` 1, or where processes cannot be started, there are none (:attr:`fallback` says
+    why, for the latter) and the pools using them train in the caller's process."""
 
-    Use as a context manager; the worker processes live until it exits.
-    """
-
-    def __init__(
-        self, spec: DataSpec, fingerprint: str, dataset: Callable[[], Dataset], workers: int
-    ) -> None:
-        self.spec = spec
-        self.fingerprint = fingerprint
-        self._dataset = dataset  # loads the data in this process, only if it trains here
-        self.workers = max(1, workers)
+    def __init__(self, count: int, warm: tuple[str, ...] = ()) -> None:
+        self.count = max(1, count)
         self._pool: ProcessPoolExecutor | None = None
-        self.fallback: str | None = None  # why the pool trains in-process, if it had to
-
-    def __enter__(self) -> TrainPool:
-        if self.workers > 1:
+        self._starting: list[Future[int]] = []
+        self.fallback: str | None = None
+        if self.count > 1:
             try:
                 self._pool = ProcessPoolExecutor(
-                    self.workers,
+                    self.count,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init,
-                    initargs=(self.spec, self.fingerprint, os.getpid()),
+                    initargs=(os.getpid(), warm),
                 )
-                # start every worker now, so their start-up is not charged to the first round
-                list(self._pool.map(_ready, range(self.workers)))
-            except (OSError, BrokenProcessPool) as exc:  # no processes here: train in-process
-                if self._pool is not None:
-                    self._pool.shutdown(cancel_futures=True)
-                self._pool = None
-                self.fallback = f"worker processes unavailable ({exc}); training in-process"
-        return self
+                # one task a worker starts them all now; nothing waits for them here
+                self._starting = [self._pool.submit(_ready, i) for i in range(self.count)]
+            except (OSError, BrokenProcessPool) as exc:
+                self._fail(exc)
 
-    def __exit__(self, *exc: Any) -> None:
+    def _fail(self, exc: BaseException) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        self._pool = None
+        self.fallback = f"worker processes unavailable ({exc}); training in-process"
 
-    @property
-    def parallel(self) -> bool:
-        """Whether jobs run in worker processes (else in this process)."""
+    def ready(self) -> bool:
+        """Wait until the workers have started; whether there are any."""
+        if self._pool is not None and self._starting:
+            try:
+                for future in self._starting:
+                    future.result()
+            except (OSError, BrokenProcessPool) as exc:  # no processes here: train in-process
+                self._fail(exc)
+            self._starting = []
         return self._pool is not None
 
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
-        """Run ``fn(*args)`` in a worker process, where :func:`worker_dataset` is the pool's
-        dataset and torch runs one thread (only when :attr:`parallel`)."""
+        """Run ``fn(*args)`` in a worker process."""
         if self._pool is None:
             raise RuntimeError("submit needs worker processes")
         return self._pool.submit(fn, *args)
 
+    def map(self, fn: Callable[..., Any], items: list[Any]) -> list[Any]:
+        """``fn`` over ``items`` in the workers, results in order."""
+        if self._pool is None:
+            raise RuntimeError("map needs worker processes")
+        return list(self._pool.map(fn, items))
+
     def abort(self) -> None:
         """Stop every worker now, running tasks included (after an error or a Ctrl-C in this
-        process: their partial work is what ``--resume`` redoes). The pool is unusable after."""
+        process: their partial work is what ``--resume`` redoes). Unusable after."""
         if self._pool is None:
             return
         for process in list(getattr(self._pool, "_processes", {}).values()):
@@ -196,9 +219,84 @@ class TrainPool:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
 
+    def close(self) -> None:
+        """End the workers once their tasks are done."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class TrainPool:
+    """Trains jobs on one dataset in worker processes (in this process, one thread, when there
+    are none): its own ``workers`` processes, or a :class:`Workers` it shares with other pools
+    (which outlives it).
+
+    Use as a context manager; processes it started live until it exits.
+    """
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        fingerprint: str,
+        dataset: Callable[[], Dataset],
+        workers: int | Workers,
+    ) -> None:
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self._dataset = dataset  # loads the data in this process, only if it trains here
+        self._owned = not isinstance(workers, Workers)
+        self._workers: Workers | int = workers
+        self.fallback: str | None = None  # why the pool trains in-process, if it had to
+
+    @property
+    def workers(self) -> int:
+        """How many processes train (1: this one)."""
+        return self._workers.count if isinstance(self._workers, Workers) else self._workers
+
+    def __enter__(self) -> TrainPool:
+        if not isinstance(self._workers, Workers):
+            self._workers = Workers(self._workers)
+        self._workers.ready()
+        self.fallback = self._workers.fallback
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._owned and isinstance(self._workers, Workers):
+            self._workers.close()
+
+    def _processes(self) -> Workers | None:
+        w = self._workers
+        return w if isinstance(w, Workers) and w.ready() else None
+
+    @property
+    def parallel(self) -> bool:
+        """Whether jobs run in worker processes (else in this process)."""
+        return self._processes() is not None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` in a worker process, where :func:`worker_dataset` is the pool's
+        dataset and torch runs one thread (only when :attr:`parallel`)."""
+        workers = self._processes()
+        if workers is None:
+            raise RuntimeError("submit needs worker processes")
+        return workers.submit(_task, self.spec, self.fingerprint, fn, *args)
+
+    def abort(self) -> None:
+        """Stop every worker now, running tasks included (after an error or a Ctrl-C in this
+        process: their partial work is what ``--resume`` redoes). The pool is unusable after."""
+        if isinstance(self._workers, Workers):
+            self._workers.abort()
+
     def run(self, jobs: list[Job]) -> list[ClientUpdate]:
         """Train every job; results in the order of ``jobs``."""
-        if self._pool is None:
+        workers = self._processes()
+        if workers is None:
             previous = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -206,6 +304,7 @@ class TrainPool:
             finally:
                 torch.set_num_threads(previous)
         # one cohort a worker: a step's overhead is paid once for all of a worker's clients
-        size = -(-len(jobs) // self.workers)
+        size = -(-len(jobs) // workers.count)
         parts = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-        return [u for done in self._pool.map(_run, parts) for u in done]
+        futures = [self.submit(_run, part) for part in parts]
+        return [u for future in futures for u in future.result()]
