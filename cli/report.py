@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from fedmoe.errors import UsageError
 from fedmoe.io.manifest import dumps
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from concurrent.futures import Future
 
 from .common import Force, Json, Quiet, emit, handle_errors, stderr_console
 
@@ -34,8 +38,14 @@ Examples:
 """
 
 
-def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Write ``report.json``, ``metrics.csv`` (and the plots) for ``run_dir``; print the table."""
+def make_report(
+    run_dir: Path,
+    console: Any,
+    plots: bool = True,
+    submit: Callable[..., Future[Any]] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Write ``report.json``, ``metrics.csv`` (and the plots) for ``run_dir``; print the table.
+    ``submit``: a process pool's, to draw the plots side by side."""
     from fedmoe.io.atomic import write_atomic
     from fedmoe.io.run_folder import RunFolder
     from fedmoe.run.metrics_csv import metrics_csv
@@ -56,7 +66,7 @@ def make_report(run_dir: Path, console: Any, plots: bool = True) -> tuple[Path, 
         from fedmoe.run.figures import write_plots
 
         try:
-            written = write_plots(run_dir, report)
+            written = write_plots(run_dir, report, submit)
             console.print("plots: " + ", ".join(p.name for p in written))
         except UsageError as exc:
             console.print(f"[yellow]no plots: {exc.message} ({exc.hint})[/yellow]")

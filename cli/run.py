@@ -216,7 +216,8 @@ def _one_run(
         raise Interrupted(f"interrupted; {kept}", hint=f"continue with: {hint}") from None
     if staged:
         publish_run(folder.root, out)
-    return make_report(out, console)
+    draw = pool.submit if pool is not None and pool.parallel else None  # the plots side by side
+    return make_report(out, console, submit=draw)
 
 
 class _RememberedInterrupt:

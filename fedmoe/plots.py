@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -21,11 +21,16 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError(
-            "plots need matplotlib, which is not installed",
-            hint="pip install 'fedmoe[plot]' (or pip install matplotlib)",
-        ) from None
+        need_matplotlib()
     return plt
+
+
+def need_matplotlib() -> NoReturn:
+    """Say that the plots need matplotlib, and how to install it."""
+    raise UsageError(
+        "plots need matplotlib, which is not installed",
+        hint="pip install 'fedmoe[plot]' (or pip install matplotlib)",
+    ) from None
 
 
 def _png(fig: Any) -> bytes:

@@ -382,6 +382,29 @@ def test_real_plots_are_pngs(folder: Path) -> None:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path.name
 
 
+def test_plots_drawn_in_worker_processes_are_the_same_bytes(folder: Path, tmp_path: Path) -> None:
+    """``fedmoe run`` draws the plots in its worker processes: the same files, byte for byte, as
+    drawn in one process, every plot written."""
+    pytest.importorskip("matplotlib")
+    import multiprocessing
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fedmoe.run.figures import write_plots
+
+    report = build_report(METRICS, {}, DOMAINS)
+    alone = write_plots(folder, report)
+    other = tmp_path / "copy"
+    shutil.copytree(folder, other)
+    for path in alone:
+        (other / path.name).unlink()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        side = write_plots(other, report, pool.submit)
+    assert [p.name for p in side] == [p.name for p in alone] and len(alone) == 4
+    for a, b in zip(alone, side, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
 def test_fedmoe_report_does_not_import_torch(folder: Path) -> None:
     code = (
         "import sys\n"

@@ -13,6 +13,8 @@ by pure functions (tested on their own), then drawn by :mod:`fedmoe.plots`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,20 +241,16 @@ def run_domains(run_dir: Path) -> tuple[dict[int, int], list[str]]:
         return {}, []
 
 
-def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
-    """accuracy.png (perplexity.png), traffic.png, affinity.png and sync_graph.png (those the run
-    has data for); returns the paths written."""
-    from fedmoe import plots
-    from fedmoe.io.atomic import write_atomic
+PlotTask = tuple[str, Callable[..., "bytes | None"], tuple[Any, ...]]
 
-    written = []
+
+def plot_tasks(run_dir: Path, report: dict[str, Any]) -> list[PlotTask]:
+    """The plots the run has data for, each as (file name, drawing function, its arguments): the
+    functions are module-level and their arguments plain data, so each can be drawn in another
+    process; each returns the PNG's bytes (None: a damaged artefact, not drawn)."""
+    tasks: list[PlotTask] = []
     methods = report["methods"]
-    refs = set(references(list(methods), report.get("recipe") or {}))
-
-    def put(name: str, png: bytes) -> None:
-        write_atomic(run_dir / name, png, force=True)
-        written.append(run_dir / name)
-
+    refs = sorted(references(list(methods), report.get("recipe") or {}))
     q = quality_named(report.get("quality"))
     series = quality_series(report)
     panels = [
@@ -264,67 +262,125 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
         if key in series
     ]
     if panels:
-        scores = plots.accuracy_panels(panels, refs, f"{q.name} ({q.unit})", q.scale, q.name)
-        put(q.plot_file, scores)
+        args = (panels, refs, f"{q.name} ({q.unit})", q.scale, q.name)
+        tasks.append((q.plot_file, _scores_png, args))
     names = list(methods)
-    put(
-        "traffic.png",
-        plots.traffic_bars(
-            names,
-            [methods[m]["server_bytes_per_round"] for m in names],
-            [methods[m]["p2p_bytes_per_round"] for m in names],
-        ),
-    )
+    server = [methods[m]["server_bytes_per_round"] for m in names]
+    p2p = [methods[m]["p2p_bytes_per_round"] for m in names]
+    tasks.append(("traffic.png", _traffic_png, (names, server, p2p)))
     domains, domain_names = run_domains(run_dir)
     for name, artefact, draw in (
         ("affinity.png", "affinity.json", _affinity_png),
         ("sync_graph.png", "plan.json", _sync_png),
     ):
         data = latest_artefact(run_dir, artefact)
-        try:
-            png = draw(data, domains, domain_names, plots) if data is not None else None
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-            png = None  # a damaged artefact: no plot
+        if data is not None:
+            tasks.append((name, draw, (data, domains, domain_names)))
+    return tasks
+
+
+def write_plots(
+    run_dir: Path,
+    report: dict[str, Any],
+    submit: Callable[..., Future[Any]] | None = None,
+) -> list[Path]:
+    """accuracy.png (perplexity.png), traffic.png, affinity.png and sync_graph.png (those the run
+    has data for); returns the paths written. ``submit`` (a process pool's): draw them there,
+    side by side (the same bytes: each drawing is a pure function of its arguments)."""
+    from fedmoe.io.atomic import write_atomic
+
+    tasks = plot_tasks(run_dir, report)
+    if submit is None:
+        pngs = [draw(*args) for _, draw, args in tasks]
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            from fedmoe import plots
+
+            plots.need_matplotlib()  # the missing extra, said here as in one process
+        # the slowest first (the graph's arrows, then the score panels): the pool takes them in
+        # order, so the short ones fill in behind
+        first = sorted(range(len(tasks)), key=lambda i: _COST.get(tasks[i][1], 0), reverse=True)
+        futures = {i: submit(tasks[i][1], *tasks[i][2]) for i in first}
+        pngs = [futures[i].result() for i in range(len(tasks))]
+    written = []
+    for (name, _, _), png in zip(tasks, pngs, strict=True):
         if png is not None:
-            put(name, png)
+            write_atomic(run_dir / name, png, force=True)
+            written.append(run_dir / name)
     return written
 
 
-def _affinity_png(
-    aff: dict[str, Any], domains: dict[int, int], names: list[str], plots: Any
+def _scores_png(
+    panels: list[tuple[str, dict[str, tuple[list[int], list[float]]]]],
+    refs: list[str],
+    ylabel: str,
+    scale: float,
+    score: str,
 ) -> bytes:
-    view = affinity_view(aff, domains, names)
-    same = (
-        ""
-        if view.nearest_same_domain is None
-        else f"\nthe nearest other-client expert shares the dominant domain for "
-        f"{100 * view.nearest_same_domain:.0f}% of the client-experts"
-    )
-    png: bytes = plots.client_similarity(
-        view.matrix,
-        view.block,
-        view.clients,
-        view.groups,
-        view.group_names,
-        f"FedMoE-DA affinity, round {view.round}{same}",
-    )
-    return png
+    from fedmoe import plots
+
+    return plots.accuracy_panels(panels, set(refs), ylabel, scale, score)
 
 
-def _sync_png(plan: dict[str, Any], domains: dict[int, int], names: list[str], plots: Any) -> bytes:
-    view = sync_view(plan, domains, names)
-    inside = (
-        ""
-        if view.within_domain is None
-        else f"; {100 * view.within_domain:.0f}% of the weight within a domain"
-    )
-    png: bytes = plots.sync_graph(
-        view.nodes,
-        view.groups,
-        view.group_names,
-        view.active,
-        view.edges,
-        f"who pulls experts from whom, round {view.round}{inside}",
-        f"edge width: {view.weight}",
-    )
-    return png
+def _traffic_png(names: list[str], server: list[float], p2p: list[float]) -> bytes:
+    from fedmoe import plots
+
+    return plots.traffic_bars(names, server, p2p)
+
+
+def _affinity_png(aff: dict[str, Any], domains: dict[int, int], names: list[str]) -> bytes | None:
+    from fedmoe import plots
+
+    try:
+        view = affinity_view(aff, domains, names)
+        same = (
+            ""
+            if view.nearest_same_domain is None
+            else f"\nthe nearest other-client expert shares the dominant domain for "
+            f"{100 * view.nearest_same_domain:.0f}% of the client-experts"
+        )
+        png: bytes = plots.client_similarity(
+            view.matrix,
+            view.block,
+            view.clients,
+            view.groups,
+            view.group_names,
+            f"FedMoE-DA affinity, round {view.round}{same}",
+        )
+        return png
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None  # a damaged artefact: no plot
+
+
+def _sync_png(plan: dict[str, Any], domains: dict[int, int], names: list[str]) -> bytes | None:
+    from fedmoe import plots
+
+    try:
+        view = sync_view(plan, domains, names)
+        inside = (
+            ""
+            if view.within_domain is None
+            else f"; {100 * view.within_domain:.0f}% of the weight within a domain"
+        )
+        png: bytes = plots.sync_graph(
+            view.nodes,
+            view.groups,
+            view.group_names,
+            view.active,
+            view.edges,
+            f"who pulls experts from whom, round {view.round}{inside}",
+            f"edge width: {view.weight}",
+        )
+        return png
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None  # a damaged artefact: no plot
+
+
+_COST: dict[Callable[..., bytes | None], int] = {  # the order to draw in: seconds, roughly
+    _sync_png: 3,
+    _scores_png: 2,
+    _affinity_png: 2,
+    _traffic_png: 1,
+}
