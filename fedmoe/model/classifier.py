@@ -125,9 +125,8 @@ def init_model(cfg: MoEConfig, seed: int) -> MoEClassifier:
     N(0, 1/H), experts per-expert U(±1/√fan_in).
     """
     generator = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = MoEClassifier(cfg)
-    model = model.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):  # built on the CPU, its throw-away values overwritten
+        model = MoEClassifier(cfg)  # (not on the meta device: its to_empty imports sympy, ~1 s)
     with torch.no_grad():
         for module in model.embed.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):

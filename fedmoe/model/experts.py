@@ -30,15 +30,17 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     versions without it use the loop."""
     if _HAS_GROUPED_MM and _aligned(a) and _aligned(b):
         return torch._grouped_mm(a, b, offs=offs)
-    bounds = [0, *offs.tolist()]
+    ends = offs.tolist()
+    sizes = [t - s for s, t in itertools.pairwise([0, *ends])]
+    # the groups' views are made by one split (or unbind) call each, not sliced one by one
     if b.dim() == 3:  # (T, K) @ (E, K, N) -> (T, N)
         out = a.new_empty(a.shape[0], b.shape[2])
-        for e, (s, t) in enumerate(itertools.pairwise(bounds)):
-            torch.mm(a[s:t], b[e], out=out[s:t])
+        for x, w, o in zip(a.split(sizes), b.unbind(0), out.split(sizes), strict=True):
+            torch.mm(x, w, out=o)
         return out
-    out = a.new_empty(len(bounds) - 1, a.shape[0], b.shape[1])  # (M, T) @ (T, N) -> (E, M, N)
-    for e, (s, t) in enumerate(itertools.pairwise(bounds)):
-        torch.mm(a[:, s:t], b[s:t], out=out[e])
+    out = a.new_empty(len(sizes), a.shape[0], b.shape[1])  # (M, T) @ (T, N) -> (E, M, N)
+    for x, y, o in zip(a.split(sizes, dim=1), b.split(sizes), out.unbind(0), strict=True):
+        torch.mm(x, y, out=o)
     return out
 
 
@@ -71,13 +73,16 @@ class _GroupedMLP(torch.autograd.Function):
         rows = xs.shape[0]
         h = xs.new_empty(rows, w1.shape[2])  # (T, F) post-activation
         y = xs.new_empty(rows, w2.shape[2])  # (T, O)
-        parts = zip(xs.split(counts), h.split(counts), y.split(counts), strict=True)
-        for e, (x_e, h_e, y_e) in enumerate(parts):
-            if x_e.shape[0] == 0:
+        parts = zip(
+            counts, xs.split(counts), h.split(counts), y.split(counts),
+            w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0), strict=True,
+        )  # fmt: skip
+        for c, x_e, h_e, y_e, w1_e, b1_e, w2_e, b2_e in parts:
+            if c == 0:
                 continue
-            torch.addmm(b1[e], x_e, w1[e], out=h_e)  # (c, F)
+            torch.addmm(b1_e, x_e, w1_e, out=h_e)  # (c, F)
             h_e.clamp_(min=0)
-            torch.addmm(b2[e], h_e, w2[e], out=y_e)  # (c, O)
+            torch.addmm(b2_e, h_e, w2_e, out=y_e)  # (c, O)
         ctx.save_for_backward(xs, h, w1, w2)
         ctx.counts = counts
         return y
@@ -95,10 +100,13 @@ class _GroupedMLP(torch.autograd.Function):
         dx = _grouped_mm(dh, w1.transpose(1, 2), offs)  # (T, H)
         db1 = w1.new_zeros(w1.shape[0], w1.shape[2])  # (E, F)
         db2 = w2.new_zeros(w2.shape[0], w2.shape[2])  # (E, O)
-        for e, (gy_e, dh_e) in enumerate(zip(gy.split(counts), dh.split(counts), strict=True)):
-            if gy_e.shape[0]:
-                torch.sum(gy_e, 0, out=db2[e])  # (O,)
-                torch.sum(dh_e, 0, out=db1[e])  # (F,)
+        grads = zip(
+            counts, gy.split(counts), dh.split(counts), db2.unbind(0), db1.unbind(0), strict=True
+        )
+        for c, gy_e, dh_e, db2_e, db1_e in grads:
+            if c:
+                torch.sum(gy_e, 0, out=db2_e)  # (O,)
+                torch.sum(dh_e, 0, out=db1_e)  # (F,)
         return dx, None, dw1, db1, dw2, db2
 
 

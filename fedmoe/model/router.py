@@ -23,7 +23,8 @@ class Router(nn.Module):
         self.top_k = top_k
         self.weight = nn.Parameter(torch.empty(num_experts, embed_dim))  # (E, H)
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
-        nn.init.normal_(self.weight, std=embed_dim**-0.5)
+        if not self.weight.is_meta:  # on the meta device torch's normal_ imports dynamo (~2.5 s)
+            nn.init.normal_(self.weight, std=embed_dim**-0.5)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route a batch.
