@@ -26,6 +26,23 @@ from fedmoe.io.digest import sha256_file as sha256_file  # re-exported
 
 SCHEMA_VERSION = 1
 STDIO = "-"
+_string = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
+SHORT = 16  # flat lists up to this long are joined here; longer ones go to json's C encoder
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
+def _scalar(value: Any) -> str:
+    """What ``json.dumps`` writes for one int, float, str, bool or None (non-finite refused)."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"cannot write non-finite number {value} into a manifest")
+        return float.__repr__(value)
+    if kind is str:
+        return _string(value)
+    return "null" if value is None else ("true" if value else "false")
 
 
 def header(kind: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
@@ -41,15 +58,22 @@ def dumps(obj: Any, indent: int = 1) -> str:
     """
 
     def enc(value: Any, level: int) -> str:
+        kind = type(value)
+        if kind is str:  # the common leaves first, without json.dumps's per-call set-up
+            return _string(value)
+        if kind is int or kind is float:
+            return _scalar(value)
         if isinstance(value, dict):
             if not value:
                 return "{}"
             pad = " " * (indent * (level + 1))
-            items = [f"{pad}{json.dumps(str(k))}: {enc(v, level + 1)}" for k, v in value.items()]
+            items = [f"{pad}{_string(str(k))}: {enc(v, level + 1)}" for k, v in value.items()]
             return "{\n" + ",\n".join(items) + "\n" + " " * (indent * level) + "}"
         if isinstance(value, (list, tuple)):
             if not value:
                 return "[]"
+            if len(value) <= SHORT and all(type(v) in _SCALARS for v in value):
+                return "[" + ",".join(map(_scalar, value)) + "]"  # a pair, say: no dumps set-up
             if all(not isinstance(v, (dict, list, tuple)) for v in value):
                 try:  # one call for the whole line (what joining each scalar's json.dumps gives)
                     return json.dumps(value, separators=(",", ":"), allow_nan=False)
