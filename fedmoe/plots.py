@@ -26,6 +26,20 @@ def _pyplot() -> Any:
     return plt
 
 
+def warm() -> None:
+    """Import matplotlib and load its fonts (a process's first figure pays ~1 s for them), so that
+    a process that will draw can do it ahead, while it would otherwise wait; nothing without
+    matplotlib."""
+    try:
+        plt = _pyplot()
+    except UsageError:
+        return
+    fig = plt.figure(figsize=(1, 1))
+    fig.text(0.5, 0.5, "0", fontsize=8)
+    fig.canvas.draw()
+    plt.close(fig)
+
+
 def need_matplotlib() -> NoReturn:
     """Say that the plots need matplotlib, and how to install it."""
     raise UsageError(

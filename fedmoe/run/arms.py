@@ -31,6 +31,7 @@ from typing import Any
 
 from fedmoe.io.run_folder import read_lines, repair_lines
 from fedmoe.pipeline.pool import TrainPool, worker_dataset
+from fedmoe.plots import warm as warm_plots
 from fedmoe.run.orchestrator import Progress, RunContext, prepare, run_method
 from fedmoe.run.recipe import Recipe
 
@@ -69,8 +70,17 @@ def run_arms(
     def queue(arm: str) -> None:
         running[pool.submit(_run_round, ctx.recipe, ctx.folder.root, arm, done[arm])] = arm
 
+    def queue_last() -> None:
+        # once every arm's last round is queued, a worker with nothing left loads matplotlib for
+        # the report's plots (drawn in the workers next) instead of waiting for the other
+        if all(n + 1 >= rounds for n in done.values()):
+            for _ in range(pool.workers):
+                warming.append(pool.submit(warm_plots))
+
+    warming: list[Future[None]] = []
     for arm in done:  # every arm's first round, in the recipe's order
         queue(arm)
+    queue_last()
     seen = dict(todo)
     try:
         while running:
@@ -82,6 +92,8 @@ def run_arms(
                 done[arm] += 1
                 if done[arm] < rounds:
                     queue(arm)  # its next round, behind the other arms' queued rounds
+                    if not warming:
+                        queue_last()
         _new_rounds(ctx.folder.metrics, seen, rounds, progress)
     except BaseException:
         pool.abort()  # the other arms stop too; their completed rounds stay for --resume
