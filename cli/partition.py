@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from fedmoe.data import BUILTIN, DataSpec
 from fedmoe.data.spec import IMAGE_SIZE
@@ -25,6 +23,9 @@ from fedmoe.partition.pipeline import GLOBAL_TEST, LOCAL_TEST, NUM_CLIENTS
 from fedmoe.partition.small import MIN_TEST, MIN_TRAIN, SMALL_HINT, small_clients
 
 from .common import Force, Json, Quiet, Seed, emit, handle_errors, stderr_console
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 HELP = f"""Split a dataset into federated clients with domain and/or label skew.
 
@@ -212,6 +213,8 @@ def _summary(
     """The Rich table on stderr: one row per client (the first 25), then the skew metrics."""
     if console.quiet:
         return
+    from rich.table import Table  # the table of a partition, not its help: imported here
+
     table = Table(title=f"partition: {scheme}, {len(part.clients)} clients", title_justify="left")
     for col in ("client", "train", "test", "top labels", "domain mix"):
         table.add_column(col, justify="right" if col in ("client", "train", "test") else "left")
