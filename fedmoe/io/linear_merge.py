@@ -10,10 +10,13 @@ memory is a few chunks per worker whatever the file sizes. Floating tensors are 
 
 from __future__ import annotations
 
+import mmap
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -30,6 +33,14 @@ from fedmoe.io.safetensors_format import (
 )
 
 CHUNK_BYTES = 2 << 20
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # drops a read window's pages (not on Windows)
+_SPILL = 2 << 20  # bytes past a window that its faults may have mapped too
+
+# torch warns once per process that a tensor over a read-only buffer must not be written; the
+# windows of MappedFile are only ever read, so that one warning is taken here, silenced
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 ON_MISSING = ("error", "intersection")
 
 
@@ -55,6 +66,7 @@ class MappedFile:
         if not self.path.is_file():
             raise InputError(f"{path}: no such file", hint="check the path")
         try:
+            self._map: mmap.mmap | None = None  # the whole file, mapped by window()
             self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
             size = self.path.stat().st_size
             head = self._file.read(min(size, 8))
@@ -124,8 +136,42 @@ class MappedFile:
             got += n
         return out
 
+    @contextmanager
+    def window(self, name: str, offset: int, count: int) -> Iterator[torch.Tensor]:
+        """Elements ``[offset, offset + count)`` of tensor ``name``, as a read-only tensor over
+        the file's mapping, whose pages are dropped again on exit (so at most a chunk per input
+        counts as this process's memory). Summing straight from the page cache reads each input
+        byte once, where :meth:`read_into` copies it into a buffer first. The file is mapped
+        once, shared and read-only (no memory is committed for it), so threads never contend to
+        map and unmap. Like any mapping (safetensors' own included), a file truncated by another
+        process while it is read is a bus error, not an :class:`InputError`; its size was
+        checked at open."""
+        t = self.tensors[name]
+        if count == 0:
+            yield torch.empty(0, dtype=t.dtype)
+            return
+        size = torch.empty((), dtype=t.dtype).element_size()
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        start = t.start + offset * size
+        end = start + count * size
+        try:
+            yield torch.frombuffer(self._map, dtype=t.dtype, count=count, offset=start)
+        finally:
+            # the window's pages, and those the kernel mapped past its end with them (a fault
+            # maps a whole folio of the page cache, up to 2 MiB): a neighbouring window being
+            # read meanwhile only faults its pages in again
+            first = start - start % mmap.PAGESIZE
+            last = min(len(self._map), end + _SPILL)
+            if _DONTNEED is not None:
+                self._map.madvise(_DONTNEED, first, last - first)
+
     def close(self) -> None:
         """Close the file."""
+        if self._map is not None:
+            with suppress(BufferError):  # a view still held elsewhere: unmapped when collected
+                self._map.close()
+            self._map = None
         self._file.close()
 
 
@@ -138,6 +184,10 @@ class Mapped(Protocol):
 
     def read_into(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` from element ``offset`` of tensor ``name``."""
+        ...
+
+    def window(self, name: str, offset: int, count: int) -> AbstractContextManager[torch.Tensor]:
+        """Elements ``[offset, offset + count)`` of tensor ``name``, mapped while in use."""
         ...
 
     def close(self) -> None:
@@ -208,6 +258,10 @@ class MappedFolder:
         """Fill ``out`` from element ``offset`` of tensor ``name`` (from the shard holding it)."""
         return self.files[self.shard_of[name]].read_into(name, offset, out)
 
+    def window(self, name: str, offset: int, count: int) -> AbstractContextManager[torch.Tensor]:
+        """:meth:`MappedFile.window` of the shard holding tensor ``name``."""
+        return self.files[self.shard_of[name]].window(name, offset, count)
+
     def close(self) -> None:
         """Close every shard."""
         for f in self.files.values():
@@ -262,14 +316,15 @@ def _merge_chunk(
 ) -> torch.Tensor:
     """Σ w_f · file_f over elements [lo, lo + n) of tensor ``spec``, in ``b``'s buffers."""
     acc, buf = b.acc[:n], b.read[:n]
-    part = files[0].read_into(spec.name, lo, buf)
-    if spec.dtype == acc.dtype:
-        torch.mul(part, weights[0], out=acc)
-    else:  # widen first, so the first term is rounded only once, at the end
-        acc.copy_(part)
-        acc.mul_(weights[0])
+    with files[0].window(spec.name, lo, n) as part:
+        if spec.dtype == acc.dtype:
+            torch.mul(part, weights[0], out=acc)
+        else:  # widen first, so the first term is rounded only once, at the end
+            acc.copy_(part)
+            acc.mul_(weights[0])
     for f, w in zip(files[1:], weights[1:], strict=True):
-        acc.add_(f.read_into(spec.name, lo, buf), alpha=w)
+        with f.window(spec.name, lo, n) as part:
+            acc.add_(part, alpha=w)
     out = acc if spec.dtype == acc.dtype else b.out[:n].copy_(acc)
     # one cheap reduction (NaN and Inf propagate through a sum); the culprit is searched for only
     # when it is not finite
