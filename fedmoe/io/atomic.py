@@ -200,8 +200,16 @@ def _remove_orphans(path: Path) -> None:
     """Remove temp files that a killed writer of ``path`` left beside it (``SIGKILL`` leaves no
     chance to clean up): their names carry the writer's pid, and a pid no longer running cannot
     still be writing."""
-    for tmp in path.parent.glob(f".{path.name}.*-*.tmp"):
-        pid_text = tmp.name[len(path.name) + 2 :].split("-", 1)[0]
+    prefix = f".{path.name}."
+    try:
+        names = [e.name for e in os.scandir(path.parent)]  # string tests: no glob pattern to
+    except OSError:  # compile for every file written
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp") and "-" in name[len(prefix) :]):
+            continue
+        tmp = path.parent / name
+        pid_text = name[len(prefix) :].split("-", 1)[0]
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
         try:
