@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -347,6 +348,39 @@ def test_evaluate_models_hand_computed() -> None:
     assert report["local_acc_by_domain"] == [0.333333, 1.0, None]
     # global by domain, per client [0, 1, -] and [1, 0, -]: mean [0.5, 0.5, -]
     assert report["global_acc_by_domain"] == [0.5, 0.5, None]
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_clients_with_the_same_model_share_one_global_prediction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients holding the same tensors are scored once on the global test set (the result of
+    each is what it gets alone); a model differing in one value is scored on its own."""
+    import fedmoe.train.evaluate as ev
+
+    ds = _dataset(40)
+    rng = np.random.default_rng(3)
+    clients = tuple(ClientSplit(np.arange(4), rng.choice(40, 6, replace=False)) for _ in range(4))
+    shared = state_of(init_model(CFG, 1))
+    nudged = {k: v.clone() for k, v in shared.items()}
+    nudged["experts.b2"][0, 0] += 1.0
+    states = {0: shared, 1: {k: v.clone() for k, v in shared.items()}, 2: nudged, 3: shared}
+    glob = np.arange(20, 40)
+    alone = [
+        ev.evaluate_client(CFG, states[c], ds, c, clients[c], glob).global_acc for c in range(4)
+    ]
+    calls: list[int] = []
+    real = ev.predict
+
+    def counting(model: Any, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+        calls.append(int(x.shape[0]))
+        return real(model, x, batch_size)
+
+    monkeypatch.setattr(ev, "predict", counting)
+    report = ev.evaluate_models(CFG, states, ds, clients, glob)
+    assert [r["global_acc"] for r in report["clients"]] == alone
+    assert calls.count(20) == 2  # the shared model once, the nudged one once
+    assert calls.count(6) == 4  # every client's local test split
 
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")

@@ -79,9 +79,12 @@ def evaluate_client(
     split: ClientSplit,
     global_test: np.ndarray,
     model: MoEClassifier | None = None,
+    global_scores: tuple[float | None, tuple[float | None, ...]] | None = None,
 ) -> ClientEval:
     """``client``'s model on its local test split and on the global test set; ``model``: a module
-    of ``config`` to load ``state`` into (its tensors are overwritten) instead of building one."""
+    of ``config`` to load ``state`` into (its tensors are overwritten) instead of building one;
+    ``global_scores``: the global accuracy and its per-domain values, when already measured for
+    a model with the same tensors (see :func:`evaluate_models`)."""
     from fedmoe.train.client import tensors
 
     D = dataset.num_domains
@@ -99,7 +102,9 @@ def evaluate_client(
     np.add.at(count, dl, 1)
     gacc: float | None = None
     gdom: list[float | None] = [None] * D
-    if len(global_test):
+    if global_scores is not None:
+        gacc, gdom = global_scores[0], list(global_scores[1])
+    elif len(global_test):
         xg, _ = tensors(dataset, global_test)
         yg = np.asarray(dataset.y[global_test])
         dg = np.asarray(dataset.domain[global_test])
@@ -177,8 +182,28 @@ def evaluate_models(
     """
     order = sorted(states)
     model = build_model(config, states[order[0]]) if order else None  # one module, reloaded
-    evals = [
-        evaluate_client(config, states[c], dataset, c, clients[c], global_test, model)
-        for c in order
-    ]
+    # clients holding the same tensors (FedAvg's global model, a cluster's model) score the same
+    # on the global test set: it is predicted once per distinct model (its bytes hashed), the
+    # same computation on the same bits as for each of them
+    scored: dict[bytes, tuple[float | None, tuple[float | None, ...]]] = {}
+    evals = []
+    for c in order:
+        key = _fingerprint(states[c])
+        ev = evaluate_client(
+            config, states[c], dataset, c, clients[c], global_test, model, scored.get(key)
+        )
+        scored.setdefault(key, (ev.global_acc, ev.global_by_domain))
+        evals.append(ev)
     return summarise(evals, dataset.num_domains)
+
+
+def _fingerprint(state: dict[str, torch.Tensor]) -> bytes:
+    """A digest of a model's names, dtypes, shapes and bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(state):
+        t = state[name].detach().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.digest()
