@@ -13,6 +13,7 @@ if TYPE_CHECKING:
         MoEOutput,
         Route,
         build_model,
+        holding,
         init_model,
         state_of,
     )
@@ -28,6 +29,7 @@ _EXPORTS = {
     "MoEOutput": "classifier",
     "Route": "classifier",
     "build_model": "classifier",
+    "holding": "classifier",
     "expected_shapes": "shapes",
     "init_model": "classifier",
     "schema_for": "shapes",
@@ -59,6 +61,7 @@ __all__ = [
     "TensorRule",
     "build_model",
     "expected_shapes",
+    "holding",
     "init_model",
     "load_balance_loss",
     "schema_for",

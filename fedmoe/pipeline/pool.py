@@ -203,12 +203,6 @@ class Workers:
             raise RuntimeError("submit needs worker processes")
         return self._pool.submit(fn, *args)
 
-    def map(self, fn: Callable[..., Any], items: list[Any]) -> list[Any]:
-        """``fn`` over ``items`` in the workers, results in order."""
-        if self._pool is None:
-            raise RuntimeError("map needs worker processes")
-        return list(self._pool.map(fn, items))
-
     def abort(self) -> None:
         """Stop every worker now, running tasks included (after an error or a Ctrl-C in this
         process: their partial work is what ``--resume`` redoes). Unusable after."""

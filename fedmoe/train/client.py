@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedmoe.data import Dataset
-from fedmoe.model import MoEClassifier, MoEConfig, build_model
+from fedmoe.model import MoEClassifier, MoEConfig, build_model, holding
 from fedmoe.partition import ClientSplit
 from fedmoe.train.cohort import fit_cohort
 from fedmoe.train.cohort import supported as cohort_supported
@@ -100,13 +100,8 @@ def train_cohort(
     for i, (c, split, (x, _), result, (choice, losses)) in enumerate(
         zip(clients, splits, data, results, picks, strict=True)
     ):
-        if models is not None:
-            model = models[i]
-        elif reused is None:
-            model = reused = build_model(config, result.state)
-        else:
-            model = reused
-            model.load_state_dict(result.state, strict=True)
+        model = models[i] if models is not None else holding(reused, config, result.state)
+        reused = model if models is None else None
         routing = routing_stats(
             model,
             x,

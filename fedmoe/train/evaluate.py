@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedmoe.data import Dataset
-from fedmoe.model import MoEClassifier, MoEConfig, build_model
+from fedmoe.model import MoEClassifier, MoEConfig, build_model, holding
 from fedmoe.partition import ClientSplit
 
 
@@ -88,10 +88,7 @@ def evaluate_client(
     from fedmoe.train.client import tensors
 
     D = dataset.num_domains
-    if model is None:
-        model = build_model(config, state)
-    else:
-        model.load_state_dict(state, strict=True)
+    model = holding(model, config, state)
     x, _ = tensors(dataset, split.test)
     yl, dl = np.asarray(dataset.y[split.test]), np.asarray(dataset.domain[split.test])
     pred = predict(model, x)
