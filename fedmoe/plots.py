@@ -330,7 +330,8 @@ def sync_graph(
     # each arrow stops 9 points short of both nodes' centres (the nodes' radius is 8 points):
     # shortened here, along the way the arc leaves each end, instead of by matplotlib's shrinkA/B,
     # whose path splitting took a third of the figure's time
-    gap = 9 * fig.dpi / 72 * 2.4 / ax.get_window_extent().width  # 9 points, in data units
+    lo, hi = ax.get_xlim()
+    gap = 9 * fig.dpi / 72 * (hi - lo) / ax.get_window_extent().width  # 9 points, in data units
     top = max((w for _, _, w in edges), default=1.0) or 1.0
     for src, dst, w in sorted(edges, key=lambda e: e[2]):  # heaviest drawn last, on top
         if src not in xy or dst not in xy:

@@ -12,6 +12,7 @@ by pure functions (tested on their own), then drawn by :mod:`fedmoe.plots`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -330,52 +331,62 @@ def _traffic_png(names: list[str], server: list[float], p2p: list[float]) -> byt
     return plots.traffic_bars(names, server, p2p)
 
 
-def _affinity_png(aff: dict[str, Any], domains: dict[int, int], names: list[str]) -> bytes | None:
+def _artefact_plot(draw: Callable[..., bytes]) -> Callable[..., bytes | None]:
+    """``draw`` of a run artefact, returning None (no plot) where the artefact is damaged. The
+    wrapper keeps ``draw``'s name, so a pool pickles it by reference."""
+
+    @functools.wraps(draw)
+    def guarded(*args: Any) -> bytes | None:
+        try:
+            return draw(*args)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            return None
+
+    return guarded
+
+
+@_artefact_plot
+def _affinity_png(aff: dict[str, Any], domains: dict[int, int], names: list[str]) -> bytes:
     from fedmoe import plots
 
-    try:
-        view = affinity_view(aff, domains, names)
-        same = (
-            ""
-            if view.nearest_same_domain is None
-            else f"\nthe nearest other-client expert shares the dominant domain for "
-            f"{100 * view.nearest_same_domain:.0f}% of the client-experts"
-        )
-        png: bytes = plots.client_similarity(
-            view.matrix,
-            view.block,
-            view.clients,
-            view.groups,
-            view.group_names,
-            f"FedMoE-DA affinity, round {view.round}{same}",
-        )
-        return png
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-        return None  # a damaged artefact: no plot
+    view = affinity_view(aff, domains, names)
+    same = (
+        ""
+        if view.nearest_same_domain is None
+        else f"\nthe nearest other-client expert shares the dominant domain for "
+        f"{100 * view.nearest_same_domain:.0f}% of the client-experts"
+    )
+    png: bytes = plots.client_similarity(
+        view.matrix,
+        view.block,
+        view.clients,
+        view.groups,
+        view.group_names,
+        f"FedMoE-DA affinity, round {view.round}{same}",
+    )
+    return png
 
 
-def _sync_png(plan: dict[str, Any], domains: dict[int, int], names: list[str]) -> bytes | None:
+@_artefact_plot
+def _sync_png(plan: dict[str, Any], domains: dict[int, int], names: list[str]) -> bytes:
     from fedmoe import plots
 
-    try:
-        view = sync_view(plan, domains, names)
-        inside = (
-            ""
-            if view.within_domain is None
-            else f"; {100 * view.within_domain:.0f}% of the weight within a domain"
-        )
-        png: bytes = plots.sync_graph(
-            view.nodes,
-            view.groups,
-            view.group_names,
-            view.active,
-            view.edges,
-            f"who pulls experts from whom, round {view.round}{inside}",
-            f"edge width: {view.weight}",
-        )
-        return png
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-        return None  # a damaged artefact: no plot
+    view = sync_view(plan, domains, names)
+    inside = (
+        ""
+        if view.within_domain is None
+        else f"; {100 * view.within_domain:.0f}% of the weight within a domain"
+    )
+    png: bytes = plots.sync_graph(
+        view.nodes,
+        view.groups,
+        view.group_names,
+        view.active,
+        view.edges,
+        f"who pulls experts from whom, round {view.round}{inside}",
+        f"edge width: {view.weight}",
+    )
+    return png
 
 
 _COST: dict[Callable[..., bytes | None], float] = {  # the order to draw in: seconds, roughly
